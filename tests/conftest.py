@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny random Llama with the byte-level ByT5 tokenizer (no files, no hub), prompt files in
+the `prompt` schema, and scripted rewards in tests/rewards.py. Everything is offline."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def make_tiny_lm(path, seed=0, layers=2, hidden=32):
+    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+    tok = ByT5Tokenizer()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tmp_path_factory):
+    return make_tiny_lm(tmp_path_factory.mktemp("tiny_lm"))
+
+
+def write_prompts(path, n, seed=0):
+    import random
+    rng = random.Random(seed)
+    words = ["the", "movie", "cat", "sat", "on", "a", "mat", "why", "is", "sky", "blue", "tell", "me", "story"]
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"prompt": f"Q{i}: " + " ".join(rng.choice(words) for _ in range(rng.randint(2, 6)))
+                                + " A:"}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def prompts_file(tmp_path_factory):
+    return write_prompts(tmp_path_factory.mktemp("data") / "prompts.jsonl", 48)
+
+
+def tiny_args(model, dataset, out_dir, *extra):
+    """Command-line args of a small, fast RAFT run (CPU, seconds per stage)."""
+    return ["--model", model, "--dataset", dataset, "--out_dir", str(out_dir), "--reward",
+            os.path.join(os.path.dirname(__file__), "rewards.py") + ":letters", "--prompts_per_iter", "8", "--K", "4",
+            "--max_new_tokens", "12", "--eval_prompts", "8", "--train_batch_size", "8", "--micro_batch_size", "4",
+            "--lr", "1e-3", "--device", "cpu", *extra]

@@ -1,0 +1,18 @@
+"""Scripted rewards for the tests, in the `f(prompts, responses) -> list[float]` convention."""
+
+
+def letters(prompts, responses):
+    """Fraction of ASCII letters in the response: a random byte-level model scores ~0.15, so it can rise."""
+    return [sum(c.isascii() and c.isalpha() for c in r) / max(len(r), 1) for r in responses]
+
+
+def wrong_length(prompts, responses):
+    return [0.0] * (len(responses) + 1)
+
+
+def raises(prompts, responses):
+    raise RuntimeError("reward server down")
+
+
+def nan_for_odd(prompts, responses):
+    return [float("nan") if i % 2 else 1.0 for i in range(len(responses))]

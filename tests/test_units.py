@@ -1,0 +1,176 @@
+"""Unit tier: selection, the SFT batch (masks, EOS), response cutting and slicing, prompt order, text metrics."""
+import math
+
+import pytest
+import torch
+from transformers import ByT5Tokenizer
+
+import raft
+from eval import distinct_n, msttr, text_metrics, tokenize, unique_n
+from raft import Config, build_example, collate, cut_response, select, stage_prompts
+
+S = torch.tensor([[0.1, 0.9, 0.5],
+                  [0.7, 0.2, 0.3],
+                  [0.6, 0.8, 0.0]])
+ALL = torch.ones(3, 3, dtype=torch.bool)
+
+
+def test_local_keeps_argmax_per_prompt():
+    assert select(S, ALL, "local", torch.Generator()) == [(0, 1), (1, 0), (2, 1)]
+
+
+def test_global_keeps_top_b_of_all_samples():
+    # b = 3 prompts -> the 3 best of 9: 0.9 (0,1), 0.8 (2,1), 0.7 (1,0)
+    assert select(S, ALL, "global", torch.Generator()) == [(0, 1), (1, 0), (2, 1)]
+    s = torch.tensor([[0.9, 0.8, 0.7], [0.1, 0.2, 0.3], [0.0, 0.0, 0.0]])
+    assert select(s, ALL, "global", torch.Generator()) == [(0, 0), (0, 1), (0, 2)]  # may take several per prompt
+
+
+def test_invalid_samples_are_never_kept_and_empty_prompts_skipped():
+    valid = ALL.clone()
+    valid[0, 1] = False          # the best of prompt 0 is invalid -> next best 0.5
+    valid[1] = False             # nothing left for prompt 1 -> skipped
+    assert select(S, valid, "local", torch.Generator()) == [(0, 2), (2, 1)]
+    assert select(S, valid, "global", torch.Generator()) == [(0, 2), (2, 0), (2, 1)]
+    for seed in range(20):
+        keep = select(S, valid, "random", torch.Generator().manual_seed(seed))
+        assert [i for i, _ in keep] == [0, 2] and all(valid[i, j] for i, j in keep)
+
+
+def test_random_is_uniform_over_valid_samples():
+    valid = torch.tensor([[True, False, True]])
+    g = torch.Generator().manual_seed(0)
+    picks = [select(torch.zeros(1, 3), valid, "random", g)[0][1] for _ in range(600)]
+    assert set(picks) == {0, 2} and 240 < picks.count(0) < 360
+
+
+def _samples(texts):
+    tok = ByT5Tokenizer()
+    return [[{"ids": tok(t, add_special_tokens=False)["input_ids"], "text": t, "end_id": tok.eos_token_id}
+             for t in row] for row in texts]
+
+
+def _rank(texts, rewards, monkeypatch=None, **cfg_kw):
+    tok = ByT5Tokenizer()
+    cfg = Config(K=len(texts[0]), **cfg_kw)
+    flat = [r for row in rewards for r in row]
+    return raft.rank(tok, [f"p{i}" for i in range(len(texts))], _samples(texts), lambda p, r: flat, cfg,
+                     torch.Generator().manual_seed(0), model="cur", ref="ref")
+
+
+def test_discard_regex_and_empty_responses(monkeypatch):
+    rows, examples, m = _rank([["a # hack", "fine", ""], ["## x", "#", "ok"], ["", "#", "#"]],
+                              [[9, 1, 5], [9, 9, 2], [5, 5, 5]], discard_regex="#")
+    assert [(r["prompt"], r["response"]) for r in rows] == [("p0", "fine"), ("p1", "ok")]
+    assert m["prompts_skipped"] == 1 and m["samples_discarded"] == 5 and m["samples_empty"] == 2
+    assert rows[0]["rewards"] == [9, 1, 5] and rows[0]["reward"] == 1
+    assert len(examples) == 2
+
+
+def test_nan_reward_excluded():
+    rows, _, m = _rank([["a", "b"], ["c", "d"]], [[math.nan, 0.1], [0.5, math.inf]])
+    assert [r["response"] for r in rows] == ["b", "c"] and m["samples_nan_reward"] == 2
+
+
+def test_kl_beta_changes_the_ranking(monkeypatch):
+    # rewards prefer sample 0; the policy has drifted far from p_0 on sample 0 (log-ratio 10) but not on sample 1
+    lp = {"cur": [0.0, -1.0], "ref": [-10.0, -1.5]}
+    monkeypatch.setattr(raft, "sequence_logprobs", lambda model, ex, pad, bs: lp[model])
+    rows, _, m = _rank([["x", "y"]], [[1.0, 0.8]], kl_beta=0.0)
+    assert rows[0]["response"] == "x"
+    rows, _, m = _rank([["x", "y"]], [[1.0, 0.8]], kl_beta=0.1)   # 1 - 0.1·10 = 0 < 0.8 - 0.1·0.5 = 0.75
+    assert rows[0]["response"] == "y" and rows[0]["reward"] == pytest.approx(0.8)
+    assert m["kl_to_start"] == pytest.approx((10 + 0.5) / 2)
+
+
+def test_sft_example_masks_prompt_and_trains_eos_only_when_ended():
+    x, y = build_example([5, 6, 7], [8, 9], end_id=1)
+    assert x == [5, 6, 7, 8, 9, 1] and y == [-100, -100, -100, 8, 9, 1]
+    x, y = build_example([5, 6, 7], [8, 9], end_id=None)   # cut at max_new_tokens: no EOS
+    assert x == [5, 6, 7, 8, 9] and y == [-100, -100, -100, 8, 9]
+
+
+def test_collate_pads_right_without_loss_or_attention():
+    ids, mask, labels = collate([build_example([5], [6, 7], 1), build_example([5, 5, 5], [6], None)], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7, 1], [5, 5, 5, 6]]
+    ids, mask, labels = collate([build_example([5], [6], 1), build_example([5, 5, 5], [6, 7], 1)], pad_id=0)
+    assert ids.tolist() == [[5, 6, 1, 0, 0, 0], [5, 5, 5, 6, 7, 1]]
+    assert mask.tolist() == [[1, 1, 1, 0, 0, 0], [1] * 6]
+    assert labels.tolist() == [[-100, 6, 1, -100, -100, -100], [-100, -100, -100, 6, 7, 1]]
+
+
+def test_pad_equal_to_eos_still_trains_the_real_eos():
+    # a tokenizer whose pad is its EOS (Llama): the label mask comes from lengths, not from token values
+    ids, mask, labels = collate([build_example([5], [6], 2), build_example([5], [6, 7, 8], 2)], pad_id=2)
+    assert labels[0].tolist() == [-100, 6, 2, -100, -100] and mask[0].tolist() == [1, 1, 1, 0, 0]
+
+
+def test_token_logprobs_ignore_padding():
+    from conftest import make_tiny_lm
+    import tempfile
+    from transformers import AutoModelForCausalLM
+    with tempfile.TemporaryDirectory() as d:
+        model = AutoModelForCausalLM.from_pretrained(make_tiny_lm(d)).eval()
+    a, b = build_example([5, 9], [6, 7], 1), build_example([5, 5, 5, 5, 5, 5], [6], 1)
+    alone, n_alone = raft.token_logprobs(model, *collate([a], 0))
+    both, n_both = raft.token_logprobs(model, *collate([a, b], 0))
+    assert n_alone.tolist() == [3] and n_both.tolist() == [3, 2]
+    assert both[0].item() == pytest.approx(alone[0].item(), abs=1e-5)
+
+
+def test_cut_response_eos_stop_and_truncation():
+    tok = ByT5Tokenizer()
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+    eos = {tok.eos_token_id}
+    r = cut_response(enc("hello") + [1, 0, 0], tok, eos, [])
+    assert r == {"ids": enc("hello"), "text": "hello", "end_id": 1}
+    r = cut_response(enc("sure thing\n\nHuman: more"), tok, eos, ["Human:"])
+    assert r["text"] == "sure thing\n\n" and r["ids"] == enc("sure thing\n\n") and r["end_id"] == 1
+    r = cut_response(enc("abc###Hu") + [1], tok, eos, ["###Hu", "zzz"])
+    assert r["text"] == "abc"
+    r = cut_response(enc("no end in sight"), tok, eos, ["Human:"])
+    assert r["end_id"] is None and r["text"] == "no end in sight"
+
+
+def test_prompt_encoding_never_ends_with_eos():
+    tok = ByT5Tokenizer()   # T5-style tokenizers append </s> to every text by default
+    assert raft.encode_prompt(tok, "ab") == [ord("a") + 3, ord("b") + 3]
+
+
+def test_generation_slices_exactly_the_new_tokens(tiny_lm):
+    """Left-padded batched greedy decoding returns, per prompt, the tokens of an unpadded one-prompt generate."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    tok = ByT5Tokenizer()
+    prompts = ["a", "a much longer prompt here", "mid size"]
+    cfg = Config(temperature=0, max_new_tokens=8, gen_batch_size=3)
+    got = raft.generate(model, tok, prompts, 1, cfg)
+    for p, (s,) in zip(prompts, got):
+        ids = torch.tensor([raft.encode_prompt(tok, p)])
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
+                             pad_token_id=0, eos_token_id=1)[0, ids.shape[1]:].tolist()
+        ref = ref[:ref.index(1)] if 1 in ref else ref
+        assert s["ids"] == ref
+
+
+def test_stage_prompts_without_replacement_then_reshuffle():
+    seen = []
+    for t in range(1, 4):                      # 3 stages of 4 over 10 prompts: pass 0 ends inside stage 3
+        idx, new_pass = stage_prompts(10, 4, t, seed=3)
+        assert new_pass == (t == 3)
+        seen += idx
+    assert sorted(seen[:10]) == list(range(10))  # the first pass is a permutation: no prompt twice
+    assert stage_prompts(10, 4, 2, 3) == stage_prompts(10, 4, 2, 3)
+
+
+def test_text_metrics_by_hand():
+    toks = [tokenize("The cat, the cat!"), tokenize("a cat")]
+    assert toks[0] == ["the", "cat", ",", "the", "cat", "!"]
+    # bigrams: (the,cat) (cat,,) (,,the) (the,cat) (cat,!) | (a,cat) -> 6 bigrams, 5 distinct
+    assert distinct_n(toks, 2) == pytest.approx(5 / 6)
+    # unigrams: the×2 cat×3 ,×1 !×1 a×1 -> 8 tokens, 5 distinct; seen once: , ! a
+    assert distinct_n(toks, 1) == pytest.approx(5 / 8) and unique_n(toks, 1) == 3
+    assert unique_n(toks, 2) == 4
+    words = [[f"w{i % 50}" for i in range(250)]]  # 2 full segments of 100 tokens, each with 50 types
+    assert msttr(words) == pytest.approx(0.5)
+    assert text_metrics(["x y", "z"])["mean_length"] == 1.5
