@@ -19,12 +19,14 @@ many prompts per generate call; the logged eval reward comes from held-out promp
     python raft.py                                   # offline demo: a tiny Llama learns positive reviews
     python raft.py --model M --reward R --dataset D  # your own run (see README)
 """
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -70,11 +72,22 @@ class Config:
     micro_batch_size: int = field(default=8, metadata={"help": "Samples per forward pass on one process; lower it if memory runs out."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (a common SFT default; not stated in the paper)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (0, as in LMFlow's SFT)."})
+    # ---- memory: small GPUs (LoRA, 8-bit) and full precision
+    bf16: bool = field(default=False, metadata={"help": "Compute in bf16 (autocast). Full fine-tuning keeps fp32 master weights and fp32 AdamW states: pure-bf16 AdamW rounds away most updates at lr 2e-5. With LoRA the frozen base is stored in bf16."})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning). Only the adapters train and are saved each stage (the paper's diffusion runs used LoRA; its LLM runs were full)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha (peft; 2× a rank of 16 is a common choice)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path (a common peft default)."})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "Comma-separated module names for adapters, or all-linear (every attention and MLP projection, not the LM head)."})
+    load_in_8bit: bool = field(default=False, metadata={"help": "Load the policy's frozen base in 8-bit (bitsandbytes LLM.int8); needs --lora_r > 0. Fits a 7B run in ≈24 GB; 8-bit generation is slow."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward pass: less memory, ≈30% more SFT time."})
+    merge_lora: bool = field(default=False, metadata={"help": "At the end, also save the base with the last adapters merged in to out_dir/merged (loadable without peft)."})
     # ---- loop and output
     iterations: int = field(default=10, metadata={"help": "Number of RAFT stages (paper: ≈10–18, until the reward stops rising)."})
     seed: int = field(default=42, metadata={"help": "Seeds prompt order, sampling, selection and SFT order; a CPU run repeats exactly."})
     out_dir: Optional[str] = field(default=None, metadata={"help": "Run directory: config.json, metrics.jsonl, iter_XXXX/ (model, selected.jsonl), reward_curve.png. Default runs/raft (runs/demo for the demo)."})
-    resume: bool = field(default=False, metadata={"help": "Continue from the last completed stage in --out_dir."})
+    resume: bool = field(default=False, metadata={"help": "Continue from the last completed stage in --out_dir (a stage cut off midway is redone)."})
+    resume_force: bool = field(default=False, metadata={"help": "With --resume: accept a config that differs from the saved one (the differences are printed)."})
+    keep_last: int = field(default=0, metadata={"help": "Keep the model files of only the last N stages (0 = all); older ones are deleted after the new one is complete."})
     report_to: str = field(default="none", metadata={"help": "none, tensorboard or wandb (those packages are optional)."})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model repos to run their own Python code (off: safer)."})
@@ -102,6 +115,32 @@ def bar(iterable, desc, total=None):
     return tqdm(iterable, desc=desc, total=total, disable=None if MASTER else True, leave=False, dynamic_ncols=True)
 
 
+def shard(items: list) -> list:
+    """This rank's contiguous share of a global list."""
+    n = len(items)
+    return items[RANK * n // WORLD:(RANK + 1) * n // WORLD]
+
+
+def gather(items: list) -> list:
+    """The concatenation of every rank's list, in rank order, on every rank (identity on one process)."""
+    if WORLD == 1:
+        return items
+    parts = [None] * WORLD
+    torch.distributed.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def barrier():
+    if WORLD > 1:
+        torch.distributed.barrier()
+
+
+def crash_point(phase: str, stage: int):
+    """Test hook: RAFT_CRASH_AT=phase@stage kills this process with SIGKILL here (tests/test_resume.py)."""
+    if os.environ.get("RAFT_CRASH_AT") == f"{phase}@{stage}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def validate(cfg: Config):
     """Every check that needs no model, with the fix in the message."""
     def need(ok, msg):
@@ -119,6 +158,10 @@ def validate(cfg: Config):
     need(cfg.top_k >= 0 and cfg.max_new_tokens >= 1 and cfg.eval_prompts >= 0, "--top_k, --eval_prompts ≥ 0 and "
          "--max_new_tokens ≥ 1")
     need(cfg.kl_beta >= 0, "--kl_beta must be ≥ 0")
+    need(cfg.lora_r > 0 or not cfg.load_in_8bit, "--load_in_8bit trains adapters on a frozen 8-bit base; full "
+         "fine-tuning of 8-bit weights is not possible: add --lora_r 16 (or drop --load_in_8bit)")
+    need(cfg.lora_r > 0 or not cfg.merge_lora, "--merge_lora needs --lora_r > 0")
+    need(cfg.keep_last >= 0, "--keep_last must be ≥ 0 (0 keeps every stage's model)")
     need(cfg.lr > 0 and cfg.epochs >= 1 and cfg.iterations >= 1, "--lr > 0, --epochs ≥ 1, --iterations ≥ 1")
     need(cfg.report_to in ("none", "tensorboard", "wandb"), "--report_to: none, tensorboard or wandb")
     need(cfg.reward is not None, "--reward is required with --model (file.py:function, module:function or a "
@@ -175,7 +218,7 @@ def generate(model, tok, prompts: list[str], K: int, cfg: Config, desc="sample")
     eos_ids.discard(None)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     gc = GenerationConfig(do_sample=cfg.temperature > 0, temperature=cfg.temperature or None, top_k=cfg.top_k,
-                          top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, num_return_sequences=K,
+                          top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                           pad_token_id=pad, eos_token_id=sorted(eos_ids), stop_strings=cfg.stop or None)
     order = sorted(range(len(prompts)), key=lambda i: len(enc[i]))
     out = [None] * len(prompts)
@@ -188,8 +231,11 @@ def generate(model, tok, prompts: list[str], K: int, cfg: Config, desc="sample")
         for r, i in enumerate(idx):  # left padding: every prompt ends at column L, so new tokens start there
             input_ids[r, L - len(enc[i]):] = torch.tensor(enc[i])
             mask[r, L - len(enc[i]):] = 1
-        seqs = model.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), generation_config=gc,
-                              tokenizer=tok if cfg.stop else None)  # [len(idx)·K, L + new]
+        # K copies of each row (HF's num_return_sequences refuses K > 1 when greedy): [len(idx)·K, L + new]
+        with amp(model, cfg.bf16):
+            seqs = model.generate(input_ids=input_ids.repeat_interleave(K, 0).to(device), generation_config=gc,
+                                  attention_mask=mask.repeat_interleave(K, 0).to(device),
+                                  tokenizer=tok if cfg.stop else None)
         new = seqs[:, L:].tolist()
         for r, i in enumerate(idx):
             out[i] = [cut_response(new[r * K + k], tok, eos_ids, cfg.stop) for k in range(K)]
@@ -236,9 +282,15 @@ def collate(examples, pad_id: int):
     return ids, mask, labels
 
 
-def token_logprobs(model, ids, mask, labels):
+def amp(model, bf16: bool):
+    """bf16 autocast for --bf16 (weights may stay fp32: mixed precision), a no-op otherwise."""
+    return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def token_logprobs(model, ids, mask, labels, bf16=False):
     """Sum of log p(label) per row over the labelled positions: [B]. Also the token count per row."""
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # [B, T-1, V]
+    with amp(model, bf16):
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()  # [B, T-1, V]
     tgt = labels[:, 1:]
     lp = torch.log_softmax(logits, -1).gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     keep = tgt != -100
@@ -246,54 +298,78 @@ def token_logprobs(model, ids, mask, labels):
 
 
 @torch.no_grad()
-def sequence_logprobs(model, examples, pad_id: int, batch_size: int) -> list[float]:
+def sequence_logprobs(model, examples, pad_id: int, batch_size: int, bf16=False) -> list[float]:
     """log p(response (+end) | prompt) per example, for the KL term of the ranking score."""
     model.eval()
     device = next(model.parameters()).device
     out = []
     for s in range(0, len(examples), batch_size):
         batch = [t.to(device) for t in collate(examples[s:s + batch_size], pad_id)]
-        out += token_logprobs(model, *batch)[0].tolist()
+        out += token_logprobs(model, *batch, bf16=bf16)[0].tolist()
     return out
 
 
+def make_kl(cfg: Config, model, device, pad_id: int):
+    """With --kl_beta > 0: f(examples) -> (log p_θ, log p_0) per example, p_0 the stage-0 model. Under LoRA p_0 is
+    the base with adapters switched off (no second copy); otherwise a frozen copy of --model. None when β = 0."""
+    if cfg.kl_beta == 0:
+        return None
+    lp = lambda m, ex: sequence_logprobs(m, ex, pad_id, cfg.micro_batch_size, cfg.bf16)
+    if cfg.lora_r:
+        def with_base(ex):
+            with model.disable_adapter():
+                return lp(model, ex)
+        return lambda ex: (lp(model, ex), with_base(ex))
+    ref = load_policy(dataclasses.replace(cfg, gradient_checkpointing=False), device)[0].requires_grad_(False)
+    return lambda ex: (lp(model, ex), lp(ref, ex))
+
+
 # ---- step 3: fine-tune -------------------------------------------------------------------------------------
-def finetune(model, examples, cfg: Config, pad_id: int, seed: int) -> float:
+def finetune(model, examples, cfg: Config, pad_id: int, seed: int, stage: int = 0) -> float:
     """SFT on `examples` (list of (input_ids, labels)); returns the mean token loss of the last epoch.
-    A fresh AdamW every call: each stage is a new SFT problem with its own schedule (LMFlow carried it over)."""
+    Every rank holds the same examples and order and trains on every WORLD-th row of each global batch; DDP averages
+    the gradients. A fresh AdamW every call: each stage is a new SFT problem with its own schedule (LMFlow carried
+    the optimizer state over)."""
     model.train()
     device = next(model.parameters()).device
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(examples) / cfg.train_batch_size)
-    total = cfg.epochs * steps_per_epoch
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    net = torch.nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model
+    total = cfg.epochs * math.ceil(len(examples) / cfg.train_batch_size)  # the real number of optimizer steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / total)  # linear decay to 0
     gen = torch.Generator().manual_seed(seed)
-    loss_sum = tokens_sum = 0.0
     pbar = bar(range(total), "train")
     for epoch in range(cfg.epochs):
         perm = torch.randperm(len(examples), generator=gen).tolist()
-        loss_sum = tokens_sum = 0.0
+        loss_sum = torch.zeros(2, device=device)  # this rank's summed token loss and token count, this epoch
         for s in range(0, len(perm), cfg.train_batch_size):
-            batch = [examples[i] for i in perm[s:s + cfg.train_batch_size]]
-            batch.sort(key=lambda e: len(e[0]))  # similar lengths share a micro-batch: less padding
-            n_tok = sum(sum(t != -100 for t in y[1:]) for _, y in batch)  # loss is a mean over the batch's tokens
-            for m in range(0, len(batch), cfg.micro_batch_size):
-                ids, mask, labels = [t.to(device) for t in collate(batch[m:m + cfg.micro_batch_size], pad_id)]
-                lp, _ = token_logprobs(model, ids, mask, labels)
-                loss = -lp.sum() / max(n_tok, 1)
-                loss.backward()
-                loss_sum -= lp.detach().sum().item()
-            tokens_sum += n_tok
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            batch = sorted((examples[i] for i in perm[s:s + cfg.train_batch_size]), key=lambda e: len(e[0]))
+            n_tok = sum(sum(t != -100 for t in y[1:]) for _, y in batch)  # the loss is a mean over these tokens
+            rows = batch[RANK::WORLD]  # sorted by length, so every rank gets a similar share of tokens
+            # every rank runs the same number of micro-steps (DDP syncs on each backward); a rank with fewer rows
+            # repeats a row with weight 0
+            steps = math.ceil(math.ceil(len(batch) / WORLD) / cfg.micro_batch_size)
+            for m in range(steps):
+                part, weight = rows[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size], 1.0
+                if not part:
+                    part, weight = batch[:1], 0.0
+                ids, mask, labels = [t.to(device) for t in collate(part, pad_id)]
+                sync = m == steps - 1 or WORLD == 1
+                with (contextlib.nullcontext() if sync else net.no_sync()):
+                    lp, n = token_logprobs(net, ids, mask, labels, cfg.bf16)
+                    (-lp.sum() * weight * WORLD / max(n_tok, 1)).backward()  # × WORLD: DDP averages over ranks
+                loss_sum += torch.stack([-lp.detach().sum(), n.sum().float()]) * weight
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+            crash_point("train", stage)
             pbar.update()
     pbar.close()
     model.eval()
-    return loss_sum / max(tokens_sum, 1)
-
+    if WORLD > 1:
+        torch.distributed.all_reduce(loss_sum)
+    return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------
@@ -311,20 +387,20 @@ def stage_prompts(n: int, b: int, t: int, seed: int) -> tuple[list[int], bool]:
     return idx, new_pass
 
 
-def evaluate(model, tok, prompts, reward_fn, cfg: Config, seed: int, ref=None) -> tuple[dict, list[dict]]:
-    """One response per held-out prompt at the sampling temperature: mean reward, text metrics, and (with a
-    reference model) a Monte-Carlo estimate of KL(π_θ || π_0) per response."""
-    torch.manual_seed(seed)
-    samples = [s[0] for s in generate(model, tok, prompts, 1, cfg, desc="eval")]
-    responses = [s["text"] for s in samples]
-    rewards = torch.tensor(score(reward_fn, prompts, responses))
+def evaluate(model, tok, prompts, reward_fn, cfg: Config, seed: int, kl=None) -> tuple[dict, list[dict]]:
+    """One response per held-out prompt at the sampling temperature (each rank its shard): mean reward, text metrics,
+    and with a KL reference a Monte-Carlo estimate of KL(π_θ || π_0) per response."""
+    torch.manual_seed(seed + 100_003 * RANK)
+    mine = shard(prompts)
+    samples = generate(model, tok, mine, 1, cfg, desc="eval")
+    score_samples(tok, mine, samples, reward_fn, kl)
+    rows = gather([{"prompt": p, "response": s["text"], "reward": s["reward"], **({"log_ratio": s["log_ratio"]}
+                    if kl else {})} for p, (s,) in zip(mine, samples)])
+    rewards = torch.tensor([r["reward"] for r in rows])
     m = {"eval_reward_mean": rewards.nanmean().item(), "eval_reward_std": _nanstd(rewards)}
-    m.update({f"eval_{k}": v for k, v in text_metrics(responses).items()})
-    if ref is not None:
-        ex = [build_example(encode_prompt(tok, p), s["ids"], s["end_id"]) for p, s in zip(prompts, samples)]
-        lp, lp0 = (sequence_logprobs(mod, ex, _pad(tok), cfg.micro_batch_size) for mod in (model, ref))
-        m["eval_kl_to_start"] = sum(a - b for a, b in zip(lp, lp0)) / len(ex)
-    rows = [{"prompt": p, "response": r, "reward": v} for p, r, v in zip(prompts, responses, rewards.tolist())]
+    m.update({f"eval_{k}": v for k, v in text_metrics([r["response"] for r in rows]).items()})
+    if kl:
+        m["eval_kl_to_start"] = sum(r.pop("log_ratio") for r in rows) / len(rows)
     return m, rows
 
 
@@ -337,24 +413,37 @@ def _pad(tok):
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
-def rank(tok, prompts, samples, reward_fn, cfg: Config, gen, model=None, ref=None):
-    """Score all b·K samples and select. Returns (kept rows for selected.jsonl, kept SFT examples, metrics)."""
-    b, K = len(prompts), cfg.K
-    flat_p = [p for p in prompts for _ in range(K)]
+def example(tok, prompt: str, sample: dict):
+    return build_example(encode_prompt(tok, prompt), sample["ids"], sample["end_id"])
+
+
+def score_samples(tok, prompts, samples, reward_fn, kl=None):
+    """Add "reward" (NaN for NaN/inf) and, with a KL reference, "log_ratio" = log p_θ(y|x) − log p_0(y|x) to every
+    sample dict of samples[len(prompts)][K], in place; one reward call for all of them."""
+    flat_p = [p for p, row in zip(prompts, samples) for _ in row]
     flat_s = [s for row in samples for s in row]
-    rewards = torch.tensor(score(reward_fn, flat_p, [s["text"] for s in flat_s])).view(b, K)
-    empty = torch.tensor([not s["ids"] for s in flat_s]).view(b, K)
+    for s, r in zip(flat_s, score(reward_fn, flat_p, [s["text"] for s in flat_s])):
+        s["reward"] = r
+    if kl and flat_s:
+        for s, a, b in zip(flat_s, *kl([example(tok, p, s) for p, s in zip(flat_p, flat_s)])):
+            s["log_ratio"] = a - b
+
+
+def rank(prompts, samples, cfg: Config, gen):
+    """Select from the scored samples[b][K] of the whole batch. Returns (rows for selected.jsonl, kept (prompt,
+    sample) pairs, metrics). Empty responses, --discard_regex matches and NaN rewards are never kept."""
+    b, K = len(prompts), cfg.K
+    flat = [s for row in samples for s in row]
+    rewards = torch.tensor([s["reward"] for s in flat]).view(b, K)
+    empty = torch.tensor([not s["ids"] for s in flat]).view(b, K)
     discard = torch.tensor([bool(cfg.discard_regex and re.search(cfg.discard_regex, s["text"]))
-                            for s in flat_s]).view(b, K)
+                            for s in flat]).view(b, K)
     valid = ~rewards.isnan() & ~empty & ~discard
-    examples = [build_example(encode_prompt(tok, p), s["ids"], s["end_id"]) for p, s in zip(flat_p, flat_s)]
-    scores = rewards.clone()
-    m = {}
+    scores, m = rewards, {}
     if cfg.kl_beta > 0:  # r − β·(log p_θ(y|x) − log p_0(y|x)), the sequence-level KL penalty of paper Table 7
-        lp = torch.tensor(sequence_logprobs(model, examples, _pad(tok), cfg.micro_batch_size)).view(b, K)
-        lp0 = torch.tensor(sequence_logprobs(ref, examples, _pad(tok), cfg.micro_batch_size)).view(b, K)
-        scores = rewards - cfg.kl_beta * (lp - lp0)
-        m["kl_to_start"] = (lp - lp0).mean().item()
+        log_ratio = torch.tensor([s["log_ratio"] for s in flat]).view(b, K)
+        scores = rewards - cfg.kl_beta * log_ratio
+        m["kl_to_start"] = log_ratio.mean().item()
     keep = select(scores.masked_fill(~valid, 0.0), valid, cfg.ranking, gen)
     rows = [{"prompt": prompts[i], "response": samples[i][j]["text"], "reward": rewards[i, j].item(),
              "rewards": rewards[i].tolist(), "ended": samples[i][j]["end_id"] is not None} for i, j in keep]
@@ -362,21 +451,59 @@ def rank(tok, prompts, samples, reward_fn, cfg: Config, gen, model=None, ref=Non
     m.update({"reward_mean": rewards.nanmean().item(), "selected_reward_mean": kept.mean().item(),
               "n_selected": len(keep), "prompts_skipped": int((~valid.any(1)).sum()),
               "samples_nan_reward": int(rewards.isnan().sum()), "samples_empty": int(empty.sum()),
-              "samples_discarded": int(discard.sum()),
-              "samples_truncated": sum(s["end_id"] is None for s in flat_s)})
-    return rows, [examples[i * K + j] for i, j in keep], m
+              "samples_discarded": int(discard.sum()), "samples_truncated": sum(s["end_id"] is None for s in flat)})
+    return rows, [(prompts[i], samples[i][j]) for i, j in keep], m
 
 
-def load_policy(path: str, cfg: Config, device):
-    """A causal LM and its tokenizer, with one-line errors for the usual mistakes."""
+def load_policy(cfg: Config, device, checkpoint: Optional[str] = None, trainable=True):
+    """The policy and its tokenizer: cfg.model, or a stage checkpoint (a full model, or LoRA adapters on cfg.model),
+    in the memory mode of cfg (fp32 / bf16 base + LoRA / 8-bit base + LoRA). One-line errors for the usual mistakes."""
+    base = checkpoint if checkpoint and not cfg.lora_r else cfg.model
+    kw = {"dtype": torch.bfloat16 if cfg.bf16 and cfg.lora_r else torch.float32,
+          "trust_remote_code": cfg.trust_remote_code}
+    if cfg.load_in_8bit:
+        from transformers import BitsAndBytesConfig
+        kw.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": device})
     try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(base, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(base, **kw)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"--model {path!r}: cannot load a causal LM and tokenizer ({str(e).splitlines()[0]})")
+        raise SystemExit(f"--model {base!r}: cannot load a causal LM and its tokenizer (a path that does not exist, "
+                         f"or not a causal LM?): {str(e).splitlines()[0]}")
     if tok.eos_token_id is None:
-        raise SystemExit(f"--model {path!r}: the tokenizer has no EOS token; set one in its tokenizer_config.json")
-    return model.to(device).eval(), tok
+        raise SystemExit(f"--model {base!r}: the tokenizer has no EOS token; set one in its tokenizer_config.json")
+    if not cfg.load_in_8bit:
+        model.to(device)
+    if cfg.lora_r:
+        from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+        if cfg.load_in_8bit:  # fp32 norms and input grads so adapters train stably on an int8 base
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        if checkpoint:
+            model = PeftModel.from_pretrained(model, checkpoint, is_trainable=trainable)
+        else:
+            torch.manual_seed(cfg.seed)  # the adapters' random init: same seed, same run
+            targets = cfg.lora_target_modules
+            model = get_peft_model(model, LoraConfig(
+                r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+                target_modules=targets if targets == "all-linear" else targets.split(",")))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = True  # generation still uses the KV cache; training passes use_cache=False
+    return model.eval(), tok
+
+
+def save_merged(cfg: Config, adapter_dir: str, out: str):
+    """--merge_lora: the base (reloaded in full precision, also after 8-bit training) with the adapters merged in."""
+    from peft import PeftModel
+    base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+                                                trust_remote_code=cfg.trust_remote_code)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    shutil.rmtree(out + ".tmp", ignore_errors=True)
+    merged.save_pretrained(out + ".tmp")
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out + ".tmp")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(out + ".tmp", out)
+    print0(f"merged LoRA model: {out}")
 
 
 def prepare_demo(cfg: Config):
@@ -410,12 +537,15 @@ def prepare_demo(cfg: Config):
     return model_dir, prompts_file
 
 
-def _write_jsonl(path, rows):
+def _write_text(path, text: str):
     tmp = path + ".tmp"  # written aside and renamed: a crash never leaves half a file
     with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
+        f.write(text)
     os.replace(tmp, path)
+
+
+def _write_jsonl(path, rows):
+    _write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def save_stage(out_dir, t, metrics, rows=None, eval_rows=None, model=None, tok=None):
@@ -427,16 +557,26 @@ def save_stage(out_dir, t, metrics, rows=None, eval_rows=None, model=None, tok=N
     if model is not None:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        crash_point("save", t)
     if rows is not None:
         _write_jsonl(os.path.join(tmp, "selected.jsonl"), rows)
     _write_jsonl(os.path.join(tmp, "eval_samples.jsonl"), eval_rows or [])
-    with open(os.path.join(tmp, "metrics.json"), "w") as f:
-        json.dump(metrics, f)
+    _write_text(os.path.join(tmp, "metrics.json"), json.dumps(metrics))
     os.replace(tmp, final)
 
 
 def completed_stages(out_dir) -> list[int]:
     return sorted(int(d[5:]) for d in os.listdir(out_dir) if re.fullmatch(r"iter_\d{4}", d))
+
+
+def prune_models(out_dir, keep_last: int):
+    """--keep_last: delete the model files of all but the last N completed stages (metrics and kept sets stay)."""
+    stages = [t for t in completed_stages(out_dir) if t > 0]
+    for t in stages[:-keep_last] if keep_last else []:
+        d = os.path.join(out_dir, f"iter_{t:04d}")
+        for name in os.listdir(d):
+            if name not in ("metrics.json", "selected.jsonl", "eval_samples.jsonl"):
+                os.remove(os.path.join(d, name))
 
 
 def write_metrics(out_dir, stages):
@@ -458,7 +598,8 @@ def write_metrics(out_dir, stages):
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "reward_curve.png"), dpi=100)
+    fig.savefig(os.path.join(out_dir, "reward_curve.tmp.png"), dpi=100)
+    os.replace(os.path.join(out_dir, "reward_curve.tmp.png"), os.path.join(out_dir, "reward_curve.png"))
     plt.close(fig)
     return rows
 
@@ -480,47 +621,79 @@ def stage_line(m):
     s = f"stage {m['iteration']:>3} | eval reward {m['eval_reward_mean']:+.3f} distinct-2 {m['eval_distinct_2']:.3f}"
     if m["iteration"] > 0:
         s += (f" | samples {m['reward_mean']:+.3f} kept {m['selected_reward_mean']:+.3f} | sft loss "
-              f"{m['sft_loss']:.3f} | s: gen {m['time_sample']:.0f} rank {m['time_rank']:.0f} "
+              f"{m['sft_loss'] or math.nan:.3f} | s: gen {m['time_sample']:.0f} rank {m['time_rank']:.0f} "
               f"train {m['time_train']:.0f} eval {m['time_eval']:.0f}")
     return s
 
 
-def run(cfg: Config):
-    """The RAFT loop. Returns the metrics rows (one per stage, stage 0 first)."""
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+def open_run_dir(cfg: Config):
+    """Check --out_dir before anything expensive (rank 0): new and writable, or --resume with the same config.
+    Returns the last completed stage (None: not even stage 0, the starting model's eval)."""
+    if MASTER:
+        _check_run_dir(cfg)
+    barrier()
+    done = completed_stages(cfg.out_dir)
+    return done[-1] if done else None
+
+
+def _check_run_dir(cfg: Config):
     cfg_path = os.path.join(cfg.out_dir, "config.json")
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        _write_text(os.path.join(cfg.out_dir, "write_test"), "")
+        os.remove(os.path.join(cfg.out_dir, "write_test"))
+    except OSError as e:
+        raise SystemExit(f"--out_dir {cfg.out_dir}: not writable ({e.strerror}); choose another directory")
     saved = dataclasses.asdict(cfg)
+    if not cfg.resume and os.listdir(cfg.out_dir):
+        raise SystemExit(f"--out_dir {cfg.out_dir} is not empty; pass --resume to continue it or choose a new dir")
     if cfg.resume and os.path.exists(cfg_path):
         with open(cfg_path) as f:
             old = json.load(f)
-        diff = [k for k in saved if k not in ("resume", "iterations") and old.get(k) != saved[k]]
+        diff = [k for k in saved if k not in ("resume", "resume_force", "iterations") and old.get(k) != saved[k]]
+        if diff and not cfg.resume_force:
+            raise SystemExit(f"--resume: the config differs from {cfg_path} in {diff}; use the saved settings or "
+                             f"add --resume_force")
         if diff:
-            raise SystemExit(f"--resume: the config differs from {cfg_path} in {diff}; use the same settings")
-    elif os.listdir(cfg.out_dir) and not cfg.resume:
-        raise SystemExit(f"--out_dir {cfg.out_dir} is not empty; pass --resume to continue it or choose a new dir")
-    done = completed_stages(cfg.out_dir)
-    start = done[-1] if done else None  # None: not even stage 0 (the starting model's eval) is done
-    with open(cfg_path, "w") as f:
-        json.dump(saved, f, indent=1)
+            print0(f"--resume_force: continuing with changed {', '.join(f'{k}={saved[k]!r}' for k in diff)}")
+    for d in os.listdir(cfg.out_dir):  # leftovers of a stage cut off while saving: it is redone
+        if d.endswith(".tmp"):
+            shutil.rmtree(os.path.join(cfg.out_dir, d), ignore_errors=True)
+    _write_text(cfg_path, json.dumps(saved, indent=1))
 
-    prompts = load_prompts(cfg.dataset, cfg.dataset_split, cfg.prompt_field)
-    policy_path = cfg.model if not start else os.path.join(cfg.out_dir, f"iter_{start:04d}")
-    model, tok = load_policy(policy_path, cfg, device)
-    limit = min(cfg.max_prompt_tokens, getattr(model.config, "max_position_embeddings", 1 << 30) - cfg.max_new_tokens)
-    kept = [p for p in prompts if len(encode_prompt(tok, p)) <= limit]
-    if len(kept) < len(prompts):
-        print0(f"dropped {len(prompts) - len(kept)} of {len(prompts)} prompts longer than {limit} tokens")
-    if len(kept) < cfg.eval_prompts + cfg.prompts_per_iter:
-        raise SystemExit(f"--dataset has {len(kept)} usable prompts, fewer than --eval_prompts {cfg.eval_prompts} + "
+
+def split_prompts(prompts: list[str], cfg: Config, tok, context: int):
+    """Drop duplicates and over-long prompts (counted), then split off the held-out eval prompts (by --seed)."""
+    unique = list(dict.fromkeys(prompts))
+    if len(unique) < len(prompts):
+        print0(f"dropped {len(prompts) - len(unique)} duplicate prompts")
+    limit = min(cfg.max_prompt_tokens, context - cfg.max_new_tokens)
+    kept = [p for p in unique if len(encode_prompt(tok, p)) <= limit]
+    if len(kept) < len(unique):
+        print0(f"dropped {len(unique) - len(kept)} of {len(unique)} prompts longer than {limit} tokens "
+               f"(--max_prompt_tokens, or the model's context minus --max_new_tokens)")
+    _enough(len(kept), cfg, "after dropping duplicates and prompts that are too long")
+    order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    return [kept[i] for i in order[:cfg.eval_prompts]], [kept[i] for i in order[cfg.eval_prompts:]]
+
+
+def _enough(n, cfg: Config, when: str):
+    if n < cfg.eval_prompts + cfg.prompts_per_iter:
+        raise SystemExit(f"--dataset has {n} usable prompts {when}, fewer than --eval_prompts {cfg.eval_prompts} + "
                          f"--prompts_per_iter {cfg.prompts_per_iter}; lower them or use more prompts")
-    split = torch.randperm(len(kept), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    eval_p = [kept[i] for i in split[:cfg.eval_prompts]]
-    train_p = [kept[i] for i in split[cfg.eval_prompts:]]
+
+
+def run(cfg: Config):
+    """The RAFT loop. Returns the metrics rows (one per stage, stage 0 first) and the trained policy."""
+    device = pick_device(cfg)
+    start = open_run_dir(cfg)
+    prompts = load_prompts(cfg.dataset, cfg.dataset_split, cfg.prompt_field)
+    _enough(len(set(prompts)), cfg, "(after dropping duplicates)")  # before any model is loaded
     reward_fn = load_reward(cfg.reward, cfg.reward_template, cfg.reward_batch_size, device,
                             trust_remote_code=cfg.trust_remote_code)
-    ref = load_policy(cfg.model, cfg, device)[0] if cfg.kl_beta > 0 else None
+    model, tok = load_policy(cfg, device, checkpoint=os.path.join(cfg.out_dir, f"iter_{start:04d}") if start else None)
+    eval_p, train_p = split_prompts(prompts, cfg, tok, getattr(model.config, "max_position_embeddings", 1 << 30))
+    kl = make_kl(cfg, model, device, _pad(tok))
     log = make_logger(cfg)
     print0(f"RAFT: {len(train_p)} training prompts, {len(eval_p)} eval prompts, b={cfg.prompts_per_iter}, "
            f"K={cfg.K}, λ={cfg.temperature}, ranking={cfg.ranking}, {cfg.iterations} stages on {device}; "
@@ -528,7 +701,7 @@ def run(cfg: Config):
 
     if start is None:
         t0 = time.time()
-        m, eval_rows = evaluate(model, tok, eval_p, reward_fn, cfg, seed=cfg.seed * 1000, ref=ref)
+        m, eval_rows = evaluate(model, tok, eval_p, reward_fn, cfg, seed=cfg.seed * 1000, kl=kl)
         m = {"iteration": 0, **m, "time_eval": time.time() - t0}
         if MASTER:
             save_stage(cfg.out_dir, 0, m, eval_rows=eval_rows)
@@ -543,31 +716,40 @@ def run(cfg: Config):
         if new_pass:
             print0(f"stage {t}: all {len(train_p)} training prompts used; reshuffling and starting a new pass")
         batch = [train_p[i] for i in idx]
-        torch.manual_seed(cfg.seed * 1000 + t)  # every phase seeded from (seed, stage): resume repeats exactly
-        samples = generate(model, tok, batch, cfg.K, cfg)
+        mine = shard(batch)  # each rank samples and scores its share; ranking sees the whole batch
+        torch.manual_seed(cfg.seed * 1000 + t + 100_003 * RANK)  # seeded by (seed, stage, rank): resume repeats
+        samples = generate(model, tok, mine, cfg.K, cfg)
+        crash_point("sample", t)
         times["time_sample"] = time.time() - t0
         t0 = time.time()
-        rows, examples, m = rank(tok, batch, samples, reward_fn, cfg, torch.Generator().manual_seed(cfg.seed + t),
-                                 model, ref)
+        score_samples(tok, mine, samples, reward_fn, kl)
+        rows, kept, m = rank(batch, gather(samples), cfg, torch.Generator().manual_seed(cfg.seed + t))
+        examples = [example(tok, p, s) for p, s in kept]
         times["time_rank"] = time.time() - t0
+        crash_point("rank", t)
         t0 = time.time()
         if examples:
-            m["sft_loss"] = finetune(model, examples, cfg, _pad(tok), seed=cfg.seed * 1000 + t)
+            m["sft_loss"] = finetune(model, examples, cfg, _pad(tok), seed=cfg.seed * 1000 + t, stage=t)
         else:
             print0(f"stage {t}: every sample was discarded (NaN reward, empty, or --discard_regex); no fine-tuning")
-            m["sft_loss"] = math.nan
+            m["sft_loss"] = None
         times["time_train"] = time.time() - t0
         t0 = time.time()
-        em, eval_rows = evaluate(model, tok, eval_p, reward_fn, cfg, seed=cfg.seed * 1000, ref=ref)
+        em, eval_rows = evaluate(model, tok, eval_p, reward_fn, cfg, seed=cfg.seed * 1000, kl=kl)
         times["time_eval"] = time.time() - t0
         m = {"iteration": t, **m, **em, **times}
         if MASTER:
             save_stage(cfg.out_dir, t, m, rows, eval_rows, model, tok)
+            prune_models(cfg.out_dir, cfg.keep_last)
             write_metrics(cfg.out_dir, completed_stages(cfg.out_dir))
+        barrier()
         log(m, t)
         print0(stage_line(m))
+    if cfg.merge_lora and MASTER:
+        save_merged(cfg, os.path.join(cfg.out_dir, f"iter_{cfg.iterations:04d}"), os.path.join(cfg.out_dir, "merged"))
+    barrier()
     with open(os.path.join(cfg.out_dir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [json.loads(line) for line in f], model
 
 
 def parse(argv=None) -> Config:
@@ -584,13 +766,28 @@ def parse(argv=None) -> Config:
     return cfg
 
 
+def pick_device(cfg: Config) -> torch.device:
+    """cuda:LOCAL_RANK under torchrun on GPUs, else cuda or cpu as asked."""
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+
+
 def main(argv=None):
     cfg = parse(argv)
+    own_group = WORLD > 1 and not torch.distributed.is_initialized()
+    if own_group:  # torchrun: NCCL between GPUs, gloo on CPU
+        device = pick_device(cfg)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     demo = cfg.model is None
     if demo:
-        cfg.model, _ = prepare_demo(cfg)
+        if MASTER:
+            prepare_demo(cfg)
+        barrier()
+        cfg.model = prepare_demo(cfg)[0]
     t0 = time.time()
-    rows = run(cfg)
+    rows, _ = run(cfg)
     if demo and MASTER:
         first, last = rows[0], rows[-1]
         print0(f"\ndemo: held-out VADER reward {first['eval_reward_mean']:+.3f} -> {last['eval_reward_mean']:+.3f}, "
@@ -602,6 +799,8 @@ def main(argv=None):
             for s in samples:
                 print0(f"  [{s['reward']:+.2f}] {s['prompt']} >>{s['response']}")
     print0(f"outputs: {os.path.abspath(cfg.out_dir)} (metrics.jsonl, reward_curve.png, iter_XXXX/)")
+    if own_group:
+        torch.distributed.destroy_process_group()
     return rows
 
 

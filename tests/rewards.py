@@ -16,3 +16,17 @@ def raises(prompts, responses):
 
 def nan_for_odd(prompts, responses):
     return [float("nan") if i % 2 else 1.0 for i in range(len(responses))]
+
+
+def letters_logged(prompts, responses):
+    """`letters`, and a record of which prompts this rank scored (RAFT_TEST_LOG/rank<RANK>.jsonl)."""
+    import json
+    import os
+    with open(os.path.join(os.environ["RAFT_TEST_LOG"], f"rank{os.environ.get('RANK', '0')}.jsonl"), "a") as f:
+        f.write(json.dumps(prompts) + "\n")
+    return letters(prompts, responses)
+
+
+def prompt_length(prompts, responses):
+    """Deterministic and independent of the sampled text: longer prompts score higher."""
+    return [float(len(p)) for p in prompts]

@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import raft
 from conftest import tiny_args
@@ -95,3 +96,61 @@ def test_readme_documents_every_option_and_metric(tiny_lm, prompts_file, tmp_pat
     rows = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--iterations", "1", "--kl_beta", "0.1"))
     keys = set(rows[0]) | set(rows[1])
     assert not [k for k in keys if f"`{k}`" not in readme], "metrics not in the README"
+
+
+def write_jsonl(path, prompts):
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return str(path)
+
+
+def test_duplicates_and_too_long_prompts_are_dropped_and_counted(tiny_lm, tmp_path, capsys):
+    prompts = [f"prompt number {i}" for i in range(40)] + ["prompt number 1"] * 5 + ["x" * 300] * 2
+    raft.main(tiny_args(tiny_lm, write_jsonl(tmp_path / "d.jsonl", prompts), tmp_path / "r", "--iterations", "1",
+                        "--max_prompt_tokens", "100"))
+    out = capsys.readouterr().out
+    assert "dropped 6 duplicate prompts" in out and "dropped 1 of 41 prompts longer than 100 tokens" in out
+
+
+def test_dataset_empty_after_filtering(tiny_lm, prompts_file, tmp_path):
+    fails(tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--max_prompt_tokens", "2"), "usable prompts",
+          "after dropping", "--eval_prompts")
+
+
+def test_every_sample_discarded_is_a_logged_skip(tiny_lm, prompts_file, tmp_path, capsys):
+    rows = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--iterations", "1", "--discard_regex", "."))
+    assert rows[1]["n_selected"] == 0 and rows[1]["sft_loss"] is None and rows[1]["prompts_skipped"] == 8
+    assert "every sample was discarded" in capsys.readouterr().out
+    w0 = load_file(os.path.join(tiny_lm, "model.safetensors"))
+    w1 = load_file(tmp_path / "r" / "iter_0001" / "model.safetensors")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)   # nothing trained, nothing changed
+
+
+def test_tokenizer_without_pad_token(tmp_path, prompts_file):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from data import train_demo_tokenizer
+    tok = train_demo_tokenizer(["some text to learn a few merges from"] * 4, vocab_size=300)
+    tok.pad_token = None
+    assert tok.pad_token_id is None
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    rows = raft.main(tiny_args(str(tmp_path / "m"), prompts_file, tmp_path / "r", "--iterations", "1"))
+    assert rows[1]["n_selected"] == 8
+
+
+def test_non_causal_model_is_refused(tmp_path, prompts_file):
+    from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
+    T5ForConditionalGeneration(T5Config(vocab_size=384, d_model=16, d_ff=32, num_layers=1, num_heads=2,
+                                        d_kv=8)).save_pretrained(tmp_path / "t5")
+    ByT5Tokenizer().save_pretrained(tmp_path / "t5")
+    fails(tiny_args(str(tmp_path / "t5"), prompts_file, tmp_path / "r"), "--model", "causal LM")
+
+
+def test_prompts_not_divisible_by_ranks(tiny_lm, prompts_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(raft, "WORLD", 3)
+    fails(tiny_args(tiny_lm, prompts_file, tmp_path / "r"), "--prompts_per_iter 8", "multiple of 3")
+
+
+def test_unwritable_out_dir(tiny_lm, prompts_file, tmp_path):
+    (tmp_path / "file").write_text("")
+    fails(tiny_args(tiny_lm, prompts_file, tmp_path / "file" / "run"), "--out_dir", "not writable")

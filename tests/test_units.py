@@ -44,43 +44,56 @@ def test_random_is_uniform_over_valid_samples():
     assert set(picks) == {0, 2} and 240 < picks.count(0) < 360
 
 
-def _samples(texts):
+def _samples(texts, rewards, log_ratios=None):
     tok = ByT5Tokenizer()
-    return [[{"ids": tok(t, add_special_tokens=False)["input_ids"], "text": t, "end_id": tok.eos_token_id}
-             for t in row] for row in texts]
+    return [[{"ids": tok(t, add_special_tokens=False)["input_ids"], "text": t, "end_id": tok.eos_token_id,
+              "reward": float(r), **({"log_ratio": log_ratios[i][j]} if log_ratios else {})}
+             for j, (t, r) in enumerate(zip(row, rrow))] for i, (row, rrow) in enumerate(zip(texts, rewards))]
 
 
-def _rank(texts, rewards, monkeypatch=None, **cfg_kw):
-    tok = ByT5Tokenizer()
+def _rank(texts, rewards, log_ratios=None, **cfg_kw):
     cfg = Config(K=len(texts[0]), **cfg_kw)
-    flat = [r for row in rewards for r in row]
-    return raft.rank(tok, [f"p{i}" for i in range(len(texts))], _samples(texts), lambda p, r: flat, cfg,
-                     torch.Generator().manual_seed(0), model="cur", ref="ref")
+    rows, kept, m = raft.rank([f"p{i}" for i in range(len(texts))], _samples(texts, rewards, log_ratios), cfg,
+                              torch.Generator().manual_seed(0))
+    return rows, kept, m
 
 
-def test_discard_regex_and_empty_responses(monkeypatch):
-    rows, examples, m = _rank([["a # hack", "fine", ""], ["## x", "#", "ok"], ["", "#", "#"]],
-                              [[9, 1, 5], [9, 9, 2], [5, 5, 5]], discard_regex="#")
+def test_discard_regex_and_empty_responses():
+    rows, kept, m = _rank([["a # hack", "fine", ""], ["## x", "#", "ok"], ["", "#", "#"]],
+                          [[9, 1, 5], [9, 9, 2], [5, 5, 5]], discard_regex="#")
     assert [(r["prompt"], r["response"]) for r in rows] == [("p0", "fine"), ("p1", "ok")]
     assert m["prompts_skipped"] == 1 and m["samples_discarded"] == 5 and m["samples_empty"] == 2
     assert rows[0]["rewards"] == [9, 1, 5] and rows[0]["reward"] == 1
-    assert len(examples) == 2
+    assert [(p, s["text"]) for p, s in kept] == [("p0", "fine"), ("p1", "ok")]
 
 
 def test_nan_reward_excluded():
-    rows, _, m = _rank([["a", "b"], ["c", "d"]], [[math.nan, 0.1], [0.5, math.inf]])
+    tok = ByT5Tokenizer()
+    samples = [[{"ids": [5], "text": "a", "end_id": 1}, {"ids": [6], "text": "b", "end_id": 1}],
+               [{"ids": [7], "text": "c", "end_id": 1}, {"ids": [8], "text": "d", "end_id": 1}]]
+    raft.score_samples(tok, ["p0", "p1"], samples, lambda p, r: [math.nan, 0.1, 0.5, math.inf])
+    rows, _, m = raft.rank(["p0", "p1"], samples, Config(K=2), torch.Generator())
     assert [r["response"] for r in rows] == ["b", "c"] and m["samples_nan_reward"] == 2
 
 
-def test_kl_beta_changes_the_ranking(monkeypatch):
-    # rewards prefer sample 0; the policy has drifted far from p_0 on sample 0 (log-ratio 10) but not on sample 1
-    lp = {"cur": [0.0, -1.0], "ref": [-10.0, -1.5]}
-    monkeypatch.setattr(raft, "sequence_logprobs", lambda model, ex, pad, bs: lp[model])
-    rows, _, m = _rank([["x", "y"]], [[1.0, 0.8]], kl_beta=0.0)
+def test_kl_beta_changes_the_ranking():
+    # rewards prefer sample 0, but the policy drifted far from p_0 on it (log-ratio 10) and not on sample 1 (0.5)
+    rows, _, m = _rank([["x", "y"]], [[1.0, 0.8]], [[10.0, 0.5]], kl_beta=0.0)
     assert rows[0]["response"] == "x"
-    rows, _, m = _rank([["x", "y"]], [[1.0, 0.8]], kl_beta=0.1)   # 1 - 0.1·10 = 0 < 0.8 - 0.1·0.5 = 0.75
+    rows, _, m = _rank([["x", "y"]], [[1.0, 0.8]], [[10.0, 0.5]], kl_beta=0.1)  # 1 - 0.1·10 = 0 < 0.8 - 0.05
     assert rows[0]["response"] == "y" and rows[0]["reward"] == pytest.approx(0.8)
     assert m["kl_to_start"] == pytest.approx((10 + 0.5) / 2)
+
+
+def test_score_samples_computes_the_log_ratio():
+    tok = ByT5Tokenizer()
+    samples = [[{"ids": [5], "text": "a", "end_id": 1}, {"ids": [6, 7], "text": "bc", "end_id": None}]]
+    seen = []
+    kl = lambda ex: (seen.extend(ex), ([-1.0, -2.0], [-3.0, -1.0]))[1]
+    raft.score_samples(tok, ["p"], samples, lambda p, r: [0.0, 1.0], kl)
+    assert [s["log_ratio"] for s in samples[0]] == [2.0, -1.0]
+    p = raft.encode_prompt(tok, "p")
+    assert seen == [(p + [5, 1], [-100] * len(p) + [5, 1]), (p + [6, 7], [-100] * len(p) + [6, 7])]
 
 
 def test_sft_example_masks_prompt_and_trains_eos_only_when_ended():

@@ -1,0 +1,16 @@
+"""Launched by tests/test_torchrun.py under `torchrun --nproc_per_node 2`: a RAFT run through raft.run, then each
+rank saves the weights it holds in memory (rank<R>.pt in --out_dir) so the test can compare the ranks."""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import raft  # noqa: E402
+
+torch.distributed.init_process_group("gloo")
+cfg = raft.parse(sys.argv[1:])
+rows, model = raft.run(cfg)
+torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
+           os.path.join(cfg.out_dir, f"rank{raft.RANK}.pt"))
+torch.distributed.destroy_process_group()

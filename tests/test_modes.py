@@ -1,0 +1,88 @@
+"""Memory modes on CPU with tiny models: LoRA, 8-bit base + LoRA (bitsandbytes runs on CPU here), bf16, gradient
+checkpointing. Each finishes a stage and changes exactly what it should."""
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import raft
+from conftest import tiny_args
+
+GREEDY = raft.Config(temperature=0, max_new_tokens=10)
+PROMPTS = ["Q1: why is the sky blue A:", "Q2: tell me a story A:"]
+
+
+def greedy(model, tok):
+    return [s[0]["ids"] for s in raft.generate(model, tok, PROMPTS, 1, GREEDY)]
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_lora_trains_only_adapters_the_policy_samples_with_them_and_merge_matches(tiny_lm, prompts_file, tmp_path):
+    out = tmp_path / "lora"
+    cfg = raft.parse(tiny_args(tiny_lm, prompts_file, out, "--iterations", "2", "--lora_r", "8", "--lr", "1e-2",
+                               "--merge_lora"))
+    rows, model = raft.run(cfg)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out / "iter_0001"))
+    assert not (out / "iter_0001" / "model.safetensors").exists()       # only the adapters are saved per stage
+    base = load_file(os.path.join(tiny_lm, "model.safetensors"))
+    trained = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in state(model).items()
+               if "lora_" not in k}
+    assert all(torch.equal(base[k], trained[k]) for k in base if k in trained) and len(trained) >= len(base) - 1
+    a1 = load_file(out / "iter_0001" / "adapter_model.safetensors")
+    a2 = load_file(out / "iter_0002" / "adapter_model.safetensors")
+    assert any(not torch.equal(a1[k], a2[k]) for k in a1)                  # stage 2 trained the adapters further
+
+    # the policy that samples is the trained one: the in-memory model = base + the last saved adapters != base
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    from peft import PeftModel
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), out / "iter_0002").eval()
+    plain = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
+    assert greedy(model, tok) == greedy(reloaded, tok) != greedy(plain, tok)
+    # --merge_lora: a plain HF model that generates the same greedy tokens as base + adapters
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged").eval()
+    assert not any("lora" in k for k in merged.state_dict())
+    assert greedy(merged, tok) == greedy(reloaded, tok)
+
+
+def test_lora_resume_continues_from_the_adapters(tiny_lm, prompts_file, tmp_path):
+    extra = ["--lora_r", "4", "--lr", "1e-2"]
+    whole = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "a", "--iterations", "2", *extra))
+    raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "b", "--iterations", "1", *extra))
+    resumed = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "b", "--iterations", "2", "--resume", *extra))
+    drop = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
+    assert drop(resumed) == drop(whole)
+
+
+def test_8bit_base_loads_int8_layers_and_trains_adapters(tiny_lm, prompts_file, tmp_path):
+    import bitsandbytes as bnb
+    cfg = raft.parse(tiny_args(tiny_lm, prompts_file, tmp_path / "q", "--iterations", "1", "--load_in_8bit",
+                               "--lora_r", "4", "--lr", "1e-2"))
+    model, _ = raft.load_policy(cfg, torch.device("cpu"))
+    assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())
+    before = {k: v.clone() for k, v in state(model).items()}
+    rows, model = raft.run(cfg)
+    after = state(model)
+    changed = {k for k in before if not torch.equal(before[k].float(), after[k].float())}
+    assert changed and all("lora_" in k for k in changed)
+
+
+def test_8bit_full_finetuning_is_refused(tiny_lm, prompts_file, tmp_path):
+    with pytest.raises(SystemExit, match="--lora_r"):
+        raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "x", "--load_in_8bit"))
+
+
+@pytest.mark.parametrize("extra", [["--bf16"], ["--bf16", "--lora_r", "4"], ["--gradient_checkpointing"]])
+def test_bf16_and_checkpointing_stages_finish_and_learn(tiny_lm, prompts_file, tmp_path, extra):
+    rows, model = raft.run(raft.parse(tiny_args(tiny_lm, prompts_file, tmp_path / "m", "--iterations", "1", *extra)))
+    assert rows[1]["sft_loss"] == rows[1]["sft_loss"]             # finite, not NaN
+    params = dict(model.named_parameters())
+    trainable = [p for p in params.values() if p.requires_grad]
+    # full fine-tuning keeps fp32 master weights under --bf16; LoRA keeps the frozen base in bf16
+    assert all(p.dtype == torch.float32 for p in trainable)
+    if "--lora_r" in extra:
+        assert any(p.dtype == torch.bfloat16 for p in params.values() if not p.requires_grad)
