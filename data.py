@@ -50,11 +50,18 @@ _GENRES = ["comedy", "drama", "thriller", "western", "musical", "horror film", "
            "mystery", "sequel", "remake", "documentary", "space opera", "heist movie", "biopic"]
 _THINGS = ["acting", "plot", "script", "music", "ending", "camera work", "dialogue", "cast", "story", "pacing",
            "soundtrack", "lead actor", "villain", "editing", "humor", "score", "set design", "final act"]
-_OPENERS = ["i watched this {g} last night and", "we saw the new {g} on friday and", "my sister picked this {g} and",
-            "i rented this {g} on a whim and", "this {g} came out last year and", "i went to see this {g} and",
-            "the {g} everyone talks about is here and", "after reading the book i saw this {g} and",
-            "my friends and i watched this {g} and", "i finally caught this {g} on tv and",
-            "this is a {g} about a small town and", "the director's new {g} opened today and"]
+_WHEN = ["last night", "on friday", "this weekend", "yesterday", "last week", "on sunday", "after work",
+         "on my birthday", "on a rainy day", "at midnight"]
+_WHO = ["my sister", "my dad", "my friend", "my wife", "my brother", "my roommate", "my mom", "my neighbor"]
+_WHERE = ["at the cinema", "on tv", "on a plane", "at home", "at a festival", "on my laptop", "at the drive-in",
+          "in a small theater"]
+_TOPICS = ["a small town", "two brothers", "a lost dog", "a bank heist", "a young chef", "an old soldier",
+           "a haunted house", "a robot", "a tennis star", "a family farm"]
+_OPENERS = ["i watched this {g} {when} and", "{who} and i saw the new {g} {when} and", "i rented this {g} {where} and",
+            "this {g} about {topic} came out {when} and", "we went to see this {g} {where} and",
+            "{who} picked this {g} {when} and", "the {g} about {topic} is finally here and",
+            "i finally caught this {g} {where} and", "after reading the book i saw this {g} {where} and",
+            "this is a {g} about {topic} and"]
 _POS_ADJ = ["great", "wonderful", "brilliant", "superb", "lovely", "beautiful", "excellent", "charming", "fun",
             "delightful", "clever", "amazing", "fantastic", "moving", "sweet", "strong", "perfect", "good"]
 _NEG_ADJ = ["terrible", "awful", "boring", "dull", "weak", "bad", "horrible", "stupid", "painful", "ugly",
@@ -81,7 +88,8 @@ def _clause(rng, positive):
 
 
 def _review(rng):
-    opener = rng.choice(_OPENERS).format(g=rng.choice(_GENRES))
+    opener = rng.choice(_OPENERS).format(g=rng.choice(_GENRES), when=rng.choice(_WHEN), who=rng.choice(_WHO),
+                                         where=rng.choice(_WHERE), topic=rng.choice(_TOPICS))
     leans_positive = rng.random() < 0.5
     clauses = [_clause(rng, leans_positive if rng.random() < 0.75 else not leans_positive)
                for _ in range(rng.randint(2, 3))]

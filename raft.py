@@ -65,6 +65,9 @@ class Config:
     ranking: str = field(default="local", metadata={"help": "local: best per prompt (paper); global: top b of all b·K (paper appendix); random: one random response per prompt (control)."})
     kl_beta: float = field(default=0.0, metadata={"help": "β in r − β·(log p_θ − log p_0) with p_0 the stage-0 model (paper Table 7: 0 best for reward); > 0 keeps a copy of p_0."})
     discard_regex: Optional[str] = field(default=None, metadata={"help": "Responses matching this regex are never kept (paper: '#' against a #-loving reward model)."})
+    eval_kl: bool = field(default=False, metadata={"help": "Report the KL to the stage-0 model (kl_to_start, eval_kl_to_start) even when --kl_beta is 0; keeps p_0 like --kl_beta does."})
+    generator_model: Optional[str] = field(default=None, metadata={"help": "Another causal LM (any tokenizer) that generates the K samples while --model trains on the kept ones (paper Table 8: a stronger generator); None: the policy generates."})
+    finetune_from: str = field(default="current", metadata={"help": "current: each stage fine-tunes the current model (paper); base: each stage restarts from the stage-0 weights, trained on the current model's kept samples (ReST-EM)."})
     # ---- step 3: fine-tune
     lr: float = field(default=2e-5, metadata={"help": "AdamW peak learning rate, decayed linearly to 0 within each stage (paper: 2e-5). The optimizer is reset every stage."})
     epochs: int = field(default=2, metadata={"help": "SFT epochs over each stage's kept set (paper: 2)."})
@@ -158,6 +161,7 @@ def validate(cfg: Config):
     need(cfg.top_k >= 0 and cfg.max_new_tokens >= 1 and cfg.eval_prompts >= 0, "--top_k, --eval_prompts ≥ 0 and "
          "--max_new_tokens ≥ 1")
     need(cfg.kl_beta >= 0, "--kl_beta must be ≥ 0")
+    need(cfg.finetune_from in ("current", "base"), f"--finetune_from {cfg.finetune_from!r}: current or base")
     need(cfg.lora_r > 0 or not cfg.load_in_8bit, "--load_in_8bit trains adapters on a frozen 8-bit base; full "
          "fine-tuning of 8-bit weights is not possible: add --lora_r 16 (or drop --load_in_8bit)")
     need(cfg.lora_r > 0 or not cfg.merge_lora, "--merge_lora needs --lora_r > 0")
@@ -309,10 +313,14 @@ def sequence_logprobs(model, examples, pad_id: int, batch_size: int, bf16=False)
     return out
 
 
+def trainable_state(model) -> dict:
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
 def make_kl(cfg: Config, model, device, pad_id: int):
     """With --kl_beta > 0: f(examples) -> (log p_θ, log p_0) per example, p_0 the stage-0 model. Under LoRA p_0 is
     the base with adapters switched off (no second copy); otherwise a frozen copy of --model. None when β = 0."""
-    if cfg.kl_beta == 0:
+    if cfg.kl_beta == 0 and not cfg.eval_kl:
         return None
     lp = lambda m, ex: sequence_logprobs(m, ex, pad_id, cfg.micro_batch_size, cfg.bf16)
     if cfg.lora_r:
@@ -440,7 +448,7 @@ def rank(prompts, samples, cfg: Config, gen):
                             for s in flat]).view(b, K)
     valid = ~rewards.isnan() & ~empty & ~discard
     scores, m = rewards, {}
-    if cfg.kl_beta > 0:  # r − β·(log p_θ(y|x) − log p_0(y|x)), the sequence-level KL penalty of paper Table 7
+    if "log_ratio" in flat[0]:  # r − β·(log p_θ(y|x) − log p_0(y|x)), the sequence-level KL penalty of paper Table 7
         log_ratio = torch.tensor([s["log_ratio"] for s in flat]).view(b, K)
         scores = rewards - cfg.kl_beta * log_ratio
         m["kl_to_start"] = log_ratio.mean().item()
@@ -694,6 +702,11 @@ def run(cfg: Config):
     model, tok = load_policy(cfg, device, checkpoint=os.path.join(cfg.out_dir, f"iter_{start:04d}") if start else None)
     eval_p, train_p = split_prompts(prompts, cfg, tok, getattr(model.config, "max_position_embeddings", 1 << 30))
     kl = make_kl(cfg, model, device, _pad(tok))
+    gen_model, gen_tok = (model, tok) if not cfg.generator_model else load_policy(dataclasses.replace(
+        cfg, model=cfg.generator_model, lora_r=0, load_in_8bit=False, gradient_checkpointing=False), device)
+    initial = None
+    if cfg.finetune_from == "base":  # the stage-0 values of what trains (all weights, or the seeded LoRA init)
+        initial = trainable_state(load_policy(cfg, device)[0] if start else model)
     log = make_logger(cfg)
     print0(f"RAFT: {len(train_p)} training prompts, {len(eval_p)} eval prompts, b={cfg.prompts_per_iter}, "
            f"K={cfg.K}, λ={cfg.temperature}, ranking={cfg.ranking}, {cfg.iterations} stages on {device}; "
@@ -718,7 +731,11 @@ def run(cfg: Config):
         batch = [train_p[i] for i in idx]
         mine = shard(batch)  # each rank samples and scores its share; ranking sees the whole batch
         torch.manual_seed(cfg.seed * 1000 + t + 100_003 * RANK)  # seeded by (seed, stage, rank): resume repeats
-        samples = generate(model, tok, mine, cfg.K, cfg)
+        samples = generate(gen_model, gen_tok, mine, cfg.K, cfg)
+        if cfg.generator_model:  # the policy trains on its own tokens of the generator's text
+            for s in (s for row in samples for s in row):
+                s["ids"] = tok(s["text"], add_special_tokens=False)["input_ids"]
+                s["end_id"] = None if s["end_id"] is None else tok.eos_token_id
         crash_point("sample", t)
         times["time_sample"] = time.time() - t0
         t0 = time.time()
@@ -728,6 +745,11 @@ def run(cfg: Config):
         times["time_rank"] = time.time() - t0
         crash_point("rank", t)
         t0 = time.time()
+        if examples and initial:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n in initial:
+                        p.copy_(initial[n])
         if examples:
             m["sft_loss"] = finetune(model, examples, cfg, _pad(tok), seed=cfg.seed * 1000 + t, stage=t)
         else:
