@@ -16,3 +16,8 @@ def raises(prompts, responses):
 
 def nan_for_odd(prompts, responses):
     return [float("nan") if i % 2 else 1.0 for i in range(len(responses))]
+
+
+def length(prompts, responses):
+    """Characters in the response: a second reward to combine with `letters`."""
+    return [float(len(r)) for r in responses]
