@@ -11,6 +11,7 @@ Each stage t = 1..iterations:
                the response ended by itself, one sample per row (no packing across samples), AdamW with linear
                decay sized from this stage's real step count; a fresh optimizer every stage.
 Stage 0 evaluates the starting model; every stage after its fine-tuning is evaluated on held-out prompts.
+The paper's starting point, SFT on HH-RLHF's chosen responses, is the same fine-tune step: --sft_only.
 
 Departures from the authors' LMFlow code (see README): responses are cut by token position, not string replace;
 prompt tokens carry no loss; EOS is trained; no cross-sample packing; the LR schedule uses the real step count;
@@ -18,6 +19,7 @@ many prompts per generate call; the logged eval reward comes from held-out promp
 
     python raft.py                                   # offline demo: a tiny Llama learns positive reviews
     python raft.py --model M --reward R --dataset D  # your own run (see README)
+    python raft.py --sft_only --sft_field chosen --model M --dataset Dahoas/full-hh-rlhf --epochs 1 --out_dir S
 """
 import dataclasses
 import json
@@ -33,9 +35,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, HfArgumentParser
 
-from data import demo_prompts, demo_reviews, load_prompts, train_demo_tokenizer
+from data import FORMATS, demo_prompts, demo_reviews, load_prompts, stop_strings, train_demo_tokenizer
 from eval import text_metrics
-from reward import load_reward, score
+from reward import load_rewards, parse_weights, score
 
 
 @dataclass
@@ -45,11 +47,16 @@ class Config:
     dataset: Optional[str] = field(default=None, metadata={"help": "A .jsonl/.json file with a prompt field, or an HF dataset name (the paper: Dahoas/full-hh-rlhf)."})
     dataset_split: str = field(default="train", metadata={"help": "Split of an HF dataset (or key of a .json object) to read prompts from."})
     prompt_field: str = field(default="prompt", metadata={"help": "Field that holds the prompt text (HH-RLHF: prompt)."})
-    eval_prompts: int = field(default=4608, metadata={"help": "Held-out prompts, taken out of the training prompts, scored every stage (paper: 4,608 test prompts)."})
+    prompt_format: str = field(default="auto", metadata={"help": "hh: HH-RLHF turns as the paper's '###Human: …###Assistant:' text; raw: the prompt as it is; auto: hh for rows with HH-RLHF's chosen/rejected fields, else raw."})
+    chat_template: bool = field(default=False, metadata={"help": "Render prompts with the model's chat template (apply_chat_template), for chat models; rewards still see the ###Human text their models were trained on."})
+    eval_split: Optional[str] = field(default=None, metadata={"help": "Take the held-out prompts from this split (paper: test) instead of out of the training prompts."})
+    eval_prompts: int = field(default=4608, metadata={"help": "Held-out prompts scored every stage (paper: 4,608 test prompts); from --eval_split, else taken out of the training prompts."})
     max_prompt_tokens: int = field(default=256, metadata={"help": "Drop prompts longer than this many tokens (paper: 256, which keeps 82,147 HH-RLHF prompts)."})
-    reward: Optional[str] = field(default=None, metadata={"help": "file.py:function or module:function f(prompts, responses) -> list[float] (a file is executed as Python), or hub id/path of a sequence-classification reward model."})
-    reward_template: str = field(default="{prompt}{response}", metadata={"help": "Text a reward model scores, with {prompt} and {response} (HH-RLHF prompts already carry the ###Human/###Assistant cues)."})
+    reward: list[str] = field(default_factory=list, metadata={"action": "extend", "help": "file.py:function or module:function f(prompts, responses) -> list[float] (a file is executed as Python), or hub id/path of a sequence-classification reward model; repeat it to add several rewards."})
+    reward_weights: str = field(default="", metadata={"help": "Comma-separated weights w_i of several --reward, e.g. 1,0.5: the reward is Σ w_i r_i (default: all 1)."})
+    reward_template: str = field(default="{prompt} {response}", metadata={"help": "Text a reward model scores; {response} is stripped, so the default gives the paper's reward-model text '###Human: q###Assistant: a'."})
     reward_batch_size: int = field(default=32, metadata={"help": "Texts per reward-model forward pass (length-sorted batches)."})
+    offload_reward: bool = field(default=False, metadata={"help": "Keep reward models on the CPU between scorings, on the GPU only while scoring: RAFT needs one model at a time."})
     # ---- step 1: sample
     prompts_per_iter: int = field(default=2048, metadata={"help": "b, global prompts per stage (paper: 2048)."})
     K: int = field(default=8, metadata={"help": "Responses per prompt (paper: 8/16/32; 32 in the main table)."})
@@ -57,7 +64,7 @@ class Config:
     top_k: int = field(default=0, metadata={"help": "Top-k filter while sampling (paper: 0 = off)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus filter while sampling (paper: 1.0 = off)."})
     max_new_tokens: int = field(default=128, metadata={"help": "Longest response in tokens (paper: 128); responses cut here get no EOS in training."})
-    stop: list[str] = field(default_factory=list, metadata={"help": "Strings that end a response (trimmed off), e.g. '###Human' for the next human turn."})
+    stop: list[str] = field(default_factory=list, metadata={"help": "Strings that end a response (trimmed off). Default: none, or with --prompt_format hh the next human turn, ###Human and Human: (as the paper)."})
     gen_batch_size: int = field(default=64, metadata={"help": "Prompts per generate call (each gives K sequences); length-sorted. LMFlow made one call per prompt."})
     # ---- step 2: rank
     ranking: str = field(default="local", metadata={"help": "local: best per prompt (paper); global: top b of all b·K (paper appendix); random: one random response per prompt (control)."})
@@ -79,6 +86,9 @@ class Config:
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model repos to run their own Python code (off: safer)."})
     demo_dir: str = field(default="runs/demo_model", metadata={"help": "Demo only: where the tiny pretrained review model and its prompts are built once and reused."})
+    # ---- the SFT starting point
+    sft_only: bool = field(default=False, metadata={"help": "Only SFT --model on (prompt, --sft_field) pairs for --epochs with the stage fine-tune code and save it to --out_dir: the paper's start (LLaMA-7B, 1 epoch on chosen)."})
+    sft_field: str = field(default="chosen", metadata={"help": "With --sft_only: the field of the response to learn (paper: HH-RLHF chosen)."})
 
 
 # The demo: values for fields left at their paper defaults when no --model is given (a 2-core CPU, ≈1-2 min).
@@ -121,9 +131,14 @@ def validate(cfg: Config):
     need(cfg.kl_beta >= 0, "--kl_beta must be ≥ 0")
     need(cfg.lr > 0 and cfg.epochs >= 1 and cfg.iterations >= 1, "--lr > 0, --epochs ≥ 1, --iterations ≥ 1")
     need(cfg.report_to in ("none", "tensorboard", "wandb"), "--report_to: none, tensorboard or wandb")
-    need(cfg.reward is not None, "--reward is required with --model (file.py:function, module:function or a "
+    need(cfg.prompt_format in FORMATS, f"--prompt_format {cfg.prompt_format!r}: choose one of {FORMATS}")
+    need(not cfg.sft_only or (cfg.model and not cfg.resume), "--sft_only needs --model and --dataset, and no --resume")
+    need(cfg.reward or cfg.sft_only, "--reward is required with --model (file.py:function, module:function or a "
          "reward model)")
     need(cfg.dataset is not None, "--dataset is required with --model (a .jsonl file or an HF dataset name)")
+    need(not (cfg.eval_split and str(cfg.dataset).endswith(".jsonl")), "--eval_split: a .jsonl file is one split; "
+         "use a directory of <split>.jsonl files or an HF dataset, or drop --eval_split")
+    parse_weights(cfg.reward_weights, len(cfg.reward))
     if cfg.discard_regex:
         try:
             re.compile(cfg.discard_regex)
@@ -142,6 +157,14 @@ def encode_prompt(tok, text: str) -> list[int]:
     lead = tok("", add_special_tokens=True)["input_ids"]
     ids = tok(text, add_special_tokens=False)["input_ids"]
     return ([tok.bos_token_id] if tok.bos_token_id is not None and lead[:1] == [tok.bos_token_id] else []) + ids
+
+
+def encode_pair(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of a text pair from a dataset (SFT on chosen, perplexity). Encoded as one text, so
+    the response gets the tokens a model would generate after this prompt (SentencePiece adds a word-start piece to
+    a text encoded on its own); if a token merged across the boundary, the response is encoded on its own."""
+    p, both = encode_prompt(tok, prompt), encode_prompt(tok, prompt + response)
+    return (p, both[len(p):]) if both[:len(p)] == p else (p, tok(response, add_special_tokens=False)["input_ids"])
 
 
 def cut_response(ids: list[int], tok, eos_ids: set, stop: list[str]) -> dict:
@@ -319,6 +342,7 @@ def evaluate(model, tok, prompts, reward_fn, cfg: Config, seed: int, ref=None) -
     responses = [s["text"] for s in samples]
     rewards = torch.tensor(score(reward_fn, prompts, responses))
     m = {"eval_reward_mean": rewards.nanmean().item(), "eval_reward_std": _nanstd(rewards)}
+    m.update({f"eval_{k}": v for k, v in getattr(reward_fn, "stats", {}).items()})  # per-reward means, truncations
     m.update({f"eval_{k}": v for k, v in text_metrics(responses).items()})
     if ref is not None:
         ex = [build_example(encode_prompt(tok, p), s["ids"], s["end_id"]) for p, s in zip(prompts, samples)]
@@ -349,7 +373,7 @@ def rank(tok, prompts, samples, reward_fn, cfg: Config, gen, model=None, ref=Non
     valid = ~rewards.isnan() & ~empty & ~discard
     examples = [build_example(encode_prompt(tok, p), s["ids"], s["end_id"]) for p, s in zip(flat_p, flat_s)]
     scores = rewards.clone()
-    m = {}
+    m = dict(getattr(reward_fn, "stats", {}))  # per-reward means, reward-model truncations (reward.load_rewards)
     if cfg.kl_beta > 0:  # r − β·(log p_θ(y|x) − log p_0(y|x)), the sequence-level KL penalty of paper Table 7
         lp = torch.tensor(sequence_logprobs(model, examples, _pad(tok), cfg.micro_batch_size)).view(b, K)
         lp0 = torch.tensor(sequence_logprobs(ref, examples, _pad(tok), cfg.micro_batch_size)).view(b, K)
@@ -485,10 +509,28 @@ def stage_line(m):
     return s
 
 
+def _device(cfg: Config):
+    return torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                        "cpu" if cfg.device == "auto" else cfg.device)
+
+
+def usable_prompts(cfg: Config, tok, model, split, responses=()) -> tuple[list[dict], str]:
+    """Records of `split` (data.load_prompts) whose prompt fits in --max_prompt_tokens and in the model's context
+    with --max_new_tokens to spare; the resolved --prompt_format."""
+    records, fmt, skipped = load_prompts(cfg.dataset, split, cfg.prompt_field, cfg.prompt_format, tok,
+                                         cfg.chat_template, responses)
+    if skipped:
+        print0(f"{cfg.dataset} {split}: skipped {skipped} rows with no human text or an empty response")
+    limit = min(cfg.max_prompt_tokens, getattr(model.config, "max_position_embeddings", 1 << 30) - cfg.max_new_tokens)
+    kept = [r for r in records if len(encode_prompt(tok, r["prompt"])) <= limit]
+    if len(kept) < len(records):
+        print0(f"dropped {len(records) - len(kept)} of {len(records)} prompts longer than {limit} tokens")
+    return kept, fmt
+
+
 def run(cfg: Config):
     """The RAFT loop. Returns the metrics rows (one per stage, stage 0 first)."""
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          "cpu" if cfg.device == "auto" else cfg.device)
+    device = _device(cfg)
     os.makedirs(cfg.out_dir, exist_ok=True)
     cfg_path = os.path.join(cfg.out_dir, "config.json")
     saved = dataclasses.asdict(cfg)
@@ -505,21 +547,22 @@ def run(cfg: Config):
     with open(cfg_path, "w") as f:
         json.dump(saved, f, indent=1)
 
-    prompts = load_prompts(cfg.dataset, cfg.dataset_split, cfg.prompt_field)
     policy_path = cfg.model if not start else os.path.join(cfg.out_dir, f"iter_{start:04d}")
     model, tok = load_policy(policy_path, cfg, device)
-    limit = min(cfg.max_prompt_tokens, getattr(model.config, "max_position_embeddings", 1 << 30) - cfg.max_new_tokens)
-    kept = [p for p in prompts if len(encode_prompt(tok, p)) <= limit]
-    if len(kept) < len(prompts):
-        print0(f"dropped {len(prompts) - len(kept)} of {len(prompts)} prompts longer than {limit} tokens")
-    if len(kept) < cfg.eval_prompts + cfg.prompts_per_iter:
-        raise SystemExit(f"--dataset has {len(kept)} usable prompts, fewer than --eval_prompts {cfg.eval_prompts} + "
-                         f"--prompts_per_iter {cfg.prompts_per_iter}; lower them or use more prompts")
-    split = torch.randperm(len(kept), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    eval_p = [kept[i] for i in split[:cfg.eval_prompts]]
-    train_p = [kept[i] for i in split[cfg.eval_prompts:]]
-    reward_fn = load_reward(cfg.reward, cfg.reward_template, cfg.reward_batch_size, device,
-                            trust_remote_code=cfg.trust_remote_code)
+    kept, fmt = usable_prompts(cfg, tok, model, cfg.dataset_split)
+    held = usable_prompts(cfg, tok, model, cfg.eval_split)[0] if cfg.eval_split else kept
+    few_held = len(held) < cfg.eval_prompts + (0 if cfg.eval_split else cfg.prompts_per_iter)
+    if few_held or len(kept) < cfg.prompts_per_iter:
+        raise SystemExit(f"--dataset has {len(kept)} usable prompts ({len(held)} held-out), too few for --eval_prompts "
+                         f"{cfg.eval_prompts} and --prompts_per_iter {cfg.prompts_per_iter}; lower them or add prompts")
+    split = torch.randperm(len(held), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    eval_r = [held[i] for i in split[:cfg.eval_prompts]]
+    train_r = kept if cfg.eval_split else [kept[i] for i in split[cfg.eval_prompts:]]
+    eval_p, train_p = [r["prompt"] for r in eval_r], [r["prompt"] for r in train_r]
+    cfg = dataclasses.replace(cfg, stop=stop_strings(fmt, cfg.stop))  # HH: the next human turn ends a response
+    view = {r["prompt"]: r["reward_prompt"] for r in train_r + eval_r}  # rewards score the ###Human text
+    reward_fn = load_rewards(cfg.reward, cfg.reward_weights, cfg.reward_template, cfg.reward_batch_size, device,
+                             cfg.trust_remote_code, cfg.offload_reward, view)
     ref = load_policy(cfg.model, cfg, device)[0] if cfg.kl_beta > 0 else None
     log = make_logger(cfg)
     print0(f"RAFT: {len(train_p)} training prompts, {len(eval_p)} eval prompts, b={cfg.prompts_per_iter}, "
@@ -570,6 +613,38 @@ def run(cfg: Config):
         return [json.loads(line) for line in f]
 
 
+def sft(cfg: Config) -> float:
+    """--sft_only, the paper's starting point: SFT of --model on the (prompt, --sft_field) pairs of --dataset with the
+    same `finetune` as a RAFT stage (prompt tokens carry no loss; EOS is trained, as a dataset response ends by
+    itself), saved to --out_dir (written aside and renamed). Returns the mean token loss of the last epoch."""
+    if os.path.isdir(cfg.out_dir) and os.listdir(cfg.out_dir):
+        raise SystemExit(f"--out_dir {cfg.out_dir} is not empty; choose a new dir for the SFT model")
+    device = _device(cfg)
+    model, tok = load_policy(cfg.model, cfg, device)
+    records = usable_prompts(cfg, tok, model, cfg.dataset_split, responses=(cfg.sft_field,))[0]
+    ctx = getattr(model.config, "max_position_embeddings", 1 << 30)
+    examples = [build_example(*encode_pair(tok, r["prompt"], r[cfg.sft_field]), tok.eos_token_id) for r in records]
+    fit = [e for e in examples if len(e[0]) <= ctx]
+    if len(fit) < len(examples):
+        print0(f"dropped {len(examples) - len(fit)} pairs longer than the model's context of {ctx} tokens")
+    print0(f"SFT: {len(fit)} (prompt, {cfg.sft_field}) pairs, {cfg.epochs} epoch(s), lr {cfg.lr}, on {device}")
+    t0 = time.time()
+    loss = finetune(model, fit, cfg, _pad(tok), seed=cfg.seed)
+    if MASTER:
+        tmp = cfg.out_dir.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, "sft.json"), "w") as f:
+            json.dump({"sft_loss": loss, "n_examples": len(fit), "config": dataclasses.asdict(cfg)}, f, indent=1)
+        if os.path.isdir(cfg.out_dir):
+            os.rmdir(cfg.out_dir)  # empty (checked above); os.replace needs the name free
+        os.replace(tmp, cfg.out_dir)
+    print0(f"SFT: last-epoch loss {loss:.3f} ({time.time() - t0:.0f}s); model saved to {cfg.out_dir} "
+           f"(start RAFT from it with --model {cfg.out_dir})")
+    return loss
+
+
 def parse(argv=None) -> Config:
     cfg = HfArgumentParser(Config).parse_args_into_dataclasses(args=argv)[0]
     if cfg.model is None:  # the offline demo: its values for every field still at the paper's default
@@ -577,15 +652,17 @@ def parse(argv=None) -> Config:
         for k, v in DEMO.items():
             if getattr(cfg, k) == getattr(defaults, k):
                 setattr(cfg, k, v)
-        cfg.reward = cfg.reward or "reward:vader_sentiment"
+        cfg.reward = cfg.reward or ["reward:vader_sentiment"]
         cfg.dataset = cfg.dataset or os.path.join(cfg.demo_dir, "prompts.jsonl")
-    cfg.out_dir = cfg.out_dir or "runs/raft"
+    cfg.out_dir = cfg.out_dir or ("runs/sft" if cfg.sft_only else "runs/raft")
     validate(cfg)
     return cfg
 
 
 def main(argv=None):
     cfg = parse(argv)
+    if cfg.sft_only:
+        return sft(cfg)
     demo = cfg.model is None
     if demo:
         cfg.model, _ = prepare_demo(cfg)
