@@ -6,10 +6,10 @@
 The table has one row per --model and, when the rows carry them, reference rows for the dataset's own `chosen` and
 `rejected` responses (as in the paper), all on the same held-out prompts:
 - reward: mean ± std of the reward of one sampled response per prompt. The prompts are --eval_prompts of
-  --dataset_split (default: 4,608 of the test split, as the paper), those that fit every model (--max_prompt_tokens
-  and the context), picked with --seed exactly as raft.py picks its per-stage held-out prompts; every model samples
-  with the same random numbers. On the same prompts and settings, a RAFT stage's model gets the stage's
-  `eval_reward_mean` again.
+  --dataset_split (default: 4,608 of the test split, as the paper; a .jsonl file is one split), those that fit
+  every model (--max_prompt_tokens and the context), picked with --seed exactly as raft.py picks its per-stage
+  held-out prompts; every model samples with the same random numbers. On the same prompts and settings, a RAFT
+  stage's model gets the stage's `eval_reward_mean` again.
 - perplexity: exp of the mean negative log-likelihood per token of the held-out `chosen` responses given their
   prompts (the paper: perplexity on chosen responses), each response's tokens plus EOS (it ends there), in each
   model's own tokenisation. Reference rows have none.
@@ -22,7 +22,7 @@ with the regex `\\w+|[^\\w\\s]` ("It's great!" -> it ' s great !). n-grams never
 - distinct-n: distinct n-grams / all n-grams, over all responses.
 - unique-n: the number of n-grams that occur exactly once over all responses (a count, as in the paper).
 - MSTTR-100: the tokens of all responses in order, cut into consecutive 100-token segments (a shorter last
-  segment is dropped); the mean over segments of (distinct tokens / 100).
+  segment is dropped); the mean over segments of (distinct tokens / 100); 0 with fewer than 100 tokens.
 - mean_length: mean number of tokens per response.
 
 raft.py calls `text_metrics` for its per-stage evaluation; this file reuses raft.py's generation, encoding and
@@ -40,6 +40,7 @@ _TOKEN = re.compile(r"\w+|[^\w\s]")
 SHARED = ["dataset", "prompt_field", "prompt_format", "chat_template", "eval_prompts", "max_prompt_tokens", "reward",
           "reward_weights", "reward_template", "reward_batch_size", "offload_reward", "temperature", "top_k", "top_p",
           "max_new_tokens", "stop", "gen_batch_size", "micro_batch_size", "seed", "device", "trust_remote_code"]
+HELP = {"eval_prompts": "held-out prompts of --dataset_split to evaluate on (paper: 4,608 test prompts)"}
 COLUMNS = [("reward", "reward"), ("perplexity", "perplexity"), ("msttr_100", "MSTTR-100"),
            ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"), ("unique_1", "unique-1"),
            ("unique_2", "unique-2"), ("mean_length", "mean length")]
@@ -184,7 +185,7 @@ def main(argv=None):
             kw = ({"action": "store_true"} if isinstance(default, bool) else
                   {"nargs": "+", "action": "extend", "default": []} if isinstance(default, list) else
                   {"type": type(default) if default is not None else str, "default": default})
-            ap.add_argument(f"--{f.name}", help=f.metadata["help"], **kw)
+            ap.add_argument(f"--{f.name}", help=HELP.get(f.name, f.metadata["help"]), **kw)
     args = ap.parse_args(argv)
     if args.responses:
         with open(args.responses, encoding="utf-8") as f:
