@@ -1,8 +1,25 @@
-"""Prompts for RAFT, and the offline demo's synthetic movie-review corpus.
+"""Prompts for RAFT (plain prompt files and HH-RLHF conversations), and the offline demo's synthetic reviews.
 
-- `load_prompts(dataset, split, field)` reads a `.jsonl` / `.json` file (a list of objects, or one object per
-  line) or, when the path does not exist, an HF dataset by name (`datasets.load_dataset`), and returns the list
-  of prompt strings. Rows whose field is missing, not a string, or blank raise a one-line error naming the row.
+- `load_rows(dataset, split)` reads a `.jsonl` file (one split: all its rows), a `.json` file (a list of objects,
+  or an object of splits), or with `datasets.load_dataset` a directory of `<split>.jsonl` files or an HF dataset by
+  name (the paper's `Dahoas/full-hh-rlhf`: columns `prompt`, `response`, `chosen`, `rejected`).
+- `format_prompts(rows, ...)` turns rows into records: `prompt` (the text the policy sees), `reward_prompt` (the
+  text a reward sees) and any requested response fields (e.g. `chosen` for SFT and eval). `--prompt_format`:
+  - `raw`: the prompt as it is (plain prompt files; the demo). A missing, non-string or blank prompt is a
+    one-line error naming the row: a hand-written file with a blank prompt has a mistake to fix.
+  - `hh`: an HH-RLHF conversation "\n\nHuman: q1\n\nAssistant: a1\n\nHuman: q2\n\nAssistant:" is cut into turns
+    (at a blank line followed by `Human:` or `Assistant:`; each turn's text stripped, so odd spacing is
+    normalised) and written as the paper's text `###Human: q1###Assistant: a1###Human: q2###Assistant:`, which is
+    the dataset with "\n\nHuman"/"\n\nAssistant" replaced by "###Human"/"###Assistant", as the paper's reward
+    model was trained. Rows with no human text, or a blank requested response, are skipped and counted by the
+    caller: a public dataset of 112K rows has a few such rows, and they should not stop a run.
+  - `auto` (default): `hh` when the rows carry HH-RLHF's `chosen` and `rejected` fields, else `raw`.
+  With `--chat_template` the turns (a raw prompt is one user turn) are rendered with the tokenizer's
+  `apply_chat_template` for the policy instead; rewards still see `reward_prompt` (the `###Human` text, or the raw
+  prompt), since a reward model scores the text it was trained on, not the policy's chat markup.
+  Responses read from the data are stripped and, in the `###Human` text, start with one space, as in the dataset.
+- `stop_strings(fmt, stop)`: with `hh` and no `--stop`, a response stops at the next human turn (`HH_STOP`:
+  `###Human`, `Human:`), as in the paper.
 - `demo_reviews(n, seed)` writes `n` short reviews of mixed sentiment from a small grammar; `demo_prompts` cuts
   the neutral openings of fresh reviews into prompts. The demo (raft.py with no `--model`) first trains a tiny
   Llama on the reviews, then aligns it with RAFT toward positive reviews (VADER sentiment), mirroring the first
@@ -13,34 +30,121 @@
 import json
 import os
 import random
+import re
+
+FORMATS = ("auto", "hh", "raw")
+HH_STOP = ["###Human", "Human:"]  # the next human turn: the paper stopped responses there
+# a turn starts at the beginning or after a blank line (spaces allowed), with "Human:" or "Assistant:"
+_CUE = re.compile(r"(?:^|\n\s*\n)\s*(Human|Assistant):")
 
 
-def load_prompts(dataset: str, split: str = "train", field: str = "prompt") -> list[str]:
-    """Return the prompt strings of a local .json/.jsonl file or an HF dataset (by name)."""
-    if os.path.exists(dataset):
+def load_rows(dataset: str, split: str = "train"):
+    """Rows (dicts) of a local .jsonl/.json file, or of a directory or HF dataset name via datasets.load_dataset."""
+    if os.path.isfile(dataset):
         with open(dataset, encoding="utf-8") as f:
             text = f.read()
         if dataset.endswith(".jsonl"):
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
         else:
             rows = json.loads(text)
-            rows = rows.get(split, rows) if isinstance(rows, dict) else rows
-    else:
+            if isinstance(rows, dict) and split not in rows:
+                raise SystemExit(f"--dataset {dataset!r} has no split {split!r} (it has {sorted(rows)})")
+            rows = rows[split] if isinstance(rows, dict) else rows
+    else:  # a directory of <split>.jsonl files loads exactly as a hub dataset does
         try:
             import datasets
             rows = datasets.load_dataset(dataset, split=split)
         except Exception as e:  # the hub or the name is wrong: say so in one line, not a deep traceback
-            raise SystemExit(f"--dataset {dataset!r}: not a local file and not loadable from the hub ({e})")
-    prompts = []
-    for i, row in enumerate(rows):
-        value = row.get(field) if isinstance(row, dict) else None
-        if not isinstance(value, str) or not value.strip():
-            raise SystemExit(f"--dataset {dataset!r} row {i}: field {field!r} is missing, not a string, or empty "
-                             f"(got {value!r}); fix the row or pass --prompt_field")
-        prompts.append(value)
-    if not prompts:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise SystemExit(f"--dataset {dataset!r} split {split!r}: not a local file and not loadable ({msg})")
+    if not len(rows):
         raise SystemExit(f"--dataset {dataset!r} has no rows")
-    return prompts
+    return rows
+
+
+def hh_turns(text: str) -> list[tuple[str, str]]:
+    """(role, text) turns of an HH-RLHF conversation; text before the first cue is a human turn; the final empty
+    assistant cue (where the response goes) is dropped."""
+    parts = _CUE.split(text.strip())
+    turns = [("Human", parts[0].strip())] if parts[0].strip() else []
+    turns += [(role, body.strip()) for role, body in zip(parts[1::2], parts[2::2])]
+    if turns and turns[-1] == ("Assistant", ""):
+        turns.pop()
+    return turns
+
+
+def hh_text(turns) -> str:
+    """The paper's prompt text: `###Human: q1###Assistant: a1###Human: q2###Assistant:`."""
+    return "".join(f"###{role}: {text}" for role, text in turns) + "###Assistant:"
+
+
+def chat_text(tok, turns) -> str:
+    """The turns through the tokenizer's chat template, ending with the assistant's generation cue."""
+    messages = [{"role": "user" if role == "Human" else "assistant", "content": text} for role, text in turns]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    # the template may write BOS as text; encoding adds BOS itself, so a second one would be out of distribution
+    return text[len(tok.bos_token):] if tok.bos_token and text.startswith(tok.bos_token) else text
+
+
+def dataset_response(text: str, fmt: str, chat_template: bool) -> str:
+    """A response from the data in the form the policy writes it: stripped, and after the paper's `###Assistant:`
+    cue with one leading space, as in the dataset; raw text as it is."""
+    return text.strip() if chat_template else " " + text.strip() if fmt == "hh" else text
+
+
+def stop_strings(fmt: str, stop: list[str]) -> list[str]:
+    """--stop, or for HH conversations without one the next human turn (the paper cut responses there)."""
+    return list(stop) or (list(HH_STOP) if fmt == "hh" else [])
+
+
+def resolve_format(prompt_format: str, rows) -> str:
+    """auto -> hh for rows in the HH-RLHF schema (chosen and rejected beside the prompt), else raw."""
+    if prompt_format != "auto":
+        return prompt_format
+    first = rows[0]
+    return "hh" if isinstance(first, dict) and {"chosen", "rejected"} <= set(first) else "raw"
+
+
+def format_prompts(rows, field: str = "prompt", prompt_format: str = "auto", tok=None, chat_template: bool = False,
+                   responses=(), name: str = "--dataset") -> tuple[list[dict], str]:
+    """Records {row, prompt, reward_prompt, <response fields>} of the usable rows, and the resolved format.
+    len(rows) - len(records) rows were skipped (hh: no human text or a blank response)."""
+    fmt = resolve_format(prompt_format, rows)
+    if chat_template and (tok is None or not getattr(tok, "chat_template", None)):
+        raise SystemExit("--chat_template: the model's tokenizer has no chat template; drop --chat_template (the "
+                         "paper's ###Human text is the default for HH-RLHF) or use a chat model")
+    records = []
+    for i, row in enumerate(rows):
+        row = row if isinstance(row, dict) else {}
+        value = row.get(field)
+        bad = [f for f in (field, *responses)
+               if not isinstance(row.get(f), str) or (fmt == "raw" and not row[f].strip())]
+        if bad:
+            flag = "--prompt_field" if bad[0] == field else "--sft_field"
+            raise SystemExit(f"{name} row {i}: field {bad[0]!r} is missing, not a string, or empty (got "
+                             f"{row.get(bad[0])!r}); fix the row or pass {flag}")
+        if fmt == "raw":
+            turns, reward_prompt = [("Human", value)], value
+        else:
+            turns = hh_turns(value)
+            if not any(role == "Human" and text for role, text in turns) or any(not row[f].strip() for f in responses):
+                continue  # skipped; the caller reports len(rows) - len(records)
+            reward_prompt = hh_text(turns)
+        rec = {"row": i, "prompt": chat_text(tok, turns) if chat_template else reward_prompt,
+               "reward_prompt": reward_prompt}
+        rec.update({f: dataset_response(row[f], fmt, chat_template) for f in responses})
+        records.append(rec)
+    if not records:
+        raise SystemExit(f"{name} has no usable rows (all {len(rows)} have an empty prompt or response)")
+    return records, fmt
+
+
+def load_prompts(dataset: str, split: str = "train", field: str = "prompt", prompt_format: str = "auto", tok=None,
+                 chat_template: bool = False, responses=()) -> tuple[list[dict], str, int]:
+    """format_prompts(load_rows(dataset, split), ...) -> (records, resolved format, rows skipped)."""
+    rows = load_rows(dataset, split)
+    records, fmt = format_prompts(rows, field, prompt_format, tok, chat_template, responses)
+    return records, fmt, len(rows) - len(records)
 
 
 # ---- the offline demo: a grammar of short movie reviews -------------------------------------------------

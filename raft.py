@@ -11,6 +11,7 @@ Each stage t = 1..iterations:
                the response ended by itself, one sample per row (no packing across samples), AdamW with linear
                decay sized from this stage's real step count; a fresh optimizer every stage.
 Stage 0 evaluates the starting model; every stage after its fine-tuning is evaluated on held-out prompts.
+The paper's starting point, SFT on HH-RLHF's chosen responses, is the same fine-tune step: --sft_only.
 
 Departures from the authors' LMFlow code (see README): responses are cut by token position, not string replace;
 prompt tokens carry no loss; EOS is trained; no cross-sample packing; the LR schedule uses the real step count;
@@ -18,6 +19,7 @@ many prompts per generate call; the logged eval reward comes from held-out promp
 
     python raft.py                                   # offline demo: a tiny Llama learns positive reviews
     python raft.py --model M --reward R --dataset D  # your own run (see README)
+    python raft.py --sft_only --sft_field chosen --model M --dataset Dahoas/full-hh-rlhf --epochs 1 --out_dir S
 """
 import contextlib
 import dataclasses
@@ -35,9 +37,9 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, HfArgumentParser
 
-from data import demo_prompts, demo_reviews, load_prompts, train_demo_tokenizer
+from data import FORMATS, demo_prompts, demo_reviews, load_prompts, stop_strings, train_demo_tokenizer
 from eval import text_metrics
-from reward import load_reward, score
+from reward import load_rewards, parse_weights, score
 
 
 @dataclass
@@ -47,11 +49,16 @@ class Config:
     dataset: Optional[str] = field(default=None, metadata={"help": "A .jsonl/.json file with a prompt field, or an HF dataset name (the paper: Dahoas/full-hh-rlhf)."})
     dataset_split: str = field(default="train", metadata={"help": "Split of an HF dataset (or key of a .json object) to read prompts from."})
     prompt_field: str = field(default="prompt", metadata={"help": "Field that holds the prompt text (HH-RLHF: prompt)."})
-    eval_prompts: int = field(default=4608, metadata={"help": "Held-out prompts, taken out of the training prompts, scored every stage (paper: 4,608 test prompts)."})
+    prompt_format: str = field(default="auto", metadata={"help": "hh: HH-RLHF turns as the paper's '###Human: …###Assistant:' text; raw: the prompt as it is; auto: hh for rows with HH-RLHF's chosen/rejected fields, else raw."})
+    chat_template: bool = field(default=False, metadata={"help": "Render prompts with the model's chat template (apply_chat_template), for chat models; rewards still see the ###Human text their models were trained on."})
+    eval_split: Optional[str] = field(default=None, metadata={"help": "Take the held-out prompts from this split (paper: test) instead of out of the training prompts."})
+    eval_prompts: int = field(default=4608, metadata={"help": "Held-out prompts scored every stage (paper: 4,608 test prompts); from --eval_split, else taken out of the training prompts."})
     max_prompt_tokens: int = field(default=256, metadata={"help": "Drop prompts longer than this many tokens (paper: 256, which keeps 82,147 HH-RLHF prompts)."})
-    reward: Optional[str] = field(default=None, metadata={"help": "file.py:function or module:function f(prompts, responses) -> list[float] (a file is executed as Python), or hub id/path of a sequence-classification reward model."})
-    reward_template: str = field(default="{prompt}{response}", metadata={"help": "Text a reward model scores, with {prompt} and {response} (HH-RLHF prompts already carry the ###Human/###Assistant cues)."})
+    reward: list[str] = field(default_factory=list, metadata={"action": "extend", "help": "file.py:function or module:function f(prompts, responses) -> list[float] (a file is executed as Python), or hub id/path of a sequence-classification reward model; repeat it to add several rewards."})
+    reward_weights: str = field(default="", metadata={"help": "Comma-separated weights w_i of several --reward, e.g. 1,0.5: the reward is Σ w_i r_i (default: all 1)."})
+    reward_template: str = field(default="{prompt} {response}", metadata={"help": "Text a reward model scores; {response} is stripped, so the default gives the paper's reward-model text '###Human: q###Assistant: a'."})
     reward_batch_size: int = field(default=32, metadata={"help": "Texts per reward-model forward pass (length-sorted batches)."})
+    offload_reward: bool = field(default=False, metadata={"help": "Keep reward models on the CPU between scorings, on the GPU only while scoring: RAFT needs one model at a time."})
     # ---- step 1: sample
     prompts_per_iter: int = field(default=2048, metadata={"help": "b, global prompts per stage (paper: 2048)."})
     K: int = field(default=8, metadata={"help": "Responses per prompt (paper: 8/16/32; 32 in the main table)."})
@@ -59,7 +66,7 @@ class Config:
     top_k: int = field(default=0, metadata={"help": "Top-k filter while sampling (paper: 0 = off)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus filter while sampling (paper: 1.0 = off)."})
     max_new_tokens: int = field(default=128, metadata={"help": "Longest response in tokens (paper: 128); responses cut here get no EOS in training."})
-    stop: list[str] = field(default_factory=list, metadata={"help": "Strings that end a response (trimmed off), e.g. '###Human' for the next human turn."})
+    stop: list[str] = field(default_factory=list, metadata={"help": "Strings that end a response (trimmed off). Default: none, or with --prompt_format hh the next human turn, ###Human and Human: (as the paper)."})
     gen_batch_size: int = field(default=64, metadata={"help": "Prompts per generate call (each gives K sequences); length-sorted. LMFlow made one call per prompt."})
     # ---- step 2: rank
     ranking: str = field(default="local", metadata={"help": "local: best per prompt (paper); global: top b of all b·K (paper appendix); random: one random response per prompt (control)."})
@@ -95,6 +102,9 @@ class Config:
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model repos to run their own Python code (off: safer)."})
     demo_dir: str = field(default="runs/demo_model", metadata={"help": "Demo only: where the tiny pretrained review model and its prompts are built once and reused."})
+    # ---- the SFT starting point
+    sft_only: bool = field(default=False, metadata={"help": "Only SFT --model on (prompt, --sft_field) pairs for --epochs with the stage fine-tune code and save it to --out_dir: the paper's start (LLaMA-7B, 1 epoch on chosen)."})
+    sft_field: str = field(default="chosen", metadata={"help": "With --sft_only: the field of the response to learn (paper: HH-RLHF chosen)."})
 
 
 # The demo: values for fields left at their paper defaults when no --model is given (a 2-core CPU, ≈1-2 min).
@@ -168,9 +178,14 @@ def validate(cfg: Config):
     need(cfg.keep_last >= 0, "--keep_last must be ≥ 0 (0 keeps every stage's model)")
     need(cfg.lr > 0 and cfg.epochs >= 1 and cfg.iterations >= 1, "--lr > 0, --epochs ≥ 1, --iterations ≥ 1")
     need(cfg.report_to in ("none", "tensorboard", "wandb"), "--report_to: none, tensorboard or wandb")
-    need(cfg.reward is not None, "--reward is required with --model (file.py:function, module:function or a "
+    need(cfg.prompt_format in FORMATS, f"--prompt_format {cfg.prompt_format!r}: choose one of {FORMATS}")
+    need(not cfg.sft_only or (cfg.model and not cfg.resume), "--sft_only needs --model and --dataset, and no --resume")
+    need(cfg.reward or cfg.sft_only, "--reward is required with --model (file.py:function, module:function or a "
          "reward model)")
     need(cfg.dataset is not None, "--dataset is required with --model (a .jsonl file or an HF dataset name)")
+    need(not (cfg.eval_split and str(cfg.dataset).endswith(".jsonl")), "--eval_split: a .jsonl file is one split; "
+         "use a directory of <split>.jsonl files or an HF dataset, or drop --eval_split")
+    parse_weights(cfg.reward_weights, len(cfg.reward))
     if cfg.discard_regex:
         try:
             re.compile(cfg.discard_regex)
@@ -189,6 +204,14 @@ def encode_prompt(tok, text: str) -> list[int]:
     lead = tok("", add_special_tokens=True)["input_ids"]
     ids = tok(text, add_special_tokens=False)["input_ids"]
     return ([tok.bos_token_id] if tok.bos_token_id is not None and lead[:1] == [tok.bos_token_id] else []) + ids
+
+
+def encode_pair(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of a text pair from a dataset (SFT on chosen, perplexity). Encoded as one text, so
+    the response gets the tokens a model would generate after this prompt (SentencePiece adds a word-start piece to
+    a text encoded on its own); if a token merged across the boundary, the response is encoded on its own."""
+    p, both = encode_prompt(tok, prompt), encode_prompt(tok, prompt + response)
+    return (p, both[len(p):]) if both[:len(p)] == p else (p, tok(response, add_special_tokens=False)["input_ids"])
 
 
 def cut_response(ids: list[int], tok, eos_ids: set, stop: list[str]) -> dict:
@@ -401,11 +424,12 @@ def evaluate(model, tok, prompts, reward_fn, cfg: Config, seed: int, kl=None) ->
     torch.manual_seed(seed + 100_003 * RANK)
     mine = shard(prompts)
     samples = generate(model, tok, mine, 1, cfg, desc="eval")
-    score_samples(tok, mine, samples, reward_fn, kl)
+    stats = score_samples(tok, mine, samples, reward_fn, kl)
     rows = gather([{"prompt": p, "response": s["text"], "reward": s["reward"], **({"log_ratio": s["log_ratio"]}
                     if kl else {})} for p, (s,) in zip(mine, samples)])
     rewards = torch.tensor([r["reward"] for r in rows])
     m = {"eval_reward_mean": rewards.nanmean().item(), "eval_reward_std": _nanstd(rewards)}
+    m.update({f"eval_{k}": v for k, v in stats.items()})  # per-reward means, reward-model truncations
     m.update({f"eval_{k}": v for k, v in text_metrics([r["response"] for r in rows]).items()})
     if kl:
         m["eval_kl_to_start"] = sum(r.pop("log_ratio") for r in rows) / len(rows)
@@ -425,9 +449,10 @@ def example(tok, prompt: str, sample: dict):
     return build_example(encode_prompt(tok, prompt), sample["ids"], sample["end_id"])
 
 
-def score_samples(tok, prompts, samples, reward_fn, kl=None):
+def score_samples(tok, prompts, samples, reward_fn, kl=None) -> dict:
     """Add "reward" (NaN for NaN/inf) and, with a KL reference, "log_ratio" = log p_θ(y|x) − log p_0(y|x) to every
-    sample dict of samples[len(prompts)][K], in place; one reward call for all of them."""
+    sample dict of samples[len(prompts)][K], in place; one reward call for all of them. Returns the reward's stats
+    (per-reward means, truncations; reward.load_rewards) over all ranks."""
     flat_p = [p for p, row in zip(prompts, samples) for _ in row]
     flat_s = [s for row in samples for s in row]
     for s, r in zip(flat_s, score(reward_fn, flat_p, [s["text"] for s in flat_s])):
@@ -435,6 +460,8 @@ def score_samples(tok, prompts, samples, reward_fn, kl=None):
     if kl and flat_s:
         for s, a, b in zip(flat_s, *kl([example(tok, p, s) for p, s in zip(flat_p, flat_s)])):
             s["log_ratio"] = a - b
+    parts = gather([dict(getattr(reward_fn, "stats", {}))])  # means are averaged over ranks, counts summed
+    return {k: sum(p[k] for p in parts) / (len(parts) if k.endswith("_mean") else 1) for k in parts[0]}
 
 
 def rank(prompts, samples, cfg: Config, gen):
@@ -463,6 +490,20 @@ def rank(prompts, samples, cfg: Config, gen):
     return rows, [(prompts[i], samples[i][j]) for i, j in keep], m
 
 
+def load_tokenizer(path: str, cfg: Config):
+    """The tokenizer of a model and its context length (from its config), without loading the weights."""
+    from transformers import AutoConfig
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        mcfg = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--model {path!r}: cannot load its tokenizer and config (a path that does not exist?): "
+                         f"{str(e).splitlines()[0]}")
+    if tok.eos_token_id is None:
+        raise SystemExit(f"--model {path!r}: the tokenizer has no EOS token; set one in its tokenizer_config.json")
+    return tok, getattr(mcfg, "max_position_embeddings", None) or getattr(mcfg, "n_positions", None) or 1 << 30
+
+
 def load_policy(cfg: Config, device, checkpoint: Optional[str] = None, trainable=True):
     """The policy and its tokenizer: cfg.model, or a stage checkpoint (a full model, or LoRA adapters on cfg.model),
     in the memory mode of cfg (fp32 / bf16 base + LoRA / 8-bit base + LoRA). One-line errors for the usual mistakes."""
@@ -472,14 +513,11 @@ def load_policy(cfg: Config, device, checkpoint: Optional[str] = None, trainable
     if cfg.load_in_8bit:
         from transformers import BitsAndBytesConfig
         kw.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": device})
+    tok = load_tokenizer(base, cfg)[0]
     try:
-        tok = AutoTokenizer.from_pretrained(base, trust_remote_code=cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(base, **kw)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"--model {base!r}: cannot load a causal LM and its tokenizer (a path that does not exist, "
-                         f"or not a causal LM?): {str(e).splitlines()[0]}")
-    if tok.eos_token_id is None:
-        raise SystemExit(f"--model {base!r}: the tokenizer has no EOS token; set one in its tokenizer_config.json")
+        raise SystemExit(f"--model {base!r}: cannot load a causal LM (is it one?): {str(e).splitlines()[0]}")
     if not cfg.load_in_8bit:
         model.to(device)
     if cfg.lora_r:
@@ -670,37 +708,52 @@ def _check_run_dir(cfg: Config):
     _write_text(cfg_path, json.dumps(saved, indent=1))
 
 
-def split_prompts(prompts: list[str], cfg: Config, tok, context: int):
-    """Drop duplicates and over-long prompts (counted), then split off the held-out eval prompts (by --seed)."""
-    unique = list(dict.fromkeys(prompts))
-    if len(unique) < len(prompts):
-        print0(f"dropped {len(prompts) - len(unique)} duplicate prompts")
+def usable_prompts(cfg: Config, tok, context: int, split: str, responses=()) -> tuple[list[dict], str]:
+    """Records of `split` (data.load_prompts), without duplicate prompts, whose prompt fits in --max_prompt_tokens
+    and in the model's context with --max_new_tokens to spare (both counted); the resolved --prompt_format."""
+    records, fmt, skipped = load_prompts(cfg.dataset, split, cfg.prompt_field, cfg.prompt_format, tok,
+                                         cfg.chat_template, responses)
+    if skipped:
+        print0(f"{cfg.dataset} {split}: skipped {skipped} rows with no human text or an empty response")
+    unique = list({r["prompt"]: r for r in records}.values())
+    if len(unique) < len(records):
+        print0(f"dropped {len(records) - len(unique)} duplicate prompts")
     limit = min(cfg.max_prompt_tokens, context - cfg.max_new_tokens)
-    kept = [p for p in unique if len(encode_prompt(tok, p)) <= limit]
+    kept = [r for r in unique if len(encode_prompt(tok, r["prompt"])) <= limit]
     if len(kept) < len(unique):
         print0(f"dropped {len(unique) - len(kept)} of {len(unique)} prompts longer than {limit} tokens "
                f"(--max_prompt_tokens, or the model's context minus --max_new_tokens)")
-    _enough(len(kept), cfg, "after dropping duplicates and prompts that are too long")
-    order = torch.randperm(len(kept), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    return [kept[i] for i in order[:cfg.eval_prompts]], [kept[i] for i in order[cfg.eval_prompts:]]
+    return kept, fmt
 
 
-def _enough(n, cfg: Config, when: str):
-    if n < cfg.eval_prompts + cfg.prompts_per_iter:
-        raise SystemExit(f"--dataset has {n} usable prompts {when}, fewer than --eval_prompts {cfg.eval_prompts} + "
-                         f"--prompts_per_iter {cfg.prompts_per_iter}; lower them or use more prompts")
+def split_prompts(cfg: Config, tok, context: int):
+    """The training and held-out prompt records: --eval_prompts drawn (by --seed) from --eval_split, or else taken
+    out of the training prompts. Returns (train, eval, resolved prompt format)."""
+    kept, fmt = usable_prompts(cfg, tok, context, cfg.dataset_split)
+    held = usable_prompts(cfg, tok, context, cfg.eval_split)[0] if cfg.eval_split else kept
+    if len(held) < cfg.eval_prompts + (0 if cfg.eval_split else cfg.prompts_per_iter) or \
+            len(kept) < cfg.prompts_per_iter:
+        raise SystemExit(f"--dataset has {len(kept)} usable prompts after dropping duplicates and over-long ones "
+                         f"({len(held)} held-out), too few for --eval_prompts {cfg.eval_prompts} and "
+                         f"--prompts_per_iter {cfg.prompts_per_iter}; lower them or add prompts")
+    order = torch.randperm(len(held), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    eval_r = [held[i] for i in order[:cfg.eval_prompts]]
+    train_r = kept if cfg.eval_split else [held[i] for i in order[cfg.eval_prompts:]]
+    return train_r, eval_r, fmt
 
 
 def run(cfg: Config):
     """The RAFT loop. Returns the metrics rows (one per stage, stage 0 first) and the trained policy."""
     device = pick_device(cfg)
     start = open_run_dir(cfg)
-    prompts = load_prompts(cfg.dataset, cfg.dataset_split, cfg.prompt_field)
-    _enough(len(set(prompts)), cfg, "(after dropping duplicates)")  # before any model is loaded
-    reward_fn = load_reward(cfg.reward, cfg.reward_template, cfg.reward_batch_size, device,
-                            trust_remote_code=cfg.trust_remote_code)
+    tok, context = load_tokenizer(cfg.model, cfg)  # prompts are formatted and measured before any model loads
+    train_r, eval_r, fmt = split_prompts(cfg, tok, context)
+    eval_p, train_p = [r["prompt"] for r in eval_r], [r["prompt"] for r in train_r]
+    cfg = dataclasses.replace(cfg, stop=stop_strings(fmt, cfg.stop))  # HH: the next human turn ends a response
+    view = {r["prompt"]: r["reward_prompt"] for r in train_r + eval_r}  # rewards score the ###Human text
+    reward_fn = load_rewards(cfg.reward, cfg.reward_weights, cfg.reward_template, cfg.reward_batch_size, device,
+                             cfg.trust_remote_code, cfg.offload_reward, view)
     model, tok = load_policy(cfg, device, checkpoint=os.path.join(cfg.out_dir, f"iter_{start:04d}") if start else None)
-    eval_p, train_p = split_prompts(prompts, cfg, tok, getattr(model.config, "max_position_embeddings", 1 << 30))
     kl = make_kl(cfg, model, device, _pad(tok))
     gen_model, gen_tok = (model, tok) if not cfg.generator_model else load_policy(dataclasses.replace(
         cfg, model=cfg.generator_model, lora_r=0, load_in_8bit=False, gradient_checkpointing=False), device)
@@ -739,8 +792,9 @@ def run(cfg: Config):
         crash_point("sample", t)
         times["time_sample"] = time.time() - t0
         t0 = time.time()
-        score_samples(tok, mine, samples, reward_fn, kl)
+        stats = score_samples(tok, mine, samples, reward_fn, kl)
         rows, kept, m = rank(batch, gather(samples), cfg, torch.Generator().manual_seed(cfg.seed + t))
+        m.update(stats)
         examples = [example(tok, p, s) for p, s in kept]
         times["time_rank"] = time.time() - t0
         crash_point("rank", t)
@@ -774,6 +828,38 @@ def run(cfg: Config):
         return [json.loads(line) for line in f], model
 
 
+def sft(cfg: Config) -> float:
+    """--sft_only, the paper's starting point: SFT of --model on the (prompt, --sft_field) pairs of --dataset with the
+    same `finetune` as a RAFT stage (prompt tokens carry no loss; EOS is trained, as a dataset response ends by
+    itself), saved to --out_dir (written aside and renamed). Returns the mean token loss of the last epoch."""
+    if os.path.isdir(cfg.out_dir) and os.listdir(cfg.out_dir):
+        raise SystemExit(f"--out_dir {cfg.out_dir} is not empty; choose a new dir for the SFT model")
+    device = pick_device(cfg)
+    tok, ctx = load_tokenizer(cfg.model, cfg)
+    records = usable_prompts(cfg, tok, ctx, cfg.dataset_split, responses=(cfg.sft_field,))[0]
+    model, tok = load_policy(cfg, device)
+    examples = [build_example(*encode_pair(tok, r["prompt"], r[cfg.sft_field]), tok.eos_token_id) for r in records]
+    fit = [e for e in examples if len(e[0]) <= ctx]
+    if len(fit) < len(examples):
+        print0(f"dropped {len(examples) - len(fit)} pairs longer than the model's context of {ctx} tokens")
+    print0(f"SFT: {len(fit)} (prompt, {cfg.sft_field}) pairs, {cfg.epochs} epoch(s), lr {cfg.lr}, on {device}")
+    t0 = time.time()
+    loss = finetune(model, fit, cfg, _pad(tok), seed=cfg.seed)
+    if MASTER:
+        tmp = cfg.out_dir.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        with open(os.path.join(tmp, "sft.json"), "w") as f:
+            json.dump({"sft_loss": loss, "n_examples": len(fit), "config": dataclasses.asdict(cfg)}, f, indent=1)
+        if os.path.isdir(cfg.out_dir):
+            os.rmdir(cfg.out_dir)  # empty (checked above); os.replace needs the name free
+        os.replace(tmp, cfg.out_dir)
+    print0(f"SFT: last-epoch loss {loss:.3f} ({time.time() - t0:.0f}s); model saved to {cfg.out_dir} "
+           f"(start RAFT from it with --model {cfg.out_dir})")
+    return loss
+
+
 def parse(argv=None) -> Config:
     cfg = HfArgumentParser(Config).parse_args_into_dataclasses(args=argv)[0]
     if cfg.model is None:  # the offline demo: its values for every field still at the paper's default
@@ -781,9 +867,9 @@ def parse(argv=None) -> Config:
         for k, v in DEMO.items():
             if getattr(cfg, k) == getattr(defaults, k):
                 setattr(cfg, k, v)
-        cfg.reward = cfg.reward or "reward:vader_sentiment"
+        cfg.reward = cfg.reward or ["reward:vader_sentiment"]
         cfg.dataset = cfg.dataset or os.path.join(cfg.demo_dir, "prompts.jsonl")
-    cfg.out_dir = cfg.out_dir or "runs/raft"
+    cfg.out_dir = cfg.out_dir or ("runs/sft" if cfg.sft_only else "runs/raft")
     validate(cfg)
     return cfg
 
@@ -802,6 +888,11 @@ def main(argv=None):
         if device.type == "cuda":
             torch.cuda.set_device(device)
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if cfg.sft_only:
+        loss = sft(cfg)
+        if own_group:
+            torch.distributed.destroy_process_group()
+        return loss
     demo = cfg.model is None
     if demo:
         if MASTER:

@@ -4,8 +4,19 @@
 - `path/to/file.py:function` or `module:function`: a Python callable `f(prompts: list[str], responses: list[str])
   -> list[float]` (TRL's reward-function convention). Note: a file path is *executed* as Python code.
 - anything else: the hub id or local path of an `AutoModelForSequenceClassification` reward model with one output
-  (e.g. the paper's `weqweasdas/hh_rlhf_rm_open_llama_3b`). It is scored with its own tokenizer, in batches of
-  texts sorted by length, on the text `template.format(prompt=..., response=...)`, truncated to its max length.
+  (e.g. the paper's `weqweasdas/hh_rlhf_rm_open_llama_3b`), scored with its own tokenizer on the text
+  `template.format(prompt=..., response=response.strip())` (default `{prompt} {response}`, which gives the paper's
+  `###Human: q###Assistant: a` for HH-RLHF prompts: the response is stripped so the template decides the spacing).
+  Texts are tokenised once and scored in batches sorted by token length (less padding), in bf16 on a GPU and fp32
+  on a CPU. A text longer than the model's maximum length is cut from the left, keeping BOS, so the response (what
+  is judged) stays whole; the number of cut texts is printed and logged. With `offload=True` the model waits on the
+  CPU between scorings and visits the GPU only to score (RAFT's point: one model at a time on the GPU suffices).
+
+`load_rewards(specs, weights)` combines several rewards into r = Σ w_i r_i (one or more `--reward`, weights from
+`--reward_weights`, default all 1). After every call `fn.stats` holds what the caller logs: `reward_<i>_mean` for
+each reward i (from 0, in the order given; only with several rewards) and `reward_truncated` (only with a reward
+model). `prompt_view` maps each prompt the policy saw to the text the rewards score (the `###Human` conversation
+when the policy sees a chat template; see data.py).
 
 `vader_sentiment` is the offline demo's reward: the VADER compound sentiment of the response, in [-1, 1]
 (vaderSentiment ships its lexicon inside the package, so it needs no download).
@@ -51,58 +62,117 @@ def _load_callable(spec: str):
     return fn
 
 
-def _load_model_reward(path: str, template: str, batch_size: int, device, dtype, trust_remote_code=False):
+def _load_model_reward(path: str, template: str, batch_size: int, device, dtype=None, trust_remote_code=False,
+                       offload=False):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
-                                                               trust_remote_code=trust_remote_code)
-    if tok.pad_token is None:  # Llama-style reward models have none; padding is masked, so EOS serves
-        tok.pad_token = tok.eos_token
-    model.config.pad_token_id = tok.pad_token_id
-    tok.padding_side = "right"
-    model.to(device).eval()
+    device = torch.device(device)
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)  # bf16 halves memory and time
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
+                                                                   trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--reward {path!r}: not file.py:function or module:function, and cannot load a "
+                         f"sequence-classification model ({str(e).splitlines()[0]})")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id  # Llama RMs have no pad; masked
+    model.config.pad_token_id = pad
+    model.to("cpu" if offload else device).eval()
     max_len = min(tok.model_max_length, getattr(model.config, "max_position_embeddings", 1 << 30))
+    lead = 1 if tok.bos_token_id is not None and tok("")["input_ids"][:1] == [tok.bos_token_id] else 0
 
     @torch.no_grad()
     def reward_model(prompts, responses):
-        texts = [template.format(prompt=p, response=r) for p, r in zip(prompts, responses)]
-        lengths = [len(t) for t in texts]
-        order = sorted(range(len(texts)), key=lambda i: -lengths[i])  # similar lengths share a batch: less padding
-        out = [0.0] * len(texts)
+        texts = [template.format(prompt=p, response=r.strip()) for p, r in zip(prompts, responses)]
+        enc = tok(texts)["input_ids"]
+        cut = [len(ids) > max_len for ids in enc]
+        enc = [ids[:lead] + ids[len(ids) - max_len + lead:] if c else ids for ids, c in zip(enc, cut)]
+        reward_model.truncated = sum(cut)
+        if reward_model.truncated:
+            print(f"reward model {path}: {sum(cut)} of {len(texts)} texts were longer than {max_len} tokens and were "
+                  f"cut from the left (the response is kept whole)", flush=True)
+        order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))  # longest first: similar lengths share a batch
+        out = [0.0] * len(enc)
+        if offload:
+            model.to(device)
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
-            enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
-                      max_length=max_len).to(device)
-            logits = model(**enc).logits[:, 0].float().tolist()  # [batch]
+            L = len(enc[idx[0]])
+            ids = torch.full((len(idx), L), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), L), dtype=torch.long)
+            for r, i in enumerate(idx):  # right padding, masked: the model reads its score at the last real token
+                ids[r, :len(enc[i])], mask[r, :len(enc[i])] = torch.tensor(enc[i]), 1
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().tolist()
             for i, v in zip(idx, logits):
                 out[i] = v
+        if offload:
+            model.to("cpu")
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         return out
 
+    reward_model.truncated = 0
     return reward_model
 
 
-def load_reward(spec: str, template: str = "{prompt}{response}", batch_size: int = 32, device="cpu",
-                dtype=torch.float32, trust_remote_code: bool = False):
+def load_reward(spec: str, template: str = "{prompt} {response}", batch_size: int = 32, device="cpu",
+                dtype=None, trust_remote_code: bool = False, offload: bool = False):
     """A reward callable from `file.py:function`, `module:function`, or a sequence-classification model."""
     if ":" in spec and not os.path.isdir(spec):
         return _load_callable(spec)
-    return _load_model_reward(spec, template, batch_size, device, dtype, trust_remote_code)
+    return _load_model_reward(spec, template, batch_size, device, dtype, trust_remote_code, offload)
 
 
-def score(fn, prompts: list[str], responses: list[str]) -> list[float]:
+def parse_weights(weights: str, n: int) -> list[float]:
+    """--reward_weights "1,0.5" -> [1.0, 0.5]; empty -> all 1."""
+    if not weights:
+        return [1.0] * n
+    try:
+        w = [float(x) for x in weights.split(",")]
+    except ValueError:
+        w = []
+    if len(w) != n:
+        raise SystemExit(f"--reward_weights {weights!r}: give {n} comma-separated numbers, one per --reward")
+    return w
+
+
+def load_rewards(specs: list[str], weights: str = "", template: str = "{prompt} {response}", batch_size: int = 32,
+                 device="cpu", trust_remote_code: bool = False, offload: bool = False, prompt_view=None):
+    """One reward r = Σ w_i r_i over the --reward specs; fn.stats holds the last call's per-reward means."""
+    w = parse_weights(weights, len(specs))
+    fns = [load_reward(s, template, batch_size, device, trust_remote_code=trust_remote_code, offload=offload)
+           for s in specs]
+
+    def combined(prompts, responses):
+        if prompt_view is not None:
+            prompts = [prompt_view.get(p, p) for p in prompts]
+        parts = [score(fn, prompts, responses, spec) for fn, spec in zip(fns, specs)]
+        combined.stats = {}
+        if len(fns) > 1:
+            combined.stats = {f"reward_{i}_mean": torch.tensor(v).nanmean().item() for i, v in enumerate(parts)}
+        models = [fn for fn in fns if hasattr(fn, "truncated")]
+        if models:
+            combined.stats["reward_truncated"] = sum(fn.truncated for fn in models)
+        return [sum(wi * v for wi, v in zip(w, vals)) for vals in zip(*parts)]  # a NaN part makes the sum NaN
+
+    combined.stats = {}
+    return combined
+
+
+def score(fn, prompts: list[str], responses: list[str], name: str = "") -> list[float]:
     """Call a reward and check its answer; NaN/inf come back as NaN (the caller skips those samples)."""
+    flag = f"--reward {name}".strip()
     try:
         values = list(fn(prompts, responses))
     except Exception as e:
-        raise SystemExit(f"--reward raised {type(e).__name__}: {e} (on {len(prompts)} samples); fix the reward")
+        raise SystemExit(f"{flag} raised {type(e).__name__}: {e} (on {len(prompts)} samples); fix the reward")
     if len(values) != len(prompts):
-        raise SystemExit(f"--reward returned {len(values)} values for {len(prompts)} samples; it must return one "
+        raise SystemExit(f"{flag} returned {len(values)} values for {len(prompts)} samples; it must return one "
                          f"float per (prompt, response)")
     out = []
     for v in values:
         try:
             v = float(v)
         except (TypeError, ValueError):
-            raise SystemExit(f"--reward returned {v!r}, not a number; it must return floats")
+            raise SystemExit(f"{flag} returned {v!r}, not a number; it must return floats")
         out.append(v if math.isfinite(v) else float("nan"))
     return out

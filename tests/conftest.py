@@ -54,3 +54,16 @@ def tiny_args(model, dataset, out_dir, *extra):
             os.path.join(os.path.dirname(__file__), "rewards.py") + ":letters", "--prompts_per_iter", "8", "--K", "4",
             "--max_new_tokens", "12", "--eval_prompts", "8", "--train_batch_size", "8", "--micro_batch_size", "4",
             "--lr", "1e-3", "--device", "cpu", *extra]
+
+
+def make_tiny_rm(path, max_positions=64, seed=0):
+    """A random 2-layer Llama sequence-classification reward model with the ByT5 tokenizer (one byte per token)."""
+    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForSequenceClassification
+    tok = ByT5Tokenizer()
+    torch.manual_seed(seed)
+    rm = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id, max_position_embeddings=max_positions))
+    rm.save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)

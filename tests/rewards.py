@@ -30,3 +30,8 @@ def letters_logged(prompts, responses):
 def prompt_length(prompts, responses):
     """Deterministic and independent of the sampled text: longer prompts score higher."""
     return [float(len(p)) for p in prompts]
+
+
+def length(prompts, responses):
+    """Characters in the response: a second reward to combine with `letters`."""
+    return [float(len(r)) for r in responses]
