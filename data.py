@@ -1,4 +1,5 @@
-"""Prompts for RAFT (plain prompt files and HH-RLHF conversations), and the offline demo's synthetic reviews.
+"""Prompts for RAFT (plain prompt files and HH-RLHF conversations), the offline demo's synthetic reviews, and the
+run directory's files.
 
 - `load_rows(dataset, split)` reads a `.jsonl` file (one split: all its rows), a `.json` file (a list of objects,
   or an object of splits), or with `datasets.load_dataset` a directory of `<split>.jsonl` files or an HF dataset by
@@ -26,11 +27,20 @@
   arXiv version of the paper (GPT-2 on IMDB toward positive reviews).
 - `train_demo_tokenizer(texts)` trains a small byte-level BPE tokenizer with `tokenizers` (a dependency of
   transformers) and wraps it as a `PreTrainedTokenizerFast`, so it saves and loads like any HF tokenizer.
+- The run directory (raft.py's --out_dir): `check_run_dir` (writable; new, or --resume with the same config.json),
+  `save_stage` (iter_XXXX/: the model, selected.jsonl, eval_samples.jsonl, metrics.json), `completed_stages`,
+  `prune_models` (--keep_last) and `write_metrics` (metrics.jsonl and, with eval.plot_rewards, reward_curve.png).
+  Files and stage directories are written aside and renamed (`write_text`, `write_jsonl`), so a crash never leaves
+  half of one.
 """
+import dataclasses
 import json
 import os
 import random
 import re
+import shutil
+
+from eval import plot_rewards
 
 FORMATS = ("auto", "hh", "raw")
 HH_STOP = ["###Human", "Human:"]  # the next human turn: the paper stopped responses there
@@ -227,3 +237,90 @@ def train_demo_tokenizer(texts: list[str], vocab_size: int = 512):
     tok.train_from_iterator(texts, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+# ---- the run directory ---------------------------------------------------------------------------------------
+# Every file and stage directory is written aside and renamed, so a crash never leaves half of one: a stage
+# directory that exists is complete, and --resume continues after the last one.
+def write_text(path, text: str):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_jsonl(path, rows):
+    write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def check_run_dir(cfg):
+    """--out_dir (of a raft.Config) is writable, and new, or --resume with the saved config.json (differences only
+    with --resume_force); removes the .tmp leftovers of a stage cut off while saving, and saves the config."""
+    cfg_path = os.path.join(cfg.out_dir, "config.json")
+    try:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        write_text(os.path.join(cfg.out_dir, "write_test"), "")
+        os.remove(os.path.join(cfg.out_dir, "write_test"))
+    except OSError as e:
+        raise SystemExit(f"--out_dir {cfg.out_dir}: not writable ({e.strerror}); choose another directory")
+    saved = dataclasses.asdict(cfg)
+    if not cfg.resume and os.listdir(cfg.out_dir):
+        raise SystemExit(f"--out_dir {cfg.out_dir} is not empty; pass --resume to continue it or choose a new dir")
+    if cfg.resume and os.path.exists(cfg_path):
+        with open(cfg_path) as f:
+            old = json.load(f)
+        diff = [k for k in saved if k not in ("resume", "resume_force", "iterations") and old.get(k) != saved[k]]
+        if diff and not cfg.resume_force:
+            raise SystemExit(f"--resume: the config differs from {cfg_path} in {diff}; use the saved settings or "
+                             f"add --resume_force")
+        if diff:
+            print(f"--resume_force: continuing with changed {', '.join(f'{k}={saved[k]!r}' for k in diff)}",
+                  flush=True)
+    for d in os.listdir(cfg.out_dir):  # leftovers of a stage cut off while saving: it is redone
+        if d.endswith(".tmp"):
+            shutil.rmtree(os.path.join(cfg.out_dir, d), ignore_errors=True)
+    write_text(cfg_path, json.dumps(saved, indent=1))
+
+
+def save_stage(out_dir, t, metrics, rows=None, eval_rows=None, model=None, tok=None, after_model=None):
+    """Write iter_{t:04d}/ aside and rename it in place, so a directory that exists is complete. after_model() runs
+    once the model is written, before the rename (raft.py's crash test hook)."""
+    final = os.path.join(out_dir, f"iter_{t:04d}")
+    tmp = final + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    if model is not None:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if after_model:
+            after_model()
+    if rows is not None:
+        write_jsonl(os.path.join(tmp, "selected.jsonl"), rows)
+    write_jsonl(os.path.join(tmp, "eval_samples.jsonl"), eval_rows or [])
+    write_text(os.path.join(tmp, "metrics.json"), json.dumps(metrics))
+    os.replace(tmp, final)
+
+
+def completed_stages(out_dir) -> list[int]:
+    return sorted(int(d[5:]) for d in os.listdir(out_dir) if re.fullmatch(r"iter_\d{4}", d))
+
+
+def prune_models(out_dir, keep_last: int):
+    """--keep_last: delete the model files of all but the last N completed stages (metrics and kept sets stay)."""
+    stages = [t for t in completed_stages(out_dir) if t > 0]
+    for t in stages[:-keep_last] if keep_last else []:
+        d = os.path.join(out_dir, f"iter_{t:04d}")
+        for name in os.listdir(d):
+            if name not in ("metrics.json", "selected.jsonl", "eval_samples.jsonl"):
+                os.remove(os.path.join(d, name))
+
+
+def write_metrics(out_dir, stages):
+    """metrics.jsonl and reward_curve.png, rebuilt from the completed stage directories."""
+    rows = []
+    for t in stages:
+        with open(os.path.join(out_dir, f"iter_{t:04d}", "metrics.json")) as f:
+            rows.append(json.load(f))
+    write_jsonl(os.path.join(out_dir, "metrics.jsonl"), rows)
+    plot_rewards(rows, os.path.join(out_dir, "reward_curve.png"))
+    return rows

@@ -25,8 +25,9 @@ with the regex `\\w+|[^\\w\\s]` ("It's great!" -> it ' s great !). n-grams never
   segment is dropped); the mean over segments of (distinct tokens / 100); 0 with fewer than 100 tokens.
 - mean_length: mean number of tokens per response.
 
-raft.py calls `text_metrics` for its per-stage evaluation; this file reuses raft.py's generation, encoding and
-log-likelihood functions (imported inside functions: raft.py imports this module).
+raft.py calls `text_metrics` for its per-stage evaluation, and data.py's `write_metrics` calls `plot_rewards` for
+reward_curve.png; this file reuses raft.py's generation, encoding and log-likelihood functions and data.py's loading
+(imported inside functions: raft.py and data.py import this module).
     python eval.py --sweep runs/ablate/k       # the summary table of an ablate.sh sweep (mean ± std over seeds)
 """
 import argparse
@@ -109,6 +110,27 @@ def sweep_table(root: str) -> str:
     return "\n".join(lines)
 
 
+def plot_rewards(rows: list[dict], path: str):
+    """The mean reward per stage of metrics rows (held-out, all K samples, kept samples) as a PNG at `path`, drawn
+    aside and renamed, as the run directory's other files."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in [("eval_reward_mean", "held-out (eval)"), ("reward_mean", "all K samples"),
+                       ("selected_reward_mean", "kept samples")]:
+        pts = [(r["iteration"], r[key]) for r in rows if key in r]
+        ax.plot(*zip(*pts), marker="o", label=label)
+    ax.set(xlabel="RAFT stage", ylabel="mean reward", title="RAFT reward per stage")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = os.path.splitext(path)[0] + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
+    plt.close(fig)
+
+
 def perplexity(model, tok, prompts: list[str], responses: list[str], batch_size: int = 8) -> float:
     """exp(mean NLL per token) of the responses (+ EOS) given their prompts; prompt tokens are not counted."""
     from raft import _pad, build_example, encode_pair, sequence_logprobs
@@ -135,7 +157,7 @@ def evaluate_models(args) -> list[dict]:
     from transformers import AutoConfig, AutoTokenizer
 
     import raft
-    from data import FORMATS, dataset_response, format_prompts, load_rows, resolve_format, stop_strings
+    from data import FORMATS, dataset_response, format_prompts, load_rows, resolve_format, stop_strings, write_jsonl
     from reward import load_rewards, score
 
     if args.prompt_format not in FORMATS:
@@ -195,7 +217,7 @@ def evaluate_models(args) -> list[dict]:
     settings = {k: getattr(args, k) for k in ["model", "dataset", "dataset_split", *SHARED]}
     with open(os.path.join(args.out_dir, "table.json"), "w", encoding="utf-8") as fh:
         json.dump({"rows": table, "settings": {**settings, "prompt_format": fmt, "stop": cfg.stop}}, fh, indent=1)
-    raft._write_jsonl(os.path.join(args.out_dir, "samples.jsonl"), samples)
+    write_jsonl(os.path.join(args.out_dir, "samples.jsonl"), samples)
     raft.print0("\n" + markdown(table) + f"\nwritten: {os.path.abspath(args.out_dir)}/table.md, table.json, "
                 f"samples.jsonl")
     return table

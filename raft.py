@@ -37,7 +37,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, HfArgumentParser
 
-from data import FORMATS, demo_prompts, demo_reviews, load_prompts, stop_strings, train_demo_tokenizer
+from data import (FORMATS, check_run_dir, completed_stages, demo_prompts, demo_reviews, load_prompts, prune_models,
+                  save_stage, stop_strings, train_demo_tokenizer, write_jsonl, write_metrics)
 from eval import text_metrics
 from reward import load_rewards, parse_weights, score
 
@@ -112,7 +113,8 @@ DEMO = dict(prompts_per_iter=64, K=8, max_new_tokens=32, eval_prompts=128, lr=1e
             micro_batch_size=16, iterations=6, out_dir="runs/demo")
 RANKINGS = ("local", "global", "random")
 
-# ---- distributed preamble: torchrun sets these; a plain `python raft.py` is rank 0 of 1 ----------------------
+
+# ---- distributed preamble: torchrun sets these; a plain `python raft.py` is rank 0 of 1 --------------------
 RANK = int(os.environ.get("RANK", 0))
 WORLD = int(os.environ.get("WORLD_SIZE", 1))
 MASTER = RANK == 0  # only rank 0 prints, shows progress bars and writes files
@@ -152,6 +154,12 @@ def crash_point(phase: str, stage: int):
     """Test hook: RAFT_CRASH_AT=phase@stage kills this process with SIGKILL here (tests/test_resume.py)."""
     if os.environ.get("RAFT_CRASH_AT") == f"{phase}@{stage}":
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def pick_device(cfg: Config) -> torch.device:
+    """cuda:LOCAL_RANK under torchrun on GPUs, else cuda or cpu as asked."""
+    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
 
 
 def validate(cfg: Config):
@@ -195,7 +203,80 @@ def validate(cfg: Config):
         fields = set(re.findall(r"{(\w*)}", cfg.reward_template))
     except TypeError:
         fields = set()
-    need(fields <= {"prompt", "response"}, f"--reward_template may use only {{prompt}} and {{response}}")
+    need(fields <= {"prompt", "response"}, "--reward_template may use only {prompt} and {response}")
+
+
+# ---- models: the policy (full, or LoRA on a bf16/8-bit base) and its tokenizer -----------------------------
+def load_tokenizer(path: str, cfg: Config):
+    """The tokenizer of a model and its context length (from its config), without loading the weights."""
+    from transformers import AutoConfig
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+        mcfg = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--model {path!r}: cannot load its tokenizer and config (a path that does not exist?): "
+                         f"{str(e).splitlines()[0]}")
+    if tok.eos_token_id is None:
+        raise SystemExit(f"--model {path!r}: the tokenizer has no EOS token; set one in its tokenizer_config.json")
+    return tok, getattr(mcfg, "max_position_embeddings", None) or getattr(mcfg, "n_positions", None) or 1 << 30
+
+
+def load_policy(cfg: Config, device, checkpoint: Optional[str] = None):
+    """The policy and its tokenizer: cfg.model, or a stage checkpoint (a full model, or LoRA adapters on cfg.model),
+    in the memory mode of cfg (fp32 / bf16 base + LoRA / 8-bit base + LoRA). One-line errors for the usual mistakes."""
+    base = checkpoint if checkpoint and not cfg.lora_r else cfg.model
+    kw = {"dtype": torch.bfloat16 if cfg.bf16 and cfg.lora_r else torch.float32,
+          "trust_remote_code": cfg.trust_remote_code}
+    if cfg.load_in_8bit:
+        from transformers import BitsAndBytesConfig
+        kw.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": device})
+    tok = load_tokenizer(base, cfg)[0]
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, **kw)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"--model {base!r}: cannot load a causal LM (is it one?): {str(e).splitlines()[0]}")
+    if not cfg.load_in_8bit:
+        model.to(device)
+    if cfg.lora_r:
+        from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+        if cfg.load_in_8bit:  # fp32 norms and input grads so adapters train stably on an int8 base
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+        if checkpoint:
+            model = PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
+        else:
+            torch.manual_seed(cfg.seed)  # the adapters' random init: same seed, same run
+            targets = cfg.lora_target_modules
+            model = get_peft_model(model, LoraConfig(
+                r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+                target_modules=targets if targets == "all-linear" else targets.split(",")))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = True  # generation still uses the KV cache; training passes use_cache=False
+    return model.eval(), tok
+
+
+def save_merged(cfg: Config, adapter_dir: str, out: str):
+    """--merge_lora: the base (reloaded in full precision, also after 8-bit training) with the adapters merged in."""
+    from peft import PeftModel
+    base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+                                                trust_remote_code=cfg.trust_remote_code)
+    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    shutil.rmtree(out + ".tmp", ignore_errors=True)
+    merged.save_pretrained(out + ".tmp")
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out + ".tmp")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(out + ".tmp", out)
+    print0(f"merged LoRA model: {out}")
+
+
+def amp(model, bf16: bool):
+    """bf16 autocast for --bf16 (weights may stay fp32: mixed precision), a no-op otherwise."""
+    return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def _pad(tok):
+    """The padding id: the tokenizer's, else EOS (many causal LMs have no pad token)."""
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
 # ---- step 1: sample ----------------------------------------------------------------------------------------
@@ -243,7 +324,7 @@ def generate(model, tok, prompts: list[str], K: int, cfg: Config, desc="sample")
     enc = [encode_prompt(tok, p) for p in prompts]
     eos_ids = {tok.eos_token_id} | set(_as_list(model.generation_config.eos_token_id))
     eos_ids.discard(None)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad = _pad(tok)
     gc = GenerationConfig(do_sample=cfg.temperature > 0, temperature=cfg.temperature or None, top_k=cfg.top_k,
                           top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                           pad_token_id=pad, eos_token_id=sorted(eos_ids), stop_strings=cfg.stop or None)
@@ -273,29 +354,15 @@ def _as_list(x):
     return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
 
 
-# ---- step 2: rank ------------------------------------------------------------------------------------------
-def select(scores: torch.Tensor, valid: torch.Tensor, mode: str, gen: torch.Generator) -> list[tuple[int, int]]:
-    """Which samples to keep. scores, valid: [b, K]. Returns sorted (prompt, sample) pairs.
-    local: the argmax per prompt over valid samples; global: the top b valid samples of all b·K;
-    random: one uniformly random valid sample per prompt. Prompts without a valid sample are skipped."""
-    b, K = scores.shape
-    has = valid.any(1)
-    if mode == "global":
-        flat = scores.masked_fill(~valid, -math.inf).flatten()
-        order = torch.sort(flat, descending=True, stable=True).indices[:min(b, int(valid.sum()))]
-        return sorted((int(i) // K, int(i) % K) for i in order)
-    rows = has.nonzero().flatten()
-    if mode == "local":
-        picks = scores.masked_fill(~valid, -math.inf).argmax(1)[rows]
-    else:
-        picks = torch.multinomial(valid[rows].float(), 1, generator=gen).flatten()
-    return [(int(i), int(j)) for i, j in zip(rows, picks)]
-
-
+# ---- log-probabilities of (prompt, response) rows: the KL term of step 2, the loss of step 3 ---------------
 def build_example(prompt_ids: list[int], response_ids: list[int], end_id: Optional[int]):
     """(input_ids, labels) of one SFT row: prompt tokens carry no loss (-100); the end token only if it ended."""
     tail = response_ids + ([end_id] if end_id is not None else [])
     return prompt_ids + tail, [-100] * len(prompt_ids) + tail
+
+
+def example(tok, prompt: str, sample: dict):
+    return build_example(encode_prompt(tok, prompt), sample["ids"], sample["end_id"])
 
 
 def collate(examples, pad_id: int):
@@ -307,11 +374,6 @@ def collate(examples, pad_id: int):
     for r, (x, y) in enumerate(examples):
         ids[r, :len(x)], labels[r, :len(y)], mask[r, :len(x)] = torch.tensor(x), torch.tensor(y), 1
     return ids, mask, labels
-
-
-def amp(model, bf16: bool):
-    """bf16 autocast for --bf16 (weights may stay fp32: mixed precision), a no-op otherwise."""
-    return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def token_logprobs(model, ids, mask, labels, bf16=False):
@@ -336,13 +398,70 @@ def sequence_logprobs(model, examples, pad_id: int, batch_size: int, bf16=False)
     return out
 
 
-def trainable_state(model) -> dict:
-    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+# ---- step 2: rank ------------------------------------------------------------------------------------------
+def score_samples(tok, prompts, samples, reward_fn, kl=None) -> dict:
+    """Add "reward" (NaN for NaN/inf) and, with a KL reference, "log_ratio" = log p_θ(y|x) − log p_0(y|x) to every
+    sample dict of samples[len(prompts)][K], in place; one reward call for all of them. Returns the reward's stats
+    (per-reward means, truncations; reward.load_rewards) over all ranks."""
+    flat_p = [p for p, row in zip(prompts, samples) for _ in row]
+    flat_s = [s for row in samples for s in row]
+    for s, r in zip(flat_s, score(reward_fn, flat_p, [s["text"] for s in flat_s])):
+        s["reward"] = r
+    if kl and flat_s:
+        for s, a, b in zip(flat_s, *kl([example(tok, p, s) for p, s in zip(flat_p, flat_s)])):
+            s["log_ratio"] = a - b
+    parts = gather([dict(getattr(reward_fn, "stats", {}))])  # means are averaged over ranks, counts summed
+    return {k: sum(p[k] for p in parts) / (len(parts) if k.endswith("_mean") else 1) for k in parts[0]}
 
 
+def select(scores: torch.Tensor, valid: torch.Tensor, mode: str, gen: torch.Generator) -> list[tuple[int, int]]:
+    """Which samples to keep. scores, valid: [b, K]. Returns sorted (prompt, sample) pairs.
+    local: the argmax per prompt over valid samples; global: the top b valid samples of all b·K;
+    random: one uniformly random valid sample per prompt. Prompts without a valid sample are skipped."""
+    b, K = scores.shape
+    has = valid.any(1)
+    if mode == "global":
+        flat = scores.masked_fill(~valid, -math.inf).flatten()
+        order = torch.sort(flat, descending=True, stable=True).indices[:min(b, int(valid.sum()))]
+        return sorted((int(i) // K, int(i) % K) for i in order)
+    rows = has.nonzero().flatten()
+    if mode == "local":
+        picks = scores.masked_fill(~valid, -math.inf).argmax(1)[rows]
+    else:
+        picks = torch.multinomial(valid[rows].float(), 1, generator=gen).flatten()
+    return [(int(i), int(j)) for i, j in zip(rows, picks)]
+
+
+def rank(prompts, samples, cfg: Config, gen):
+    """Select from the scored samples[b][K] of the whole batch. Returns (rows for selected.jsonl, kept (prompt,
+    sample) pairs, metrics). Empty responses, --discard_regex matches and NaN rewards are never kept."""
+    b, K = len(prompts), cfg.K
+    flat = [s for row in samples for s in row]
+    rewards = torch.tensor([s["reward"] for s in flat]).view(b, K)
+    empty = torch.tensor([not s["ids"] for s in flat]).view(b, K)
+    discard = torch.tensor([bool(cfg.discard_regex and re.search(cfg.discard_regex, s["text"]))
+                            for s in flat]).view(b, K)
+    valid = ~rewards.isnan() & ~empty & ~discard
+    scores, m = rewards, {}
+    if "log_ratio" in flat[0]:  # r − β·(log p_θ(y|x) − log p_0(y|x)), the sequence-level KL penalty of paper Table 7
+        log_ratio = torch.tensor([s["log_ratio"] for s in flat]).view(b, K)
+        scores = rewards - cfg.kl_beta * log_ratio
+        m["kl_to_start"] = log_ratio.mean().item()
+    keep = select(scores.masked_fill(~valid, 0.0), valid, cfg.ranking, gen)
+    rows = [{"prompt": prompts[i], "response": samples[i][j]["text"], "reward": rewards[i, j].item(),
+             "rewards": rewards[i].tolist(), "ended": samples[i][j]["end_id"] is not None} for i, j in keep]
+    kept = torch.tensor([r["reward"] for r in rows]) if rows else torch.tensor([math.nan])
+    m.update({"reward_mean": rewards.nanmean().item(), "selected_reward_mean": kept.mean().item(),
+              "n_selected": len(keep), "prompts_skipped": int((~valid.any(1)).sum()),
+              "samples_nan_reward": int(rewards.isnan().sum()), "samples_empty": int(empty.sum()),
+              "samples_discarded": int(discard.sum()), "samples_truncated": sum(s["end_id"] is None for s in flat)})
+    return rows, [(prompts[i], samples[i][j]) for i, j in keep], m
+
+
+# the stage-0 model: p_0 of the KL term, and the weights --finetune_from base restarts from
 def make_kl(cfg: Config, model, device, pad_id: int):
-    """With --kl_beta > 0: f(examples) -> (log p_θ, log p_0) per example, p_0 the stage-0 model. Under LoRA p_0 is
-    the base with adapters switched off (no second copy); otherwise a frozen copy of --model. None when β = 0."""
+    """With --kl_beta > 0 or --eval_kl: f(examples) -> (log p_θ, log p_0) per example, p_0 the stage-0 model. Under
+    LoRA p_0 is the base with adapters switched off (no second copy); otherwise a frozen copy of --model. Else None."""
     if cfg.kl_beta == 0 and not cfg.eval_kl:
         return None
     lp = lambda m, ex: sequence_logprobs(m, ex, pad_id, cfg.micro_batch_size, cfg.bf16)
@@ -353,6 +472,11 @@ def make_kl(cfg: Config, model, device, pad_id: int):
         return lambda ex: (lp(model, ex), with_base(ex))
     ref = load_policy(dataclasses.replace(cfg, gradient_checkpointing=False), device)[0].requires_grad_(False)
     return lambda ex: (lp(model, ex), lp(ref, ex))
+
+
+def trainable_state(model) -> dict:
+    """A CPU copy of what trains (all weights, or the LoRA adapters): --finetune_from base restores it."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
 # ---- step 3: fine-tune -------------------------------------------------------------------------------------
@@ -418,296 +542,6 @@ def stage_prompts(n: int, b: int, t: int, seed: int) -> tuple[list[int], bool]:
     return idx, new_pass
 
 
-def evaluate(model, tok, prompts, reward_fn, cfg: Config, seed: int, kl=None) -> tuple[dict, list[dict]]:
-    """One response per held-out prompt at the sampling temperature (each rank its shard): mean reward, text metrics,
-    and with a KL reference a Monte-Carlo estimate of KL(π_θ || π_0) per response."""
-    torch.manual_seed(seed + 100_003 * RANK)
-    mine = shard(prompts)
-    samples = generate(model, tok, mine, 1, cfg, desc="eval")
-    stats = score_samples(tok, mine, samples, reward_fn, kl)
-    rows = gather([{"prompt": p, "response": s["text"], "reward": s["reward"], **({"log_ratio": s["log_ratio"]}
-                    if kl else {})} for p, (s,) in zip(mine, samples)])
-    rewards = torch.tensor([r["reward"] for r in rows])
-    m = {"eval_reward_mean": rewards.nanmean().item(), "eval_reward_std": _nanstd(rewards)}
-    m.update({f"eval_{k}": v for k, v in stats.items()})  # per-reward means, reward-model truncations
-    m.update({f"eval_{k}": v for k, v in text_metrics([r["response"] for r in rows]).items()})
-    if kl:
-        m["eval_kl_to_start"] = sum(r.pop("log_ratio") for r in rows) / len(rows)
-    return m, rows
-
-
-def _nanstd(x):
-    x = x[~x.isnan()]
-    return x.std().item() if len(x) > 1 else 0.0
-
-
-def _pad(tok):
-    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-
-def example(tok, prompt: str, sample: dict):
-    return build_example(encode_prompt(tok, prompt), sample["ids"], sample["end_id"])
-
-
-def score_samples(tok, prompts, samples, reward_fn, kl=None) -> dict:
-    """Add "reward" (NaN for NaN/inf) and, with a KL reference, "log_ratio" = log p_θ(y|x) − log p_0(y|x) to every
-    sample dict of samples[len(prompts)][K], in place; one reward call for all of them. Returns the reward's stats
-    (per-reward means, truncations; reward.load_rewards) over all ranks."""
-    flat_p = [p for p, row in zip(prompts, samples) for _ in row]
-    flat_s = [s for row in samples for s in row]
-    for s, r in zip(flat_s, score(reward_fn, flat_p, [s["text"] for s in flat_s])):
-        s["reward"] = r
-    if kl and flat_s:
-        for s, a, b in zip(flat_s, *kl([example(tok, p, s) for p, s in zip(flat_p, flat_s)])):
-            s["log_ratio"] = a - b
-    parts = gather([dict(getattr(reward_fn, "stats", {}))])  # means are averaged over ranks, counts summed
-    return {k: sum(p[k] for p in parts) / (len(parts) if k.endswith("_mean") else 1) for k in parts[0]}
-
-
-def rank(prompts, samples, cfg: Config, gen):
-    """Select from the scored samples[b][K] of the whole batch. Returns (rows for selected.jsonl, kept (prompt,
-    sample) pairs, metrics). Empty responses, --discard_regex matches and NaN rewards are never kept."""
-    b, K = len(prompts), cfg.K
-    flat = [s for row in samples for s in row]
-    rewards = torch.tensor([s["reward"] for s in flat]).view(b, K)
-    empty = torch.tensor([not s["ids"] for s in flat]).view(b, K)
-    discard = torch.tensor([bool(cfg.discard_regex and re.search(cfg.discard_regex, s["text"]))
-                            for s in flat]).view(b, K)
-    valid = ~rewards.isnan() & ~empty & ~discard
-    scores, m = rewards, {}
-    if "log_ratio" in flat[0]:  # r − β·(log p_θ(y|x) − log p_0(y|x)), the sequence-level KL penalty of paper Table 7
-        log_ratio = torch.tensor([s["log_ratio"] for s in flat]).view(b, K)
-        scores = rewards - cfg.kl_beta * log_ratio
-        m["kl_to_start"] = log_ratio.mean().item()
-    keep = select(scores.masked_fill(~valid, 0.0), valid, cfg.ranking, gen)
-    rows = [{"prompt": prompts[i], "response": samples[i][j]["text"], "reward": rewards[i, j].item(),
-             "rewards": rewards[i].tolist(), "ended": samples[i][j]["end_id"] is not None} for i, j in keep]
-    kept = torch.tensor([r["reward"] for r in rows]) if rows else torch.tensor([math.nan])
-    m.update({"reward_mean": rewards.nanmean().item(), "selected_reward_mean": kept.mean().item(),
-              "n_selected": len(keep), "prompts_skipped": int((~valid.any(1)).sum()),
-              "samples_nan_reward": int(rewards.isnan().sum()), "samples_empty": int(empty.sum()),
-              "samples_discarded": int(discard.sum()), "samples_truncated": sum(s["end_id"] is None for s in flat)})
-    return rows, [(prompts[i], samples[i][j]) for i, j in keep], m
-
-
-def load_tokenizer(path: str, cfg: Config):
-    """The tokenizer of a model and its context length (from its config), without loading the weights."""
-    from transformers import AutoConfig
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-        mcfg = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"--model {path!r}: cannot load its tokenizer and config (a path that does not exist?): "
-                         f"{str(e).splitlines()[0]}")
-    if tok.eos_token_id is None:
-        raise SystemExit(f"--model {path!r}: the tokenizer has no EOS token; set one in its tokenizer_config.json")
-    return tok, getattr(mcfg, "max_position_embeddings", None) or getattr(mcfg, "n_positions", None) or 1 << 30
-
-
-def load_policy(cfg: Config, device, checkpoint: Optional[str] = None, trainable=True):
-    """The policy and its tokenizer: cfg.model, or a stage checkpoint (a full model, or LoRA adapters on cfg.model),
-    in the memory mode of cfg (fp32 / bf16 base + LoRA / 8-bit base + LoRA). One-line errors for the usual mistakes."""
-    base = checkpoint if checkpoint and not cfg.lora_r else cfg.model
-    kw = {"dtype": torch.bfloat16 if cfg.bf16 and cfg.lora_r else torch.float32,
-          "trust_remote_code": cfg.trust_remote_code}
-    if cfg.load_in_8bit:
-        from transformers import BitsAndBytesConfig
-        kw.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": device})
-    tok = load_tokenizer(base, cfg)[0]
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, **kw)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"--model {base!r}: cannot load a causal LM (is it one?): {str(e).splitlines()[0]}")
-    if not cfg.load_in_8bit:
-        model.to(device)
-    if cfg.lora_r:
-        from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-        if cfg.load_in_8bit:  # fp32 norms and input grads so adapters train stably on an int8 base
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-        if checkpoint:
-            model = PeftModel.from_pretrained(model, checkpoint, is_trainable=trainable)
-        else:
-            torch.manual_seed(cfg.seed)  # the adapters' random init: same seed, same run
-            targets = cfg.lora_target_modules
-            model = get_peft_model(model, LoraConfig(
-                r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
-                target_modules=targets if targets == "all-linear" else targets.split(",")))
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.config.use_cache = True  # generation still uses the KV cache; training passes use_cache=False
-    return model.eval(), tok
-
-
-def save_merged(cfg: Config, adapter_dir: str, out: str):
-    """--merge_lora: the base (reloaded in full precision, also after 8-bit training) with the adapters merged in."""
-    from peft import PeftModel
-    base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
-                                                trust_remote_code=cfg.trust_remote_code)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    shutil.rmtree(out + ".tmp", ignore_errors=True)
-    merged.save_pretrained(out + ".tmp")
-    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out + ".tmp")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(out + ".tmp", out)
-    print0(f"merged LoRA model: {out}")
-
-
-def prepare_demo(cfg: Config):
-    """Build once (cached in --demo_dir) the demo's tiny Llama, pretrained with `finetune` on synthetic reviews of
-    mixed sentiment, and its prompt file. Returns (model path, prompts file)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    model_dir, prompts_file = os.path.join(cfg.demo_dir, "model"), os.path.join(cfg.demo_dir, "prompts.jsonl")
-    if not os.path.exists(os.path.join(model_dir, "config.json")):
-        t0 = time.time()
-        print0(f"demo: building the starting model in {model_dir} (once) ...")
-        torch.manual_seed(0)
-        reviews = demo_reviews(6000, seed=0)
-        tok = train_demo_tokenizer(reviews)
-        model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=len(tok), hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, max_position_embeddings=128, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True))
-        # the same SFT code as a RAFT stage, on whole reviews (the prompt is just BOS)
-        examples = [build_example(encode_prompt(tok, ""), tok(r, add_special_tokens=False)["input_ids"],
-                                  tok.eos_token_id) for r in reviews]
-        pre = dataclasses.replace(cfg, lr=3e-3, epochs=3, train_batch_size=32, micro_batch_size=32)
-        loss = finetune(model, examples, pre, tok.pad_token_id, seed=0)
-        tmp = model_dir + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, model_dir)
-        print0(f"demo: pretrained on {len(reviews)} reviews in {time.time() - t0:.0f}s (final loss {loss:.2f})")
-    if not os.path.exists(prompts_file):
-        _write_jsonl(prompts_file, [{"prompt": p} for p in demo_prompts(2000, seed=1)])
-    return model_dir, prompts_file
-
-
-def _write_text(path, text: str):
-    tmp = path + ".tmp"  # written aside and renamed: a crash never leaves half a file
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _write_jsonl(path, rows):
-    _write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def save_stage(out_dir, t, metrics, rows=None, eval_rows=None, model=None, tok=None):
-    """Write iter_{t:04d}/ aside and rename it in place, so a directory that exists is complete."""
-    final = os.path.join(out_dir, f"iter_{t:04d}")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    if model is not None:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        crash_point("save", t)
-    if rows is not None:
-        _write_jsonl(os.path.join(tmp, "selected.jsonl"), rows)
-    _write_jsonl(os.path.join(tmp, "eval_samples.jsonl"), eval_rows or [])
-    _write_text(os.path.join(tmp, "metrics.json"), json.dumps(metrics))
-    os.replace(tmp, final)
-
-
-def completed_stages(out_dir) -> list[int]:
-    return sorted(int(d[5:]) for d in os.listdir(out_dir) if re.fullmatch(r"iter_\d{4}", d))
-
-
-def prune_models(out_dir, keep_last: int):
-    """--keep_last: delete the model files of all but the last N completed stages (metrics and kept sets stay)."""
-    stages = [t for t in completed_stages(out_dir) if t > 0]
-    for t in stages[:-keep_last] if keep_last else []:
-        d = os.path.join(out_dir, f"iter_{t:04d}")
-        for name in os.listdir(d):
-            if name not in ("metrics.json", "selected.jsonl", "eval_samples.jsonl"):
-                os.remove(os.path.join(d, name))
-
-
-def write_metrics(out_dir, stages):
-    """metrics.jsonl and reward_curve.png, rebuilt from the completed stage directories."""
-    rows = []
-    for t in stages:
-        with open(os.path.join(out_dir, f"iter_{t:04d}", "metrics.json")) as f:
-            rows.append(json.load(f))
-    _write_jsonl(os.path.join(out_dir, "metrics.jsonl"), rows)
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in [("eval_reward_mean", "held-out (eval)"), ("reward_mean", "all K samples"),
-                       ("selected_reward_mean", "kept samples")]:
-        pts = [(r["iteration"], r[key]) for r in rows if key in r]
-        ax.plot(*zip(*pts), marker="o", label=label)
-    ax.set(xlabel="RAFT stage", ylabel="mean reward", title="RAFT reward per stage")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "reward_curve.tmp.png"), dpi=100)
-    os.replace(os.path.join(out_dir, "reward_curve.tmp.png"), os.path.join(out_dir, "reward_curve.png"))
-    plt.close(fig)
-    return rows
-
-
-def make_logger(cfg: Config):
-    """log(metrics, step) to tensorboard or wandb on rank 0; a no-op otherwise."""
-    if not MASTER or cfg.report_to == "none":
-        return lambda m, step: None
-    if cfg.report_to == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
-        w = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
-        return lambda m, step: [w.add_scalar(k, v, step) for k, v in m.items() if isinstance(v, (int, float))]
-    import wandb
-    wandb.init(project="raft", config=dataclasses.asdict(cfg), dir=cfg.out_dir)
-    return lambda m, step: wandb.log(m, step=step)
-
-
-def stage_line(m):
-    s = f"stage {m['iteration']:>3} | eval reward {m['eval_reward_mean']:+.3f} distinct-2 {m['eval_distinct_2']:.3f}"
-    if m["iteration"] > 0:
-        s += (f" | samples {m['reward_mean']:+.3f} kept {m['selected_reward_mean']:+.3f} | sft loss "
-              f"{m['sft_loss'] or math.nan:.3f} | s: gen {m['time_sample']:.0f} rank {m['time_rank']:.0f} "
-              f"train {m['time_train']:.0f} eval {m['time_eval']:.0f}")
-    return s
-
-
-def open_run_dir(cfg: Config):
-    """Check --out_dir before anything expensive (rank 0): new and writable, or --resume with the same config.
-    Returns the last completed stage (None: not even stage 0, the starting model's eval)."""
-    if MASTER:
-        _check_run_dir(cfg)
-    barrier()
-    done = completed_stages(cfg.out_dir)
-    return done[-1] if done else None
-
-
-def _check_run_dir(cfg: Config):
-    cfg_path = os.path.join(cfg.out_dir, "config.json")
-    try:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        _write_text(os.path.join(cfg.out_dir, "write_test"), "")
-        os.remove(os.path.join(cfg.out_dir, "write_test"))
-    except OSError as e:
-        raise SystemExit(f"--out_dir {cfg.out_dir}: not writable ({e.strerror}); choose another directory")
-    saved = dataclasses.asdict(cfg)
-    if not cfg.resume and os.listdir(cfg.out_dir):
-        raise SystemExit(f"--out_dir {cfg.out_dir} is not empty; pass --resume to continue it or choose a new dir")
-    if cfg.resume and os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            old = json.load(f)
-        diff = [k for k in saved if k not in ("resume", "resume_force", "iterations") and old.get(k) != saved[k]]
-        if diff and not cfg.resume_force:
-            raise SystemExit(f"--resume: the config differs from {cfg_path} in {diff}; use the saved settings or "
-                             f"add --resume_force")
-        if diff:
-            print0(f"--resume_force: continuing with changed {', '.join(f'{k}={saved[k]!r}' for k in diff)}")
-    for d in os.listdir(cfg.out_dir):  # leftovers of a stage cut off while saving: it is redone
-        if d.endswith(".tmp"):
-            shutil.rmtree(os.path.join(cfg.out_dir, d), ignore_errors=True)
-    _write_text(cfg_path, json.dumps(saved, indent=1))
-
-
 def usable_prompts(cfg: Config, tok, context: int, split: str, responses=()) -> tuple[list[dict], str]:
     """Records of `split` (data.load_prompts), without duplicate prompts, whose prompt fits in --max_prompt_tokens
     and in the model's context with --max_new_tokens to spare (both counted); the resolved --prompt_format."""
@@ -740,6 +574,61 @@ def split_prompts(cfg: Config, tok, context: int):
     eval_r = [held[i] for i in order[:cfg.eval_prompts]]
     train_r = kept if cfg.eval_split else [held[i] for i in order[cfg.eval_prompts:]]
     return train_r, eval_r, fmt
+
+
+def evaluate(model, tok, prompts, reward_fn, cfg: Config, seed: int, kl=None) -> tuple[dict, list[dict]]:
+    """One response per held-out prompt at the sampling temperature (each rank its shard): mean reward, text metrics,
+    and with a KL reference a Monte-Carlo estimate of KL(π_θ || π_0) per response."""
+    torch.manual_seed(seed + 100_003 * RANK)
+    mine = shard(prompts)
+    samples = generate(model, tok, mine, 1, cfg, desc="eval")
+    stats = score_samples(tok, mine, samples, reward_fn, kl)
+    rows = gather([{"prompt": p, "response": s["text"], "reward": s["reward"], **({"log_ratio": s["log_ratio"]}
+                    if kl else {})} for p, (s,) in zip(mine, samples)])
+    rewards = torch.tensor([r["reward"] for r in rows])
+    m = {"eval_reward_mean": rewards.nanmean().item(), "eval_reward_std": _nanstd(rewards)}
+    m.update({f"eval_{k}": v for k, v in stats.items()})  # per-reward means, reward-model truncations
+    m.update({f"eval_{k}": v for k, v in text_metrics([r["response"] for r in rows]).items()})
+    if kl:
+        m["eval_kl_to_start"] = sum(r.pop("log_ratio") for r in rows) / len(rows)
+    return m, rows
+
+
+def _nanstd(x):
+    x = x[~x.isnan()]
+    return x.std().item() if len(x) > 1 else 0.0
+
+
+def open_run_dir(cfg: Config):
+    """Check --out_dir before anything expensive (rank 0): new and writable, or --resume with the same config.
+    Returns the last completed stage (None: not even stage 0, the starting model's eval)."""
+    if MASTER:
+        check_run_dir(cfg)
+    barrier()
+    done = completed_stages(cfg.out_dir)
+    return done[-1] if done else None
+
+
+def make_logger(cfg: Config):
+    """log(metrics, step) to tensorboard or wandb on rank 0; a no-op otherwise."""
+    if not MASTER or cfg.report_to == "none":
+        return lambda m, step: None
+    if cfg.report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        w = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
+        return lambda m, step: [w.add_scalar(k, v, step) for k, v in m.items() if isinstance(v, (int, float))]
+    import wandb
+    wandb.init(project="raft", config=dataclasses.asdict(cfg), dir=cfg.out_dir)
+    return lambda m, step: wandb.log(m, step=step)
+
+
+def stage_line(m):
+    s = f"stage {m['iteration']:>3} | eval reward {m['eval_reward_mean']:+.3f} distinct-2 {m['eval_distinct_2']:.3f}"
+    if m["iteration"] > 0:
+        s += (f" | samples {m['reward_mean']:+.3f} kept {m['selected_reward_mean']:+.3f} | sft loss "
+              f"{m['sft_loss'] or math.nan:.3f} | s: gen {m['time_sample']:.0f} rank {m['time_rank']:.0f} "
+              f"train {m['time_train']:.0f} eval {m['time_eval']:.0f}")
+    return s
 
 
 def run(cfg: Config):
@@ -799,12 +688,12 @@ def run(cfg: Config):
         times["time_rank"] = time.time() - t0
         crash_point("rank", t)
         t0 = time.time()
-        if examples and initial:
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    if n in initial:
-                        p.copy_(initial[n])
         if examples:
+            if initial:
+                with torch.no_grad():
+                    for n, p in model.named_parameters():
+                        if n in initial:
+                            p.copy_(initial[n])
             m["sft_loss"] = finetune(model, examples, cfg, _pad(tok), seed=cfg.seed * 1000 + t, stage=t)
         else:
             print0(f"stage {t}: every sample was discarded (NaN reward, empty, or --discard_regex); no fine-tuning")
@@ -815,7 +704,7 @@ def run(cfg: Config):
         times["time_eval"] = time.time() - t0
         m = {"iteration": t, **m, **em, **times}
         if MASTER:
-            save_stage(cfg.out_dir, t, m, rows, eval_rows, model, tok)
+            save_stage(cfg.out_dir, t, m, rows, eval_rows, model, tok, after_model=lambda: crash_point("save", t))
             prune_models(cfg.out_dir, cfg.keep_last)
             write_metrics(cfg.out_dir, completed_stages(cfg.out_dir))
         barrier()
@@ -828,6 +717,7 @@ def run(cfg: Config):
         return [json.loads(line) for line in f], model
 
 
+# ---- --sft_only, the demo, the command line ----------------------------------------------------------------
 def sft(cfg: Config) -> float:
     """--sft_only, the paper's starting point: SFT of --model on the (prompt, --sft_field) pairs of --dataset with the
     same `finetune` as a RAFT stage (prompt tokens carry no loss; EOS is trained, as a dataset response ends by
@@ -860,6 +750,37 @@ def sft(cfg: Config) -> float:
     return loss
 
 
+def prepare_demo(cfg: Config):
+    """Build once (cached in --demo_dir) the demo's tiny Llama, pretrained with `finetune` on synthetic reviews of
+    mixed sentiment, and its prompt file. Returns (model path, prompts file)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model_dir, prompts_file = os.path.join(cfg.demo_dir, "model"), os.path.join(cfg.demo_dir, "prompts.jsonl")
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        t0 = time.time()
+        print0(f"demo: building the starting model in {model_dir} (once) ...")
+        torch.manual_seed(0)
+        reviews = demo_reviews(6000, seed=0)
+        tok = train_demo_tokenizer(reviews)
+        model = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tok), hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=128, bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True))
+        # the same SFT code as a RAFT stage, on whole reviews (the prompt is just BOS)
+        examples = [build_example(encode_prompt(tok, ""), tok(r, add_special_tokens=False)["input_ids"],
+                                  tok.eos_token_id) for r in reviews]
+        pre = dataclasses.replace(cfg, lr=3e-3, epochs=3, train_batch_size=32, micro_batch_size=32)
+        loss = finetune(model, examples, pre, tok.pad_token_id, seed=0)
+        tmp = model_dir + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, model_dir)
+        print0(f"demo: pretrained on {len(reviews)} reviews in {time.time() - t0:.0f}s (final loss {loss:.2f})")
+    if not os.path.exists(prompts_file):
+        write_jsonl(prompts_file, [{"prompt": p} for p in demo_prompts(2000, seed=1)])
+    return model_dir, prompts_file
+
+
 def parse(argv=None) -> Config:
     cfg = HfArgumentParser(Config).parse_args_into_dataclasses(args=argv)[0]
     if cfg.model is None:  # the offline demo: its values for every field still at the paper's default
@@ -872,12 +793,6 @@ def parse(argv=None) -> Config:
     cfg.out_dir = cfg.out_dir or ("runs/sft" if cfg.sft_only else "runs/raft")
     validate(cfg)
     return cfg
-
-
-def pick_device(cfg: Config) -> torch.device:
-    """cuda:LOCAL_RANK under torchrun on GPUs, else cuda or cpu as asked."""
-    cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
-    return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
 
 
 def main(argv=None):
