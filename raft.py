@@ -13,6 +13,11 @@ Each stage t = 1..iterations:
 Stage 0 evaluates the starting model; every stage after its fine-tuning is evaluated on held-out prompts.
 The paper's starting point, SFT on HH-RLHF's chosen responses, is the same fine-tune step: --sft_only.
 
+Also: LoRA (--lora_r), an 8-bit base under LoRA (--load_in_8bit), mixed bf16 (--bf16); torchrun with DDP (each rank
+samples and scores its share of the prompts, every rank ranks the whole gathered batch and trains on its rows);
+crash-safe stage directories and --resume; the paper's ablation knobs (--kl_beta, --ranking, --generator_model,
+--finetune_from).
+
 Departures from the authors' LMFlow code (see README): responses are cut by token position, not string replace;
 prompt tokens carry no loss; EOS is trained; no cross-sample packing; the LR schedule uses the real step count;
 many prompts per generate call; the logged eval reward comes from held-out prompts.
@@ -20,6 +25,7 @@ many prompts per generate call; the logged eval reward comes from held-out promp
     python raft.py                                   # offline demo: a tiny Llama learns positive reviews
     python raft.py --model M --reward R --dataset D  # your own run (see README)
     python raft.py --sft_only --sft_field chosen --model M --dataset Dahoas/full-hh-rlhf --epochs 1 --out_dir S
+    torchrun --nproc_per_node 8 raft.py --model M --reward R --dataset D --lora_r 16 --bf16   # 8 GPUs, DDP
 """
 import contextlib
 import dataclasses
@@ -151,8 +157,9 @@ def barrier():
 
 
 def crash_point(phase: str, stage: int):
-    """Test hook: RAFT_CRASH_AT=phase@stage kills this process with SIGKILL here (tests/test_resume.py)."""
-    if os.environ.get("RAFT_CRASH_AT") == f"{phase}@{stage}":
+    """Test hook: RAFT_CRASH_AT=phase@stage (every rank) or phase@stage:rank kills this process with SIGKILL here
+    (tests/test_resume.py, tests/test_torchrun.py)."""
+    if os.environ.get("RAFT_CRASH_AT") in (f"{phase}@{stage}", f"{phase}@{stage}:{RANK}"):
         os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -35,3 +35,7 @@ def prompt_length(prompts, responses):
 def length(prompts, responses):
     """Characters in the response: a second reward to combine with `letters`."""
     return [float(len(r)) for r in responses]
+
+
+def not_numbers(prompts, responses):
+    return ["good"] * len(responses)

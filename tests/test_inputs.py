@@ -46,7 +46,8 @@ def test_out_dir_is_never_overwritten_and_resume_checks_config(tiny_lm, prompts_
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
 
 
-@pytest.mark.parametrize("fn,needle", [("wrong_length", "returned 9 values for 8"), ("raises", "reward server down")])
+@pytest.mark.parametrize("fn,needle", [("wrong_length", "returned 9 values for 8"), ("raises", "reward server down"),
+                                       ("not_numbers", "not a number")])
 def test_bad_reward_callables(tiny_lm, prompts_file, tmp_path, fn, needle):
     fails(tiny_args(tiny_lm, prompts_file, tmp_path / "a", "--reward", f"{HERE}/rewards.py:{fn}"), needle)
 

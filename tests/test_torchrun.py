@@ -12,11 +12,11 @@ from conftest import tiny_args
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def torchrun(args, env_extra=None, script=os.path.join(HERE, "ddp_probe.py")):
+def torchrun(args, env_extra=None, script=os.path.join(HERE, "ddp_probe.py"), ok=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", **(env_extra or {})}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
                           "2", script, *args], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    assert (out.returncode == 0) == ok, out.stdout[-2000:] + out.stderr[-4000:]
     return out
 
 
@@ -53,3 +53,17 @@ def test_global_ranking_sees_the_whole_batch(tiny_lm, prompts_file, tmp_path):
     raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "one", *args))
     sel = [[json.loads(line) for line in open(tmp_path / d / "iter_0001" / "selected.jsonl")] for d in ("one", "two")]
     assert sel[0] == sel[1] and len({s["prompt"] for s in sel[0]}) < 8   # global: several from the best prompts
+
+
+def test_a_rank_dying_ends_the_job_and_resume_continues(tiny_lm, prompts_file, tmp_path):
+    """Rank 1 is SIGKILLed while training stage 2: torchrun ends the whole job (no hang, the timeout would fail the
+    test) and reports the failure; --resume under torchrun continues from stage 1, the last completed one."""
+    args = tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--iterations", "2")
+    out = torchrun(args, {"RAFT_CRASH_AT": "train@2:1"}, script=os.path.join(os.path.dirname(HERE), "raft.py"),
+                   ok=False)
+    assert "Signal 9" in out.stderr or "SIGKILL" in out.stderr
+    assert raft.completed_stages(tmp_path / "r") == [0, 1]
+    out = torchrun(args + ["--resume"], script=os.path.join(os.path.dirname(HERE), "raft.py"))
+    assert "resuming after stage 1" in out.stdout
+    rows = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
+    assert [r["iteration"] for r in rows] == [0, 1, 2]
