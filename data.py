@@ -282,15 +282,17 @@ def check_run_dir(cfg):
     write_text(cfg_path, json.dumps(saved, indent=1))
 
 
-def save_stage(out_dir, t, metrics, rows=None, eval_rows=None, model=None, tok=None, after_model=None):
+def save_stage(out_dir, t, metrics, rows=None, eval_rows=None, model=None, tok=None, after_model=None,
+               state_dict=None):
     """Write iter_{t:04d}/ aside and rename it in place, so a directory that exists is complete. after_model() runs
-    once the model is written, before the rename (raft.py's crash test hook)."""
+    once the model is written, before the rename (raft.py's crash test hook). state_dict: the full weights of a
+    sharded (FSDP2) model, gathered by the caller."""
     final = os.path.join(out_dir, f"iter_{t:04d}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     if model is not None:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state_dict)
         tok.save_pretrained(tmp)
         if after_model:
             after_model()

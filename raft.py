@@ -108,6 +108,7 @@ class Config:
     report_to: str = field(default="none", metadata={"help": "none, tensorboard or wandb (those packages are optional)."})
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model repos to run their own Python code (off: safer)."})
+    dry_run: bool = field(default=False, metadata={"help": "Check the options and print the resolved configuration as JSON, then exit without loading anything (run_a40.sh DRY_RUN=1)."})
     demo_dir: str = field(default="runs/demo_model", metadata={"help": "Demo only: where the tiny pretrained review model and its prompts are built once and reused."})
     # ---- the SFT starting point
     sft_only: bool = field(default=False, metadata={"help": "Only SFT --model on (prompt, --sft_field) pairs for --epochs with the stage fine-tune code and save it to --out_dir: the paper's start (LLaMA-7B, 1 epoch on chosen)."})
@@ -228,7 +229,7 @@ def load_tokenizer(path: str, cfg: Config):
     return tok, getattr(mcfg, "max_position_embeddings", None) or getattr(mcfg, "n_positions", None) or 1 << 30
 
 
-def load_policy(cfg: Config, device, checkpoint: Optional[str] = None):
+def load_policy(cfg: Config, device, checkpoint: Optional[str] = None, shard=False):
     """The policy and its tokenizer: cfg.model, or a stage checkpoint (a full model, or LoRA adapters on cfg.model),
     in the memory mode of cfg (fp32 / bf16 base + LoRA / 8-bit base + LoRA). One-line errors for the usual mistakes."""
     base = checkpoint if checkpoint and not cfg.lora_r else cfg.model
@@ -257,9 +258,47 @@ def load_policy(cfg: Config, device, checkpoint: Optional[str] = None):
                 r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
                 target_modules=targets if targets == "all-linear" else targets.split(",")))
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = True  # generation still uses the KV cache; training passes use_cache=False
+    if shard and WORLD > 1 and not cfg.lora_r:
+        # full fine-tuning on several ranks: FSDP2 shards weights, grads and AdamW states (a 7B model with fp32
+        # AdamW needs ≈112 GB, ≈14 GB per rank on 8); one shard group per decoder layer, plus the rest at the root
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.bf16 else None, reduce_dtype=torch.float32)
+        for layer in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
     return model.eval(), tok
+
+
+def fsdp_modules(model) -> list:
+    from torch.distributed.fsdp import FSDPModule
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+@contextlib.contextmanager
+def full_weights(model):
+    """Inference on an FSDP2 model: gather every shard group once, keep it gathered through all forward passes (no
+    all-gather per decoding step, and no collective at all, so ranks may generate different numbers of steps),
+    then free it. A no-op for a model that is not sharded."""
+    mods = fsdp_modules(model) if WORLD > 1 else []
+    for m in mods:
+        m.unshard()
+        m.set_reshard_after_forward(False)
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.set_reshard_after_forward(True)
+            m.reshard()
+
+
+def full_state_dict(model):
+    """The full state dict of an FSDP2 model, on rank 0's CPU (a collective: every rank calls it); None otherwise."""
+    if WORLD == 1 or not fsdp_modules(model):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def save_merged(cfg: Config, adapter_dir: str, out: str):
@@ -338,22 +377,23 @@ def generate(model, tok, prompts: list[str], K: int, cfg: Config, desc="sample")
     order = sorted(range(len(prompts)), key=lambda i: len(enc[i]))
     out = [None] * len(prompts)
     device = next(model.parameters()).device
-    for s in bar(range(0, len(order), cfg.gen_batch_size), desc):
-        idx = order[s:s + cfg.gen_batch_size]
-        L = max(len(enc[i]) for i in idx)
-        input_ids = torch.full((len(idx), L), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), L), dtype=torch.long)
-        for r, i in enumerate(idx):  # left padding: every prompt ends at column L, so new tokens start there
-            input_ids[r, L - len(enc[i]):] = torch.tensor(enc[i])
-            mask[r, L - len(enc[i]):] = 1
-        # K copies of each row (HF's num_return_sequences refuses K > 1 when greedy): [len(idx)·K, L + new]
-        with amp(model, cfg.bf16):
-            seqs = model.generate(input_ids=input_ids.repeat_interleave(K, 0).to(device), generation_config=gc,
-                                  attention_mask=mask.repeat_interleave(K, 0).to(device),
-                                  tokenizer=tok if cfg.stop else None)
-        new = seqs[:, L:].tolist()
-        for r, i in enumerate(idx):
-            out[i] = [cut_response(new[r * K + k], tok, eos_ids, cfg.stop) for k in range(K)]
+    with full_weights(model):  # an FSDP2 policy is gathered once for the whole phase
+        for s in bar(range(0, len(order), cfg.gen_batch_size), desc):
+            idx = order[s:s + cfg.gen_batch_size]
+            L = max(len(enc[i]) for i in idx)
+            input_ids = torch.full((len(idx), L), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), L), dtype=torch.long)
+            for r, i in enumerate(idx):  # left padding: every prompt ends at column L, so new tokens start there
+                input_ids[r, L - len(enc[i]):] = torch.tensor(enc[i])
+                mask[r, L - len(enc[i]):] = 1
+            # K copies of each row (HF's num_return_sequences refuses K > 1 when greedy): [len(idx)·K, L + new]
+            with amp(model, cfg.bf16):
+                seqs = model.generate(input_ids=input_ids.repeat_interleave(K, 0).to(device), generation_config=gc,
+                                      attention_mask=mask.repeat_interleave(K, 0).to(device),
+                                      tokenizer=tok if cfg.stop else None)
+            new = seqs[:, L:].tolist()
+            for r, i in enumerate(idx):
+                out[i] = [cut_response(new[r * K + k], tok, eos_ids, cfg.stop) for k in range(K)]
     return out
 
 
@@ -399,9 +439,10 @@ def sequence_logprobs(model, examples, pad_id: int, batch_size: int, bf16=False)
     model.eval()
     device = next(model.parameters()).device
     out = []
-    for s in range(0, len(examples), batch_size):
-        batch = [t.to(device) for t in collate(examples[s:s + batch_size], pad_id)]
-        out += token_logprobs(model, *batch, bf16=bf16)[0].tolist()
+    with full_weights(model):  # ranks score different numbers of batches: no collectives inside
+        for s in range(0, len(examples), batch_size):
+            batch = [t.to(device) for t in collate(examples[s:s + batch_size], pad_id)]
+            out += token_logprobs(model, *batch, bf16=bf16)[0].tolist()
     return out
 
 
@@ -489,14 +530,15 @@ def trainable_state(model) -> dict:
 # ---- step 3: fine-tune -------------------------------------------------------------------------------------
 def finetune(model, examples, cfg: Config, pad_id: int, seed: int, stage: int = 0) -> float:
     """SFT on `examples` (list of (input_ids, labels)); returns the mean token loss of the last epoch.
-    Every rank holds the same examples and order and trains on every WORLD-th row of each global batch; DDP averages
-    the gradients. A fresh AdamW every call: each stage is a new SFT problem with its own schedule (LMFlow carried
+    Every rank holds the same examples and order and trains on every WORLD-th row of each global batch; DDP (LoRA,
+    8-bit) or FSDP2 (full fine-tuning) averages the gradients. A fresh AdamW every call: each stage is a new SFT problem with its own schedule (LMFlow carried
     the optimizer state over)."""
     model.train()
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    net = torch.nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model
+    fsdp = bool(fsdp_modules(model)) if WORLD > 1 else False  # FSDP2 (full fine-tuning) or DDP (LoRA / 8-bit)
+    net = torch.nn.parallel.DistributedDataParallel(model) if WORLD > 1 and not fsdp else model
     total = cfg.epochs * math.ceil(len(examples) / cfg.train_batch_size)  # the real number of optimizer steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / total)  # linear decay to 0
     gen = torch.Generator().manual_seed(seed)
@@ -508,16 +550,18 @@ def finetune(model, examples, cfg: Config, pad_id: int, seed: int, stage: int = 
             batch = sorted((examples[i] for i in perm[s:s + cfg.train_batch_size]), key=lambda e: len(e[0]))
             n_tok = sum(sum(t != -100 for t in y[1:]) for _, y in batch)  # the loss is a mean over these tokens
             rows = batch[RANK::WORLD]  # sorted by length, so every rank gets a similar share of tokens
-            # every rank runs the same number of micro-steps (DDP syncs on each backward); a rank with fewer rows
-            # repeats a row with weight 0
+            # every rank runs the same number of micro-steps (DDP and FSDP2 sync in the backward); a rank with
+            # fewer rows repeats a row with weight 0
             steps = math.ceil(math.ceil(len(batch) / WORLD) / cfg.micro_batch_size)
             for m in range(steps):
                 part, weight = rows[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size], 1.0
                 if not part:
                     part, weight = batch[:1], 0.0
                 ids, mask, labels = [t.to(device) for t in collate(part, pad_id)]
-                sync = m == steps - 1 or WORLD == 1
-                with (contextlib.nullcontext() if sync else net.no_sync()):
+                sync = m == steps - 1 or WORLD == 1  # gradients are reduced once, after the last micro-step
+                if fsdp:
+                    model.set_requires_gradient_sync(sync)
+                with (contextlib.nullcontext() if sync or fsdp else net.no_sync()):
                     lp, n = token_logprobs(net, ids, mask, labels, cfg.bf16)
                     (-lp.sum() * weight * WORLD / max(n_tok, 1)).backward()  # × WORLD: DDP averages over ranks
                 loss_sum += torch.stack([-lp.detach().sum(), n.sum().float()]) * weight
@@ -649,13 +693,14 @@ def run(cfg: Config):
     view = {r["prompt"]: r["reward_prompt"] for r in train_r + eval_r}  # rewards score the ###Human text
     reward_fn = load_rewards(cfg.reward, cfg.reward_weights, cfg.reward_template, cfg.reward_batch_size, device,
                              cfg.trust_remote_code, cfg.offload_reward, view)
-    model, tok = load_policy(cfg, device, checkpoint=os.path.join(cfg.out_dir, f"iter_{start:04d}") if start else None)
+    model, tok = load_policy(cfg, device, checkpoint=os.path.join(cfg.out_dir, f"iter_{start:04d}") if start else None,
+                             shard=True)
     kl = make_kl(cfg, model, device, _pad(tok))
     gen_model, gen_tok = (model, tok) if not cfg.generator_model else load_policy(dataclasses.replace(
         cfg, model=cfg.generator_model, lora_r=0, load_in_8bit=False, gradient_checkpointing=False), device)
     initial = None
     if cfg.finetune_from == "base":  # the stage-0 values of what trains (all weights, or the seeded LoRA init)
-        initial = trainable_state(load_policy(cfg, device)[0] if start else model)
+        initial = trainable_state(load_policy(cfg, device, shard=True)[0] if start else model)
     log = make_logger(cfg)
     print0(f"RAFT: {len(train_p)} training prompts, {len(eval_p)} eval prompts, b={cfg.prompts_per_iter}, "
            f"K={cfg.K}, λ={cfg.temperature}, ranking={cfg.ranking}, {cfg.iterations} stages on {device}; "
@@ -710,8 +755,10 @@ def run(cfg: Config):
         em, eval_rows = evaluate(model, tok, eval_p, reward_fn, cfg, seed=cfg.seed * 1000, kl=kl)
         times["time_eval"] = time.time() - t0
         m = {"iteration": t, **m, **em, **times}
+        state = full_state_dict(model)  # FSDP2: gathered to rank 0 (every rank takes part)
         if MASTER:
-            save_stage(cfg.out_dir, t, m, rows, eval_rows, model, tok, after_model=lambda: crash_point("save", t))
+            save_stage(cfg.out_dir, t, m, rows, eval_rows, model, tok, after_model=lambda: crash_point("save", t),
+                       state_dict=state)
             prune_models(cfg.out_dir, cfg.keep_last)
             write_metrics(cfg.out_dir, completed_stages(cfg.out_dir))
         barrier()
@@ -804,6 +851,10 @@ def parse(argv=None) -> Config:
 
 def main(argv=None):
     cfg = parse(argv)
+    if cfg.dry_run:  # the options passed validate(); nothing is loaded
+        print0(json.dumps({**dataclasses.asdict(cfg), "world_size": WORLD,
+                           "prompts_per_rank": cfg.prompts_per_iter // WORLD}, indent=1))
+        return None
     own_group = WORLD > 1 and not torch.distributed.is_initialized()
     if own_group:  # torchrun: NCCL between GPUs, gloo on CPU
         device = pick_device(cfg)

@@ -11,6 +11,8 @@ import raft  # noqa: E402
 torch.distributed.init_process_group("gloo")
 cfg = raft.parse(sys.argv[1:])
 rows, model = raft.run(cfg)
-torch.save({k: v.detach().clone() for k, v in model.state_dict().items()},
-           os.path.join(cfg.out_dir, f"rank{raft.RANK}.pt"))
+# full tensors on every rank: DDP's replicas as they are, FSDP2's shards gathered (a collective)
+full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in model.state_dict().items()}
+torch.save(full, os.path.join(cfg.out_dir, f"rank{raft.RANK}.pt"))
+torch.save({"fsdp": bool(raft.fsdp_modules(model))}, os.path.join(cfg.out_dir, f"rank{raft.RANK}.mode.pt"))
 torch.distributed.destroy_process_group()

@@ -32,13 +32,15 @@ def check_ranks(out_dir, log_dir, b):
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)  # identical after the stage
 
 
-def test_ddp_full_and_lora_two_ranks_then_resume_on_one(tiny_lm, prompts_file, tmp_path):
+def test_fsdp_full_and_ddp_lora_two_ranks_then_resume_on_one(tiny_lm, prompts_file, tmp_path):
     for mode, extra in [("full", []), ("lora", ["--lora_r", "4"])]:
         out, log = tmp_path / mode, tmp_path / f"log_{mode}"
         log.mkdir()
         torchrun(tiny_args(tiny_lm, prompts_file, out, "--iterations", "1", "--reward",
                            f"{HERE}/rewards.py:letters_logged", *extra), {"RAFT_TEST_LOG": str(log)})
         check_ranks(out, log, 8)
+        # full fine-tuning is sharded with FSDP2, LoRA replicated under DDP
+        assert [torch.load(out / f"rank{r}.mode.pt")["fsdp"] for r in (0, 1)] == [mode == "full"] * 2
         if mode == "full":   # a 2-rank checkpoint resumes on 1 process
             rows = raft.main(tiny_args(tiny_lm, prompts_file, out, "--iterations", "2", "--reward",
                                        f"{HERE}/rewards.py:letters", "--resume", "--resume_force"))
@@ -67,3 +69,24 @@ def test_a_rank_dying_ends_the_job_and_resume_continues(tiny_lm, prompts_file, t
     assert "resuming after stage 1" in out.stdout
     rows = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
     assert [r["iteration"] for r in rows] == [0, 1, 2]
+
+
+def run_a40(**env):
+    return subprocess.run(["bash", "run_a40.sh"], cwd=os.path.dirname(HERE), capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "DRY_RUN": "1", "MODEL": "my/llama-7b-sft", **env})
+
+
+def test_run_a40_dry_run_resolves_the_paper_config():
+    out = run_a40(K="32")
+    assert out.returncode == 0, out.stderr[-2000:]
+    cfg = json.loads(out.stdout)
+    assert (cfg["model"], cfg["dataset"], cfg["reward"]) == ("my/llama-7b-sft", "Dahoas/full-hh-rlhf",
+                                                            ["weqweasdas/hh_rlhf_rm_open_llama_3b"])
+    assert (cfg["K"], cfg["prompts_per_iter"], cfg["temperature"], cfg["lr"], cfg["epochs"], cfg["max_new_tokens"],
+            cfg["top_k"], cfg["top_p"]) == (32, 2048, 1.0, 2e-5, 2, 128, 0, 1.0)
+    assert cfg["bf16"] and cfg["lora_r"] == 0 and cfg["world_size"] == 8 and cfg["prompts_per_rank"] == 256
+    small = json.loads(run_a40(MODE="8bit", NPROC="4").stdout)
+    assert small["load_in_8bit"] and small["lora_r"] == 16 and small["gradient_checkpointing"]
+    bad = run_a40(B="2047")
+    assert bad.returncode != 0 and "multiple of 8" in bad.stderr
+    assert run_a40(MODE="fast").returncode == 2
