@@ -41,8 +41,9 @@ from collections import Counter
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 # Options shared with raft.py: same names, defaults and help text (raft.Config)
 SHARED = ["dataset", "prompt_field", "prompt_format", "chat_template", "eval_prompts", "max_prompt_tokens", "reward",
-          "reward_weights", "reward_template", "reward_batch_size", "offload_reward", "temperature", "top_k", "top_p",
-          "max_new_tokens", "stop", "gen_batch_size", "micro_batch_size", "seed", "device", "trust_remote_code"]
+          "reward_weights", "reward_template", "reward_batch_size", "offload_reward", "reward_load_in_8bit",
+          "temperature", "top_k", "top_p", "max_new_tokens", "stop", "gen_batch_size", "micro_batch_size", "seed",
+          "device", "trust_remote_code"]
 HELP = {"eval_prompts": "held-out prompts of --dataset_split to evaluate on (paper: 4,608 test prompts)"}
 COLUMNS = [("reward", "reward"), ("perplexity", "perplexity"), ("msttr_100", "MSTTR-100"),
            ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"), ("unique_1", "unique-1"),
@@ -184,7 +185,7 @@ def evaluate_models(args) -> list[dict]:
             .tolist()[:args.eval_prompts]]  # the same draw as raft.py's held-out prompts
     reward_prompts = [fits[args.model[0]][i]["reward_prompt"] for i in pick]
     reward_fn = load_rewards(args.reward, args.reward_weights, args.reward_template, args.reward_batch_size, device,
-                             args.trust_remote_code, args.offload_reward)
+                             args.trust_remote_code, args.offload_reward, None, args.reward_load_in_8bit)
     table, samples = [], []
 
     def add_row(name, responses, ppl):

@@ -65,6 +65,7 @@ class Config:
     reward_weights: str = field(default="", metadata={"help": "Comma-separated weights w_i of several --reward, e.g. 1,0.5: the reward is Σ w_i r_i (default: all 1)."})
     reward_template: str = field(default="{prompt} {response}", metadata={"help": "Text a reward model scores; {response} is stripped, so the default gives the paper's reward-model text '###Human: q###Assistant: a'."})
     reward_batch_size: int = field(default=32, metadata={"help": "Texts per reward-model forward pass (length-sorted batches)."})
+    reward_load_in_8bit: bool = field(default=False, metadata={"help": "Load reward models in 8-bit (bitsandbytes): about half the memory of bf16, slower; not with --offload_reward."})
     offload_reward: bool = field(default=False, metadata={"help": "Keep reward models on the CPU between scorings, on the GPU only while scoring: RAFT needs one model at a time."})
     # ---- step 1: sample
     prompts_per_iter: int = field(default=2048, metadata={"help": "b, global prompts per stage (paper: 2048)."})
@@ -191,6 +192,8 @@ def validate(cfg: Config):
     need(cfg.lora_r > 0 or not cfg.load_in_8bit, "--load_in_8bit trains adapters on a frozen 8-bit base; full "
          "fine-tuning of 8-bit weights is not possible: add --lora_r 16 (or drop --load_in_8bit)")
     need(cfg.lora_r > 0 or not cfg.merge_lora, "--merge_lora needs --lora_r > 0")
+    need(not (cfg.reward_load_in_8bit and cfg.offload_reward), "--reward_load_in_8bit keeps the 8-bit reward model "
+         "where it loads; drop --offload_reward (or load it in bf16)")
     need(cfg.keep_last >= 0, "--keep_last must be ≥ 0 (0 keeps every stage's model)")
     need(cfg.lr > 0 and cfg.epochs >= 1 and cfg.iterations >= 1, "--lr > 0, --epochs ≥ 1, --iterations ≥ 1")
     need(cfg.report_to in ("none", "tensorboard", "wandb"), "--report_to: none, tensorboard or wandb")
@@ -692,7 +695,7 @@ def run(cfg: Config):
     cfg = dataclasses.replace(cfg, stop=stop_strings(fmt, cfg.stop))  # HH: the next human turn ends a response
     view = {r["prompt"]: r["reward_prompt"] for r in train_r + eval_r}  # rewards score the ###Human text
     reward_fn = load_rewards(cfg.reward, cfg.reward_weights, cfg.reward_template, cfg.reward_batch_size, device,
-                             cfg.trust_remote_code, cfg.offload_reward, view)
+                             cfg.trust_remote_code, cfg.offload_reward, view, cfg.reward_load_in_8bit)
     model, tok = load_policy(cfg, device, checkpoint=os.path.join(cfg.out_dir, f"iter_{start:04d}") if start else None,
                              shard=True)
     kl = make_kl(cfg, model, device, _pad(tok))

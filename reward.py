@@ -63,20 +63,26 @@ def _load_callable(spec: str):
 
 
 def _load_model_reward(path: str, template: str, batch_size: int, device, dtype=None, trust_remote_code=False,
-                       offload=False):
+                       offload=False, load_in_8bit=False):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)  # bf16 halves memory and time
+    kw = {}
+    if load_in_8bit:  # int8 linear layers (bitsandbytes): about half of bf16's memory; placed on `device` for good
+        from transformers import BitsAndBytesConfig
+        kw = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": device}}
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
-                                                                   trust_remote_code=trust_remote_code)
+                                                                   trust_remote_code=trust_remote_code, **kw)
     except (OSError, ValueError) as e:
         raise SystemExit(f"--reward {path!r}: not file.py:function or module:function, and cannot load a "
                          f"sequence-classification model ({str(e).splitlines()[0]})")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id  # Llama RMs have no pad; masked
     model.config.pad_token_id = pad
-    model.to("cpu" if offload else device).eval()
+    if not load_in_8bit:
+        model.to("cpu" if offload else device)
+    model.eval()
     max_len = min(tok.model_max_length, getattr(model.config, "max_position_embeddings", 1 << 30))
     lead = 1 if tok.bos_token_id is not None and tok("")["input_ids"][:1] == [tok.bos_token_id] else 0
 
@@ -115,11 +121,11 @@ def _load_model_reward(path: str, template: str, batch_size: int, device, dtype=
 
 
 def load_reward(spec: str, template: str = "{prompt} {response}", batch_size: int = 32, device="cpu",
-                dtype=None, trust_remote_code: bool = False, offload: bool = False):
+                dtype=None, trust_remote_code: bool = False, offload: bool = False, load_in_8bit: bool = False):
     """A reward callable from `file.py:function`, `module:function`, or a sequence-classification model."""
     if ":" in spec and not os.path.isdir(spec):
         return _load_callable(spec)
-    return _load_model_reward(spec, template, batch_size, device, dtype, trust_remote_code, offload)
+    return _load_model_reward(spec, template, batch_size, device, dtype, trust_remote_code, offload, load_in_8bit)
 
 
 def parse_weights(weights: str, n: int) -> list[float]:
@@ -136,11 +142,12 @@ def parse_weights(weights: str, n: int) -> list[float]:
 
 
 def load_rewards(specs: list[str], weights: str = "", template: str = "{prompt} {response}", batch_size: int = 32,
-                 device="cpu", trust_remote_code: bool = False, offload: bool = False, prompt_view=None):
+                 device="cpu", trust_remote_code: bool = False, offload: bool = False, prompt_view=None,
+                 load_in_8bit: bool = False):
     """One reward r = Σ w_i r_i over the --reward specs; fn.stats holds the last call's per-reward means."""
     w = parse_weights(weights, len(specs))
-    fns = [load_reward(s, template, batch_size, device, trust_remote_code=trust_remote_code, offload=offload)
-           for s in specs]
+    fns = [load_reward(s, template, batch_size, device, trust_remote_code=trust_remote_code, offload=offload,
+                       load_in_8bit=load_in_8bit) for s in specs]
 
     def combined(prompts, responses):
         if prompt_view is not None:

@@ -86,3 +86,24 @@ def test_bf16_and_checkpointing_stages_finish_and_learn(tiny_lm, prompts_file, t
     assert all(p.dtype == torch.float32 for p in trainable)
     if "--lora_r" in extra:
         assert any(p.dtype == torch.bfloat16 for p in params.values() if not p.requires_grad)
+
+
+def test_reward_model_in_8bit_scores_like_full_precision(tmp_path):
+    """--reward_load_in_8bit: int8 linear layers, scores close to the fp32 model's (same order of the samples)."""
+    import bitsandbytes as bnb
+    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForSequenceClassification
+    from reward import load_reward
+    tok = ByT5Tokenizer()
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    prompts, responses = ["a", "bb", "question?", "x y z"] * 2, ["yes", "no", "maybe so", "a long answer", "", "?",
+                                                                  "ok then", "z"]
+    full = load_reward(str(tmp_path / "rm"))(prompts, responses)
+    fn = load_reward(str(tmp_path / "rm"), load_in_8bit=True)
+    int8 = fn(prompts, responses)
+    spread = max(full) - min(full)
+    assert spread > 0 and max(abs(a - b) for a, b in zip(full, int8)) < 0.2 * spread
+    assert torch.corrcoef(torch.tensor([full, int8]))[0, 1] > 0.9
