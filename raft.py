@@ -784,7 +784,7 @@ def sft(cfg: Config) -> float:
     device = pick_device(cfg)
     tok, ctx = load_tokenizer(cfg.model, cfg)
     records = usable_prompts(cfg, tok, ctx, cfg.dataset_split, responses=(cfg.sft_field,))[0]
-    model, tok = load_policy(cfg, device)
+    model, tok = load_policy(cfg, device, shard=True)
     examples = [build_example(*encode_pair(tok, r["prompt"], r[cfg.sft_field]), tok.eos_token_id) for r in records]
     fit = [e for e in examples if len(e[0]) <= ctx]
     if len(fit) < len(examples):
@@ -792,10 +792,11 @@ def sft(cfg: Config) -> float:
     print0(f"SFT: {len(fit)} (prompt, {cfg.sft_field}) pairs, {cfg.epochs} epoch(s), lr {cfg.lr}, on {device}")
     t0 = time.time()
     loss = finetune(model, fit, cfg, _pad(tok), seed=cfg.seed)
+    state = full_state_dict(model)  # FSDP2: gathered to rank 0 (every rank takes part)
     if MASTER:
         tmp = cfg.out_dir.rstrip("/") + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=state)
         tok.save_pretrained(tmp)
         with open(os.path.join(tmp, "sft.json"), "w") as f:
             json.dump({"sft_loss": loss, "n_examples": len(fit), "config": dataclasses.asdict(cfg)}, f, indent=1)

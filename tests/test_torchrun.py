@@ -90,3 +90,16 @@ def test_run_a40_dry_run_resolves_the_paper_config():
     bad = run_a40(B="2047")
     assert bad.returncode != 0 and "multiple of 8" in bad.stderr
     assert run_a40(MODE="fast").returncode == 2
+
+
+def test_sft_only_under_torchrun_saves_a_full_model(tiny_lm, tmp_path):
+    """--sft_only on 2 ranks (FSDP2): the saved model is a whole HF model that loads in one process."""
+    fixture = os.path.join(HERE, "fixtures", "hh_rlhf.jsonl")
+    torchrun(["--sft_only", "--model", tiny_lm, "--dataset", fixture, "--out_dir", str(tmp_path / "sft"), "--epochs",
+              "1", "--lr", "1e-3", "--train_batch_size", "4", "--micro_batch_size", "2", "--device", "cpu"],
+             script=os.path.join(os.path.dirname(HERE), "raft.py"))
+    from transformers import AutoModelForCausalLM
+    sft = AutoModelForCausalLM.from_pretrained(tmp_path / "sft")
+    base = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    assert sft.state_dict().keys() == base.state_dict().keys()
+    assert any(not torch.equal(sft.state_dict()[k], base.state_dict()[k]) for k in base.state_dict())
