@@ -11,6 +11,8 @@
   on a CPU. A text longer than the model's maximum length is cut from the left, keeping BOS, so the response (what
   is judged) stays whole; the number of cut texts is printed and logged. With `offload=True` the model waits on the
   CPU between scorings and visits the GPU only to score (RAFT's point: one model at a time on the GPU suffices).
+  With `load_in_8bit=True` (`--reward_load_in_8bit`) its linear layers are int8 (bitsandbytes): about half the
+  memory of bf16, slower, and it stays where it was loaded (no offloading).
 
 `load_rewards(specs, weights)` combines several rewards into r = Σ w_i r_i (one or more `--reward`, weights from
 `--reward_weights`, default all 1). After every call `fn.stats` holds what the caller logs: `reward_<i>_mean` for
