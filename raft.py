@@ -232,11 +232,13 @@ def load_tokenizer(path: str, cfg: Config):
     return tok, getattr(mcfg, "max_position_embeddings", None) or getattr(mcfg, "n_positions", None) or 1 << 30
 
 
-def load_policy(cfg: Config, device, checkpoint: Optional[str] = None, shard=False):
+def load_policy(cfg: Config, device, checkpoint: Optional[str] = None, shard=False, frozen=False):
     """The policy and its tokenizer: cfg.model, or a stage checkpoint (a full model, or LoRA adapters on cfg.model),
     in the memory mode of cfg (fp32 / bf16 base + LoRA / 8-bit base + LoRA). One-line errors for the usual mistakes."""
     base = checkpoint if checkpoint and not cfg.lora_r else cfg.model
-    kw = {"dtype": torch.bfloat16 if cfg.bf16 and cfg.lora_r else torch.float32,
+    # bf16 storage for weights that do not train (a LoRA base, a frozen reference or generator); trained full weights
+    # stay fp32 (master weights) and --bf16 computes in bf16 through autocast
+    kw = {"dtype": torch.bfloat16 if cfg.bf16 and (cfg.lora_r or frozen) else torch.float32,
           "trust_remote_code": cfg.trust_remote_code}
     if cfg.load_in_8bit:
         from transformers import BitsAndBytesConfig
@@ -521,7 +523,8 @@ def make_kl(cfg: Config, model, device, pad_id: int):
             with model.disable_adapter():
                 return lp(model, ex)
         return lambda ex: (lp(model, ex), with_base(ex))
-    ref = load_policy(dataclasses.replace(cfg, gradient_checkpointing=False), device)[0].requires_grad_(False)
+    ref = load_policy(dataclasses.replace(cfg, gradient_checkpointing=False), device, frozen=True)[0]
+    ref.requires_grad_(False)
     return lambda ex: (lp(model, ex), lp(ref, ex))
 
 
@@ -700,7 +703,8 @@ def run(cfg: Config):
                              shard=True)
     kl = make_kl(cfg, model, device, _pad(tok))
     gen_model, gen_tok = (model, tok) if not cfg.generator_model else load_policy(dataclasses.replace(
-        cfg, model=cfg.generator_model, lora_r=0, load_in_8bit=False, gradient_checkpointing=False), device)
+        cfg, model=cfg.generator_model, lora_r=0, load_in_8bit=False, gradient_checkpointing=False), device,
+        frozen=True)
     initial = None
     if cfg.finetune_from == "base":  # the stage-0 values of what trains (all weights, or the seeded LoRA init)
         initial = trainable_state(load_policy(cfg, device, shard=True)[0] if start else model)

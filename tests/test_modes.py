@@ -107,3 +107,15 @@ def test_reward_model_in_8bit_scores_like_full_precision(tmp_path):
     spread = max(full) - min(full)
     assert spread > 0 and max(abs(a - b) for a, b in zip(full, int8)) < 0.2 * spread
     assert torch.corrcoef(torch.tensor([full, int8]))[0, 1] > 0.9
+
+
+def test_frozen_reference_is_stored_in_bf16_under_bf16(tiny_lm, prompts_file, tmp_path):
+    """--kl_beta with full fine-tuning keeps p_0 as a frozen copy: bf16 under --bf16 (half the memory)."""
+    cfg = raft.parse(tiny_args(tiny_lm, prompts_file, tmp_path / "x", "--bf16"))
+    ref, _ = raft.load_policy(cfg, torch.device("cpu"), frozen=True)
+    policy, _ = raft.load_policy(cfg, torch.device("cpu"))
+    assert {p.dtype for p in ref.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in policy.parameters()} == {torch.float32}
+    rows = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--iterations", "1", "--bf16", "--kl_beta",
+                               "0.1"))
+    assert abs(rows[0]["eval_kl_to_start"]) < 0.05    # bf16 p_0 against the fp32 policy under bf16 autocast: ≈ 0
