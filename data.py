@@ -303,6 +303,19 @@ def save_stage(out_dir, t, metrics, rows=None, eval_rows=None, model=None, tok=N
     os.replace(tmp, final)
 
 
+def save_model_dir(out, model, tok, state_dict=None, files=None):
+    """A model and tokenizer (plus `files`, name -> text) written to out + ".tmp" and renamed to `out`, replacing
+    what was there: a reader never sees half a model (--sft_only, --merge_lora, the demo's starting model)."""
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, state_dict=state_dict)
+    tok.save_pretrained(tmp)
+    for name, text in (files or {}).items():
+        write_text(os.path.join(tmp, name), text)
+    shutil.rmtree(out, ignore_errors=True)  # os.replace needs the name free
+    os.replace(tmp, out)
+
+
 def completed_stages(out_dir) -> list[int]:
     return sorted(int(d[5:]) for d in os.listdir(out_dir) if re.fullmatch(r"iter_\d{4}", d))
 

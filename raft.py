@@ -29,11 +29,11 @@ many prompts per generate call; the logged eval reward comes from held-out promp
 """
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
 import re
-import shutil
 import signal
 import time
 from dataclasses import dataclass, field
@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, HfArgumentParser
 
 from data import (FORMATS, check_run_dir, completed_stages, demo_prompts, demo_reviews, load_prompts, prune_models,
-                  save_stage, stop_strings, train_demo_tokenizer, write_jsonl, write_metrics)
+                  save_model_dir, save_stage, stop_strings, train_demo_tokenizer, write_jsonl, write_metrics)
 from eval import text_metrics
 from reward import load_rewards, parse_weights, score
 
@@ -312,11 +312,7 @@ def save_merged(cfg: Config, adapter_dir: str, out: str):
     base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
                                                 trust_remote_code=cfg.trust_remote_code)
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    shutil.rmtree(out + ".tmp", ignore_errors=True)
-    merged.save_pretrained(out + ".tmp")
-    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(out + ".tmp")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(out + ".tmp", out)
+    save_model_dir(out, merged, AutoTokenizer.from_pretrained(adapter_dir))
     print0(f"merged LoRA model: {out}")
 
 
@@ -331,11 +327,16 @@ def _pad(tok):
 
 
 # ---- step 1: sample ----------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _bos_prefix(tok) -> tuple:
+    """(BOS,) when the tokenizer puts BOS in front of a text, else (): asked once per tokenizer, not per prompt."""
+    lead = tok("", add_special_tokens=True)["input_ids"]
+    return (tok.bos_token_id,) if tok.bos_token_id is not None and lead[:1] == [tok.bos_token_id] else ()
+
+
 def encode_prompt(tok, text: str) -> list[int]:
     """Prompt token ids with the tokenizer's leading special tokens (BOS) but never a trailing EOS (T5/ByT5 add one)."""
-    lead = tok("", add_special_tokens=True)["input_ids"]
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    return ([tok.bos_token_id] if tok.bos_token_id is not None and lead[:1] == [tok.bos_token_id] else []) + ids
+    return list(_bos_prefix(tok)) + tok(text, add_special_tokens=False)["input_ids"]
 
 
 def encode_pair(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
@@ -797,16 +798,9 @@ def sft(cfg: Config) -> float:
     t0 = time.time()
     loss = finetune(model, fit, cfg, _pad(tok), seed=cfg.seed)
     state = full_state_dict(model)  # FSDP2: gathered to rank 0 (every rank takes part)
-    if MASTER:
-        tmp = cfg.out_dir.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, state_dict=state)
-        tok.save_pretrained(tmp)
-        with open(os.path.join(tmp, "sft.json"), "w") as f:
-            json.dump({"sft_loss": loss, "n_examples": len(fit), "config": dataclasses.asdict(cfg)}, f, indent=1)
-        if os.path.isdir(cfg.out_dir):
-            os.rmdir(cfg.out_dir)  # empty (checked above); os.replace needs the name free
-        os.replace(tmp, cfg.out_dir)
+    if MASTER:  # out_dir is empty (checked above)
+        save_model_dir(cfg.out_dir, model, tok, state, {"sft.json": json.dumps(
+            {"sft_loss": loss, "n_examples": len(fit), "config": dataclasses.asdict(cfg)}, indent=1)})
     print0(f"SFT: last-epoch loss {loss:.3f} ({time.time() - t0:.0f}s); model saved to {cfg.out_dir} "
            f"(start RAFT from it with --model {cfg.out_dir})")
     return loss
@@ -832,11 +826,7 @@ def prepare_demo(cfg: Config):
                                   tok.eos_token_id) for r in reviews]
         pre = dataclasses.replace(cfg, lr=3e-3, epochs=3, train_batch_size=32, micro_batch_size=32)
         loss = finetune(model, examples, pre, tok.pad_token_id, seed=0)
-        tmp = model_dir + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        os.replace(tmp, model_dir)
+        save_model_dir(model_dir, model, tok)
         print0(f"demo: pretrained on {len(reviews)} reviews in {time.time() - t0:.0f}s (final loss {loss:.2f})")
     if not os.path.exists(prompts_file):
         write_jsonl(prompts_file, [{"prompt": p} for p in demo_prompts(2000, seed=1)])
