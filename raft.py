@@ -45,6 +45,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 from data import (FORMATS, check_run_dir, completed_stages, demo_prompts, demo_reviews, load_prompts, prune_models,
                   save_model_dir, save_stage, stop_strings, train_demo_tokenizer, write_jsonl, write_metrics)
+import fastgen
 from eval import text_metrics
 from reward import load_rewards, parse_weights, score
 
@@ -75,7 +76,9 @@ class Config:
     top_p: float = field(default=1.0, metadata={"help": "Nucleus filter while sampling (paper: 1.0 = off)."})
     max_new_tokens: int = field(default=128, metadata={"help": "Longest response in tokens (paper: 128); responses cut here get no EOS in training."})
     stop: list[str] = field(default_factory=list, metadata={"help": "Strings that end a response (trimmed off). Default: none, or with --prompt_format hh the next human turn, ###Human and Human: (as the paper)."})
-    gen_batch_size: int = field(default=64, metadata={"help": "Prompts per generate call (each gives K sequences); length-sorted. LMFlow made one call per prompt."})
+    gen_batch_size: int = field(default=64, metadata={"help": "Prompts sampled together (B·K rows per decoding step); length-sorted. LMFlow made one call per prompt. Lower it if memory runs out."})
+    gen_backend: str = field(default="fast", metadata={"help": "fast: fastgen.py (each prompt prefilled once and shared by its K samples, CUDA-graph decode steps; falls back to hf for attention it cannot run); hf: model.generate (stops at --stop strings early)."})
+    cuda_graphs: bool = field(default=True, metadata={"help": "With --gen_backend fast on a GPU: replay each decoding step as a CUDA graph (not for 8-bit or FSDP-sharded models, which run eager)."})
     # ---- step 2: rank
     ranking: str = field(default="local", metadata={"help": "local: best per prompt (paper); global: top b of all b·K (paper appendix); random: one random response per prompt (control)."})
     kl_beta: float = field(default=0.0, metadata={"help": "β in r − β·(log p_θ − log p_0) with p_0 the stage-0 model (paper Table 7: 0 best for reward); > 0 keeps a copy of p_0."})
@@ -182,6 +185,8 @@ def validate(cfg: Config):
          f"{WORLD} processes; use a multiple of {WORLD}")
     need(cfg.train_batch_size % (cfg.micro_batch_size * WORLD) == 0, f"--train_batch_size {cfg.train_batch_size} "
          f"must be a multiple of --micro_batch_size × processes = {cfg.micro_batch_size * WORLD}")
+    need(cfg.gen_backend in ("fast", "hf"), f"--gen_backend {cfg.gen_backend!r}: fast or hf")
+    need(cfg.gen_batch_size >= 1, "--gen_batch_size must be ≥ 1")
     need(cfg.ranking in RANKINGS, f"--ranking {cfg.ranking!r}: choose one of {RANKINGS}")
     need(cfg.temperature >= 0, "--temperature must be ≥ 0 (0 = greedy)")
     need(0 < cfg.top_p <= 1, "--top_p must be in (0, 1]")
@@ -370,36 +375,55 @@ def cut_response(ids: list[int], tok, eos_ids: set, stop: list[str]) -> dict:
 
 @torch.no_grad()
 def generate(model, tok, prompts: list[str], K: int, cfg: Config, desc="sample") -> list[list[dict]]:
-    """K responses for each prompt -> [len(prompts)][K] dicts of cut_response. Many prompts per generate call,
-    left-padded, shortest first so similar lengths share a call."""
+    """K responses for each prompt -> [len(prompts)][K] dicts of cut_response. --gen_backend fast: fastgen.sample
+    (each prompt prefilled once for its K samples, CUDA-graph decode); hf: model.generate, K copies of each prompt
+    per row, left-padded. Either way many prompts per call (--gen_batch_size), shortest first."""
     model.eval()
     enc = [encode_prompt(tok, p) for p in prompts]
     eos_ids = {tok.eos_token_id} | set(_as_list(model.generation_config.eos_token_id))
     eos_ids.discard(None)
+    new = None
+    with full_weights(model):  # an FSDP2 policy is gathered once for the whole phase
+        if cfg.gen_backend == "fast" and not getattr(model, "_fastgen_refused", False):
+            try:
+                new = fastgen.sample(model, enc, K, max_new_tokens=cfg.max_new_tokens, eos_ids=eos_ids,
+                                     pad_id=_pad(tok), temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                     batch_prompts=cfg.gen_batch_size, cuda_graphs=cfg.cuda_graphs,
+                                     autocast_dtype=torch.bfloat16 if cfg.bf16 else None,
+                                     progress=lambda it: bar(it, desc))
+            except fastgen.Unsupported as e:  # decided at the first prefill, before any sample is drawn
+                print0(f"--gen_backend fast: {e}; generating with model.generate instead")
+                model._fastgen_refused = True  # asked once per model, not every phase
+        if new is None:
+            new = _hf_generate(model, tok, enc, K, cfg, eos_ids, desc)
+    return [[cut_response(ids, tok, eos_ids, cfg.stop) for ids in row] for row in new]
+
+
+def _hf_generate(model, tok, enc: list[list[int]], K: int, cfg: Config, eos_ids: set, desc: str) -> list:
+    """--gen_backend hf: model.generate on --gen_batch_size prompts × K rows per call -> [prompt][K] new token ids."""
     pad = _pad(tok)
     gc = GenerationConfig(do_sample=cfg.temperature > 0, temperature=cfg.temperature or None, top_k=cfg.top_k,
                           top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
                           pad_token_id=pad, eos_token_id=sorted(eos_ids), stop_strings=cfg.stop or None)
-    order = sorted(range(len(prompts)), key=lambda i: len(enc[i]))
-    out = [None] * len(prompts)
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
+    out = [None] * len(enc)
     device = next(model.parameters()).device
-    with full_weights(model):  # an FSDP2 policy is gathered once for the whole phase
-        for s in bar(range(0, len(order), cfg.gen_batch_size), desc):
-            idx = order[s:s + cfg.gen_batch_size]
-            L = max(len(enc[i]) for i in idx)
-            input_ids = torch.full((len(idx), L), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), L), dtype=torch.long)
-            for r, i in enumerate(idx):  # left padding: every prompt ends at column L, so new tokens start there
-                input_ids[r, L - len(enc[i]):] = torch.tensor(enc[i])
-                mask[r, L - len(enc[i]):] = 1
-            # K copies of each row (HF's num_return_sequences refuses K > 1 when greedy): [len(idx)·K, L + new]
-            with amp(model, cfg.bf16):
-                seqs = model.generate(input_ids=input_ids.repeat_interleave(K, 0).to(device), generation_config=gc,
-                                      attention_mask=mask.repeat_interleave(K, 0).to(device),
-                                      tokenizer=tok if cfg.stop else None)
-            new = seqs[:, L:].tolist()
-            for r, i in enumerate(idx):
-                out[i] = [cut_response(new[r * K + k], tok, eos_ids, cfg.stop) for k in range(K)]
+    for s in bar(range(0, len(order), cfg.gen_batch_size), desc):
+        idx = order[s:s + cfg.gen_batch_size]
+        L = max(len(enc[i]) for i in idx)
+        input_ids = torch.full((len(idx), L), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), L), dtype=torch.long)
+        for r, i in enumerate(idx):  # left padding: every prompt ends at column L, so new tokens start there
+            input_ids[r, L - len(enc[i]):] = torch.tensor(enc[i])
+            mask[r, L - len(enc[i]):] = 1
+        # K copies of each row (HF's num_return_sequences refuses K > 1 when greedy): [len(idx)·K, L + new]
+        with amp(model, cfg.bf16):
+            seqs = model.generate(input_ids=input_ids.repeat_interleave(K, 0).to(device), generation_config=gc,
+                                  attention_mask=mask.repeat_interleave(K, 0).to(device),
+                                  tokenizer=tok if cfg.stop else None)
+        new = seqs[:, L:].tolist()
+        for r, i in enumerate(idx):
+            out[i] = new[r * K:(r + 1) * K]
     return out
 
 

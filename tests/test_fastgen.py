@@ -1,0 +1,146 @@
+"""fastgen.py, the fast sampler of step 1: greedy tokens equal model.generate's (Llama with GQA, Qwen2 with biases,
+LoRA), sampling follows HF's warpers exactly in distribution, raft.generate gives the same responses with either
+backend, and a model the fast path cannot run falls back to model.generate."""
+import pytest
+import torch
+from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM)
+from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
+                                                    TopPLogitsWarper)
+
+import fastgen
+import raft
+
+EOS, PAD = 3, 0
+
+
+def tiny(cls=LlamaForCausalLM, config=LlamaConfig, vocab=97, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=1, **kw)
+    return cls(cfg).eval()
+
+
+def prompts(n=7, vocab=97, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [[1] + torch.randint(4, vocab, (int(torch.randint(0, 13, (1,), generator=g)),), generator=g).tolist()
+            for _ in range(n)]
+
+
+def hf_greedy(model, ps, new, eos):
+    """model.generate on the left-padded batch: the reference."""
+    L = max(map(len, ps))
+    ids = torch.tensor([[PAD] * (L - len(p)) + p for p in ps])
+    mask = (ids != PAD).long()
+    mask[:, -1] = 1
+    for r, p in enumerate(ps):
+        mask[r, L - len(p):] = 1
+    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=GenerationConfig(
+        do_sample=False, max_new_tokens=new, eos_token_id=eos, pad_token_id=PAD))
+    return [fastgen._until_eos(row, eos) for row in out[:, L:].tolist()]
+
+
+def a_frequent_token(model, ps):
+    """A token that greedy decoding emits mid-sequence, used as EOS so that some samples end early."""
+    seqs = hf_greedy(model, ps, 10, [EOS])
+    counts = torch.bincount(torch.tensor([t for s in seqs for t in s[2:6]]))
+    return int(counts.argmax())
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-bias", "lora"])
+def test_greedy_tokens_equal_model_generate(arch):
+    if arch == "qwen2-bias":
+        model = tiny(Qwen2ForCausalLM, Qwen2Config)
+    else:
+        model = tiny()
+    if arch == "lora":
+        from peft import LoraConfig, get_peft_model
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
+    ps = prompts()
+    eos = a_frequent_token(model, ps)
+    ref = hf_greedy(model, ps, 16, [eos])
+    assert any(len(r) < 16 for r in ref) and any(len(r) == 16 for r in ref)  # some end early, some run out
+    for batch in (3, 64):  # several batches (and a last short one), and all in one
+        out = fastgen.sample(model, ps, 2, max_new_tokens=16, eos_ids={eos}, pad_id=PAD, temperature=0,
+                             batch_prompts=batch)
+        assert [o[0] for o in out] == ref and [o[1] for o in out] == ref
+
+
+def _target(logits, temperature, top_k, top_p):
+    """HF's warpers in HF's order, then softmax: the distribution generate samples from."""
+    s = logits[None].clone()
+    s = TemperatureLogitsWarper(temperature)(None, s)
+    if top_k:
+        s = TopKLogitsWarper(top_k)(None, s)
+    if top_p < 1:
+        s = TopPLogitsWarper(top_p)(None, s)
+    return s.softmax(-1)[0]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.8)])
+def test_sampling_follows_hf_warpers(temperature, top_k, top_p):
+    """First and second sampled tokens of 20,000 samples of one prompt against the exact distributions (the second
+    marginalised over the first): total variation < 0.03, and no token outside the top-k / nucleus ever appears."""
+    V = 16
+    model = tiny(vocab=V, seed=2)
+    with torch.no_grad():  # sharpen the random model a little so top-k / top-p have something to cut
+        model.lm_head.weight.mul_(8)
+    p = [1, 7, 9, 4]
+    n = 20000
+    torch.manual_seed(0)
+    out = fastgen.sample(model, [p], n, max_new_tokens=2, eos_ids=set(), pad_id=PAD, temperature=temperature,
+                         top_k=top_k, top_p=top_p, batch_prompts=1)[0]
+    with torch.no_grad():
+        first = _target(model(torch.tensor([p])).logits[0, -1], temperature, top_k, top_p)
+        nxt = model(torch.tensor([p + [a] for a in range(V)])).logits[:, -1]
+        second = sum(first[a] * _target(nxt[a], temperature, top_k, top_p) for a in range(V))
+    for dist, pos in ((first, 0), (second, 1)):
+        emp = torch.bincount(torch.tensor([o[pos] for o in out]), minlength=V).double() / n
+        assert 0.5 * (emp - dist.double()).abs().sum() < 0.03
+        assert emp[dist == 0].sum() == 0
+    assert (first > 0).sum() < V or (top_k == 0 and top_p == 1)  # the filters did cut something
+
+
+def test_pick_greedy_and_filters_unit():
+    logits = torch.tensor([[0.0, 2.0, 1.0, -1.0]])
+    assert fastgen.pick(logits, 0, 0, 1.0).item() == 1
+    torch.manual_seed(0)
+    draws = {fastgen.pick(logits, 1.0, 2, 1.0).item() for _ in range(200)}
+    assert draws == {1, 2}  # top-2 only, and both of them
+    draws = {fastgen.pick(logits, 1.0, 0, 0.5).item() for _ in range(200)}
+    assert draws == {1}  # token 1 alone holds > 50% of the mass
+
+
+def test_unsupported_attention_raises_before_sampling():
+    model = tiny(MistralForCausalLM, MistralConfig, sliding_window=4)  # a window shorter than prompt + response
+    with pytest.raises(fastgen.Unsupported):
+        fastgen.sample(model, prompts(3), 2, max_new_tokens=8, eos_ids={EOS}, pad_id=PAD, temperature=0)
+    assert model.config._attn_implementation != fastgen.ATTN  # the model's own attention is restored
+    wide = tiny(MistralForCausalLM, MistralConfig, sliding_window=4096)  # a window that covers everything is fine
+    out = fastgen.sample(wide, prompts(3), 2, max_new_tokens=8, eos_ids={EOS}, pad_id=PAD, temperature=0)
+    assert [o[0] for o in out] == hf_greedy(wide, prompts(3), 8, [EOS])
+
+
+def test_raft_generate_same_responses_with_either_backend(tiny_lm):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    model = LlamaForCausalLM.from_pretrained(tiny_lm).eval()
+    ps = ["Q1: why is the sky", "Q2: tell me a story about a cat A:", "Q3:"]
+    got = {}
+    for backend in ("fast", "hf"):
+        cfg = raft.Config(temperature=0, max_new_tokens=12, gen_backend=backend, stop=["A:"], gen_batch_size=2)
+        got[backend] = raft.generate(model, tok, ps, 2, cfg)
+    assert got["fast"] == got["hf"]
+    assert all(len(row) == 2 for row in got["fast"])
+
+
+def test_raft_generate_falls_back_to_hf(capsys):
+    from transformers import ByT5Tokenizer
+    tok = ByT5Tokenizer()
+    model = tiny(MistralForCausalLM, MistralConfig, vocab=len(tok), sliding_window=4)
+    model.generation_config.eos_token_id = tok.eos_token_id
+    cfg = raft.Config(temperature=0, max_new_tokens=6, gen_backend="fast")
+    fast = raft.generate(model, tok, ["hello", "a"], 2, cfg)
+    assert "generating with model.generate instead" in capsys.readouterr().out
+    hf = raft.generate(model, tok, ["hello", "a"], 2, raft.Config(temperature=0, max_new_tokens=6, gen_backend="hf"))
+    assert fast == hf and len(fast) == 2
