@@ -98,20 +98,9 @@ def _load_model_reward(path: str, template: str, batch_size: int, device, dtype=
         if reward_model.truncated:
             print(f"reward model {path}: {sum(cut)} of {len(texts)} texts were longer than {max_len} tokens and were "
                   f"cut from the left (the response is kept whole)", flush=True)
-        order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))  # longest first: similar lengths share a batch
-        out = [0.0] * len(enc)
         if offload:
             model.to(device)
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            L = len(enc[idx[0]])
-            ids = torch.full((len(idx), L), pad, dtype=torch.long)
-            mask = torch.zeros((len(idx), L), dtype=torch.long)
-            for r, i in enumerate(idx):  # right padding, masked: the model reads its score at the last real token
-                ids[r, :len(enc[i])], mask[r, :len(enc[i])] = torch.tensor(enc[i]), 1
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().tolist()
-            for i, v in zip(idx, logits):
-                out[i] = v
+        out = score_ids(model, enc, batch_size, pad)
         if offload:
             model.to("cpu")
             if device.type == "cuda":
@@ -120,6 +109,27 @@ def _load_model_reward(path: str, template: str, batch_size: int, device, dtype=
 
     reward_model.truncated = 0
     return reward_model
+
+
+@torch.no_grad()
+def score_ids(model, enc: list[list[int]], batch_size: int, pad: int) -> list[float]:
+    """A sequence-classification model's score of each token list, in batches of batch_size texts sorted by length
+    (longest first: similar lengths share a batch, so little padding; the first batch shows at once whether the
+    longest texts fit in memory). Right padding, masked: the model reads its score at the last real token."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
+    out = [0.0] * len(enc)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        L = len(enc[idx[0]])
+        ids = torch.full((len(idx), L), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), L), dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, :len(enc[i])], mask[r, :len(enc[i])] = torch.tensor(enc[i]), 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().tolist()
+        for i, v in zip(idx, logits):
+            out[i] = v
+    return out
 
 
 def load_reward(spec: str, template: str = "{prompt} {response}", batch_size: int = 32, device="cpu",

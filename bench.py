@@ -1,0 +1,320 @@
+"""Benchmarks of RAFT's three phases: the kit's code path against plain-HF baselines on the same inputs.
+
+    python bench.py --shape tiny --phase all          # CPU, seconds: the smoke test (tests/test_bench.py)
+    python bench.py --shape 1b --phase all            # one GPU: Llama-3.2-1B shape (1.5B parameters)
+    python bench.py --shape 7b --phase generate       # LLaMA-7B shape
+    python bench.py --shape 1b --phase stage          # one RAFT stage end to end (b=256, K=8), time per phase
+
+Random-weight Llama-shaped models (no hub access; speed and memory do not depend on the weights). Each row prints
+tokens/s, its fraction of the compute roofline (the measured bf16 matmul rate over 2·params FLOP per token for a
+forward pass, 6·params for training), the speed-up over each baseline and the peak memory of that row.
+
+- generate: b prompts of --prompt_len random tokens, K samples each, forced to exactly --new_tokens new tokens
+  (no EOS) at temperature 1, top_k 0, top_p 1 (the paper's sampling). Baselines: `hf-1`, model.generate with one
+  prompt (K rows) per call, as the authors' LMFlow code did (timed on --hf1_prompts prompts: it is slow); `hf-B`,
+  model.generate with --gen_batch_size prompts × K rows per call (the best plain-HF figure in NOTES.md). The kit:
+  fastgen.sample (raft.py --gen_backend fast), CUDA-graph captures included in its time. Also a greedy check:
+  the share of identical tokens between fastgen and model.generate on the same prompts (1.0 on CPU in fp32).
+- score: b·K texts of --prompt_len + a random response length, scored by a sequence-classification model of
+  --reward_shape (default: the policy's shape) with reward.score_ids (length-sorted batches, bf16); baseline: one
+  text per forward pass, as LMFlow did.
+- train: raft.finetune (one epoch) on b (prompt, response) rows; tokens/s counts every real, non-padding token;
+  baseline: right-padded micro-batches through the model's own loss (labels=...), the usual HF SFT step.
+"""
+import argparse
+import contextlib
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+
+import torch
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+import fastgen
+import raft
+from reward import score_ids
+
+SHAPES = {  # Llama shapes: the paper's LLaMA-7B, its 3B reward model (Open-LLaMA-3B), Llama-3.2-1B, and a toy
+    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256),
+    "3b": dict(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32000),
+}
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", choices=SHAPES, default="tiny")
+    ap.add_argument("--reward_shape", choices=SHAPES, default=None, help="default: --shape")
+    ap.add_argument("--phase", choices=["generate", "score", "train", "stage", "all"], default="all")
+    ap.add_argument("--prompts", type=int, default=None, help="b (default 64 on a GPU, 16 for tiny; stage: 256)")
+    ap.add_argument("--K", type=int, default=8)
+    ap.add_argument("--prompt_len", type=int, default=None, help="default 128 (tiny: 16)")
+    ap.add_argument("--new_tokens", type=int, default=None, help="default 128 (tiny: 16)")
+    ap.add_argument("--gen_batch_size", type=int, default=64, help="prompts per call: hf-B baseline and fastgen")
+    ap.add_argument("--hf1_prompts", type=int, default=4, help="prompts timed for the one-prompt-per-call baseline")
+    ap.add_argument("--reward_batch_size", type=int, default=32)
+    ap.add_argument("--micro_batch_size", type=int, default=8)
+    ap.add_argument("--no_cuda_graphs", action="store_true")
+    ap.add_argument("--json", default=None, help="also append every row as JSON to this file")
+    a = ap.parse_args(argv)
+    tiny = a.shape == "tiny"
+    a.prompts = a.prompts or (256 if a.phase == "stage" else 16 if tiny else 64)
+    a.prompt_len = a.prompt_len or (16 if tiny else 128)
+    a.new_tokens = a.new_tokens or (16 if tiny else 128)
+    a.reward_shape = a.reward_shape or a.shape
+    return a
+
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+DTYPE = torch.bfloat16 if DEV.type == "cuda" else torch.float32
+
+
+def sync():
+    if DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@contextlib.contextmanager
+def timed(row: dict):
+    """Fills row["secs"] and row["peak_gib"] (GPU memory allocated at the peak; 0 on a CPU)."""
+    sync()
+    if DEV.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    yield
+    sync()
+    row["secs"] = time.perf_counter() - t
+    row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if DEV.type == "cuda" else 0.0
+
+
+def matmul_rate() -> float:
+    """The measured dense matmul FLOP/s in the compute dtype: the roofline every row is compared with."""
+    n = 8192 if DEV.type == "cuda" else 512
+    x = torch.randn(n, n, device=DEV, dtype=DTYPE)
+    for _ in range(3):
+        x @ x
+    sync()
+    t, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        x @ x
+    sync()
+    return reps * 2 * n**3 / (time.perf_counter() - t)
+
+
+def build(shape: str, cls=LlamaForCausalLM, **kw):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                      **kw)
+    with torch.device(DEV):
+        model = cls(cfg).to(DTYPE).eval()
+    return model
+
+
+def n_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def generate_rows(a, rate: float) -> list[dict]:
+    model = build(a.shape)
+    P = n_params(model)
+    roof = rate / (2 * P)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, SHAPES[a.shape]["vocab_size"], (a.prompts, a.prompt_len), generator=g).tolist()
+    gc = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=a.new_tokens,
+                          min_new_tokens=a.new_tokens, pad_token_id=0, eos_token_id=2)
+
+    def hf(ps, per_call):
+        n = 0
+        for s in range(0, len(ps), per_call):
+            ids = torch.tensor(ps[s:s + per_call], device=DEV).repeat_interleave(a.K, 0)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gc)
+            n += out[:, ids.shape[1]:].numel()
+        return n
+
+    def fast(ps, graphs=not a.no_cuda_graphs):
+        out = fastgen.sample(model, ps, a.K, max_new_tokens=a.new_tokens, eos_ids=set(), pad_id=0,
+                             batch_prompts=a.gen_batch_size, cuda_graphs=graphs)
+        return sum(len(s) for row in out for s in row)
+
+    rows = []
+    hf(prompts[:1], 1)  # warm-up: kernels, cuBLAS handles
+    fast(prompts[:1])
+    for name, fn in ((f"hf-1 ({min(a.hf1_prompts, a.prompts)} prompts)", lambda: hf(prompts[:a.hf1_prompts], 1)),
+                     (f"hf-{a.gen_batch_size}", lambda: hf(prompts, a.gen_batch_size)),
+                     ("kit fastgen", lambda: fast(prompts))):
+        row = {"phase": "generate", "shape": a.shape, "params": P, "variant": name}
+        try:
+            with timed(row):
+                row["tokens"] = fn()
+        except torch.OutOfMemoryError:
+            row.update(tokens=0, secs=math.nan, peak_gib=math.nan, note="out of memory")
+            torch.cuda.empty_cache()
+        row["tok_s"] = row["tokens"] / row["secs"]
+        row["frac_roofline"] = row["tok_s"] / roof
+        rows.append(row)
+    # greedy: does the fast path give model.generate's tokens? (bf16 on a GPU may split ties differently)
+    ps = prompts[:4]
+    ref = model.generate(input_ids=torch.tensor(ps, device=DEV), attention_mask=torch.ones(4, a.prompt_len,
+                         dtype=torch.long, device=DEV), generation_config=GenerationConfig(
+                         do_sample=False, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, pad_token_id=0,
+                         eos_token_id=2))[:, a.prompt_len:].tolist()
+    got = [r[0] for r in fastgen.sample(model, ps, 1, max_new_tokens=a.new_tokens, eos_ids=set(), pad_id=0,
+                                         temperature=0, cuda_graphs=not a.no_cuda_graphs)]
+    same = sum(x == y for r, s in zip(ref, got) for x, y in zip(r, s)) / sum(map(len, ref))
+    rows[-1]["greedy_same_as_generate"] = same
+    return rows
+
+
+def score_rows(a, rate: float) -> list[dict]:
+    model = build(a.reward_shape, LlamaForSequenceClassification, num_labels=1)
+    P = n_params(model)
+    g = torch.Generator().manual_seed(1)
+    V = SHAPES[a.reward_shape]["vocab_size"]
+    lens = torch.randint(a.prompt_len + a.new_tokens // 8, a.prompt_len + a.new_tokens + 1, (a.prompts * a.K,),
+                         generator=g).tolist()
+    texts = [torch.randint(3, V, (n,), generator=g).tolist() for n in lens]
+    rows = []
+    score_ids(model, texts[:2], 2, 0)  # warm-up
+    n1 = max(1, len(texts) // 16)
+    for name, fn, n in (("one text per call", lambda: score_ids(model, texts[:n1], 1, 0), sum(lens[:n1])),
+                        (f"kit score_ids (batch {a.reward_batch_size})",
+                         lambda: score_ids(model, texts, a.reward_batch_size, 0), sum(lens))):
+        row = {"phase": "score", "shape": a.reward_shape, "params": P, "variant": name, "tokens": n}
+        with timed(row):
+            fn()
+        row["tok_s"] = n / row["secs"]
+        row["frac_roofline"] = row["tok_s"] * 2 * P / rate
+        rows.append(row)
+    return rows
+
+
+def train_rows(a, rate: float) -> list[dict]:
+    g = torch.Generator().manual_seed(2)
+    V = SHAPES[a.shape]["vocab_size"]
+    examples = []
+    for _ in range(a.prompts):
+        p = torch.randint(3, V, (int(torch.randint(a.prompt_len // 4, a.prompt_len + 1, (1,), generator=g)),),
+                          generator=g).tolist()
+        r = torch.randint(3, V, (int(torch.randint(a.new_tokens // 8, a.new_tokens + 1, (1,), generator=g)),),
+                          generator=g).tolist()
+        examples.append(raft.build_example(p, r, 2))
+    tokens = sum(len(x) for x, _ in examples)
+    cfg = raft.Config(epochs=1, lr=1e-5, train_batch_size=max(a.micro_batch_size, 32),
+                      micro_batch_size=a.micro_batch_size, bf16=DEV.type == "cuda")
+
+    def baseline(model):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+        model.train()
+        for s in range(0, len(examples), cfg.train_batch_size):
+            batch = examples[s:s + cfg.train_batch_size]
+            for m in range(0, len(batch), cfg.micro_batch_size):
+                ids, mask, labels = [t.to(DEV) for t in raft.collate(batch[m:m + cfg.micro_batch_size], 0)]
+                with raft.amp(model, cfg.bf16):
+                    model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    rows = []
+    for name, fn in (("plain HF loss, padded", baseline),
+                     ("kit finetune", lambda m: raft.finetune(m, examples, cfg, 0, seed=0))):
+        model = build(a.shape).float()  # fp32 master weights, bf16 autocast: the kit's --bf16 full fine-tuning
+        P = n_params(model)
+        row = {"phase": "train", "shape": a.shape, "params": P, "variant": name, "tokens": tokens}
+        try:
+            with timed(row):
+                fn(model)
+        except torch.OutOfMemoryError:
+            row.update(secs=math.nan, peak_gib=math.nan, note="out of memory")
+        row["tok_s"] = tokens / row["secs"]
+        row["frac_roofline"] = row["tok_s"] * 6 * P / rate  # MFU, real (non-padding) tokens only
+        rows.append(row)
+        del model
+        if DEV.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def stage_rows(a) -> list[dict]:
+    """One RAFT stage through raft.main on a random-weight model saved to a temporary directory: time per phase."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    V = SHAPES[a.shape]["vocab_size"]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, V)}}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    with tempfile.TemporaryDirectory() as d:
+        build(a.shape).save_pretrained(os.path.join(d, "m"))
+        tok.save_pretrained(os.path.join(d, "m"))
+        g = torch.Generator().manual_seed(3)
+        with open(os.path.join(d, "p.jsonl"), "w") as f:
+            for _ in range(a.prompts + 16):
+                f.write(json.dumps({"prompt": " ".join(f"w{i}" for i in torch.randint(3, V, (a.prompt_len - 1,),
+                                                                                       generator=g).tolist())}) + "\n")
+        args = ["--model", os.path.join(d, "m"), "--dataset", os.path.join(d, "p.jsonl"), "--reward",
+                "bench:word_count", "--prompts_per_iter", str(a.prompts), "--K", str(a.K), "--max_new_tokens",
+                str(a.new_tokens), "--eval_prompts", "16", "--iterations", "1", "--epochs", "2",
+                "--micro_batch_size", str(a.micro_batch_size), "--train_batch_size", "32", "--out_dir",
+                os.path.join(d, "run"), "--gen_batch_size", str(a.gen_batch_size), "--max_prompt_tokens",
+                str(a.prompt_len)] + (["--bf16"] if DEV.type == "cuda" else [])
+        raft.main(args)
+        with open(os.path.join(d, "run", "metrics.jsonl")) as f:
+            m = [json.loads(line) for line in f][-1]
+    return [{"phase": "stage", "shape": a.shape, "variant": f"b={a.prompts} K={a.K}", **{
+        k: m[k] for k in ("time_sample", "time_rank", "time_train", "time_eval")}}]
+
+
+def word_count(prompts, responses):
+    """The stage benchmark's reward (cheap, so the stage's time is the policy's)."""
+    return [float(len(r.split())) for r in responses]
+
+
+def table(rows: list[dict]) -> str:
+    """One markdown table; speed-ups are over the other rows of the same phase."""
+    out = ["| phase | shape | variant | tokens | s | tok/s | of roofline | speed-up over baselines | peak GiB |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["phase"] == "stage":
+            out.append(f"| stage | {r['shape']} | {r['variant']} | | sample {r['time_sample']:.1f}, rank "
+                       f"{r['time_rank']:.1f}, train {r['time_train']:.1f}, eval {r['time_eval']:.1f} | | | | |")
+            continue
+        base = [b for b in rows if b["phase"] == r["phase"] and b is not r and "kit" not in b["variant"]]
+        ups = ", ".join(f"{r['tok_s'] / b['tok_s']:.1f}× {b['variant'].split(' (')[0]}" for b in base
+                        if "kit" in r["variant"] and b["tok_s"] > 0)
+        note = f" (greedy = generate: {r['greedy_same_as_generate']:.3f})" if "greedy_same_as_generate" in r else ""
+        out.append(f"| {r['phase']} | {r['shape']} | {r['variant']}{note} | {r['tokens']} | {r['secs']:.2f} | "
+                   f"{r['tok_s']:,.0f} | {r['frac_roofline']:.1%} | {ups} | {r['peak_gib']:.1f} |")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    a = parse(argv)
+    rate = matmul_rate()
+    dev = torch.cuda.get_device_name() if DEV.type == "cuda" else "CPU"
+    print(f"device {dev}, torch {torch.__version__}, {DTYPE}; matmul {rate / 1e12:.2f} TFLOP/s; b={a.prompts} "
+          f"K={a.K} prompt {a.prompt_len} tokens, {a.new_tokens} new", flush=True)
+    rows = []
+    for phase, fn in (("generate", generate_rows), ("score", score_rows), ("train", train_rows)):
+        if a.phase in (phase, "all"):
+            rows += fn(a, rate)
+    if a.phase == "stage":
+        rows += stage_rows(a)
+    print(table(rows))
+    if a.json:
+        with open(a.json, "a") as f:
+            for r in rows:
+                f.write(json.dumps({**r, "device": dev, "matmul_tflops": rate / 1e12}) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    main()

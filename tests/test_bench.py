@@ -1,0 +1,35 @@
+"""bench.py --shape tiny runs on the CPU in seconds (as a user runs it, a subprocess) and reports every phase: the
+kit's generation does the same work as the baselines, its greedy tokens equal model.generate's, a stage runs."""
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_bench(tmp_path, *args):
+    out = tmp_path / "rows.jsonl"
+    p = subprocess.run([sys.executable, "bench.py", "--shape", "tiny", "--json", str(out), *args], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout, [json.loads(line) for line in open(out)]
+
+
+def test_bench_tiny_all_phases(tmp_path):
+    stdout, rows = run_bench(tmp_path, "--phase", "all")
+    gen = {r["variant"]: r for r in rows if r["phase"] == "generate"}
+    assert set(gen) == {"hf-1 (4 prompts)", "hf-64", "kit fastgen"}
+    assert gen["kit fastgen"]["tokens"] == gen["hf-64"]["tokens"] == 16 * 8 * 16  # b·K·new: the same work
+    assert gen["hf-1 (4 prompts)"]["tokens"] == 4 * 8 * 16
+    assert gen["kit fastgen"]["greedy_same_as_generate"] == 1.0
+    assert {r["phase"] for r in rows} == {"generate", "score", "train"}
+    for r in rows:
+        assert r["secs"] > 0 and r["tok_s"] > 0 and 0 < r["frac_roofline"] < 1, r
+    assert "| generate | tiny | kit fastgen" in stdout and "× hf-1" in stdout and "× hf-64" in stdout
+
+
+def test_bench_tiny_stage(tmp_path):
+    _, rows = run_bench(tmp_path, "--phase", "stage", "--prompts", "16")
+    (row,) = rows
+    assert row["variant"] == "b=16 K=8" and all(row[k] >= 0 for k in ("time_sample", "time_train", "time_eval"))
