@@ -196,6 +196,17 @@ def score_rows(a, rate: float) -> list[dict]:
     return rows
 
 
+def collate(examples, pad_id: int):
+    """The baseline's right-padded batch: input_ids, attention_mask, labels [B, T]; padding masked, no loss."""
+    T = max(len(x) for x, _ in examples)
+    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), T), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), T), dtype=torch.long)
+    for r, (x, y) in enumerate(examples):
+        ids[r, :len(x)], labels[r, :len(y)], mask[r, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+    return ids, mask, labels
+
+
 def train_rows(a, rate: float) -> list[dict]:
     g = torch.Generator().manual_seed(2)
     V = SHAPES[a.shape]["vocab_size"]
@@ -216,7 +227,7 @@ def train_rows(a, rate: float) -> list[dict]:
         for s in range(0, len(examples), cfg.train_batch_size):
             batch = examples[s:s + cfg.train_batch_size]
             for m in range(0, len(batch), cfg.micro_batch_size):
-                ids, mask, labels = [t.to(DEV) for t in raft.collate(batch[m:m + cfg.micro_batch_size], 0)]
+                ids, mask, labels = [t.to(DEV) for t in collate(batch[m:m + cfg.micro_batch_size], 0)]
                 with raft.amp(model, cfg.bf16):
                     model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
             opt.step()
@@ -224,7 +235,7 @@ def train_rows(a, rate: float) -> list[dict]:
 
     rows = []
     for name, fn in (("plain HF loss, padded", baseline),
-                     ("kit finetune", lambda m: raft.finetune(m, examples, cfg, 0, seed=0))):
+                     ("kit finetune", lambda m: raft.finetune(m, examples, cfg, seed=0))):
         model = build(a.shape).float()  # fp32 master weights, bf16 autocast: the kit's --bf16 full fine-tuning
         P = n_params(model)
         row = {"phase": "train", "shape": a.shape, "params": P, "variant": name, "tokens": tokens}

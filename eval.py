@@ -134,9 +134,9 @@ def plot_rewards(rows: list[dict], path: str):
 
 def perplexity(model, tok, prompts: list[str], responses: list[str], batch_size: int = 8) -> float:
     """exp(mean NLL per token) of the responses (+ EOS) given their prompts; prompt tokens are not counted."""
-    from raft import _pad, build_example, encode_pair, sequence_logprobs
+    from raft import build_example, encode_pair, sequence_logprobs
     examples = [build_example(*encode_pair(tok, p, r), tok.eos_token_id) for p, r in zip(prompts, responses)]
-    logp = sum(sequence_logprobs(model, examples, _pad(tok), batch_size))
+    logp = sum(sequence_logprobs(model, examples, batch_size))
     n = sum(sum(t != -100 for t in labels[1:]) for _, labels in examples)  # the positions that are predicted
     return math.exp(-logp / n)
 

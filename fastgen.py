@@ -49,16 +49,17 @@ def _attention(module, q, k, v, mask, dropout=0.0, scaling=None, raft_kv=None, *
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     if st["mode"] == "prefill":
         pk, pv = st["pk"][i], st["pv"][i]
-        if pk is None or pk.shape != k.shape or pk.dtype != k.dtype:
-            pk, pv = st["pk"][i], st["pv"][i] = torch.empty_like(k), torch.empty_like(v)
+        dtype = st["kv_dtype"] or k.dtype  # --bf16 on fp32 weights: a bf16 cache, as the steps compute in bf16
+        if pk is None or pk.shape != k.shape or pk.dtype != dtype:
+            pk, pv = st["pk"][i], st["pv"][i] = k.new_empty(k.shape, dtype=dtype), v.new_empty(v.shape, dtype=dtype)
         pk.copy_(k)
         pv.copy_(v)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=st["prefill_mask"], scale=scale,
+        out = F.scaled_dot_product_attention(q, pk, pv, attn_mask=st["prefill_mask"], scale=scale,
                                              enable_gqa=q.shape[1] != k.shape[1])
         return out.transpose(1, 2).contiguous(), None
     pk, pv, sk, sv, t = st["pk"][i], st["pv"][i], st["sk"][i], st["sv"][i], st["t"]
-    sk.index_copy_(2, t, k)
-    sv.index_copy_(2, t, v)
+    sk.index_copy_(2, t, k.to(sk.dtype))  # under autocast RoPE may return fp32 (fp32 cos/sin) or bf16
+    sv.index_copy_(2, t, v.to(sv.dtype))
     B, Hkv, Lp, D = pk.shape
     N, H = q.shape[:2]
     Kn, g, S = N // B, H // Hkv, sk.shape[2]
@@ -144,7 +145,8 @@ def sample(model, prompts: list[list[int]], K: int, *, max_new_tokens: int, eos_
     amp = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None,
                          cache_enabled=False)  # no weight-cast cache: a CUDA graph must redo the casts it captured
     n_layers = _base(model).config.num_hidden_layers
-    st = {"pk": [None] * n_layers, "pv": [None] * n_layers, "sk": [None] * n_layers, "sv": [None] * n_layers}
+    st = {"pk": [None] * n_layers, "pv": [None] * n_layers, "sk": [None] * n_layers, "sv": [None] * n_layers,
+          "kv_dtype": autocast_dtype}
     graph, graph_key = None, None
     with _raft_attention(model), amp:
         for idx in (progress(chunks) if progress else chunks):
@@ -205,8 +207,14 @@ def sample(model, prompts: list[list[int]], K: int, *, max_new_tokens: int, eos_
                     step()
                 torch.cuda.current_stream().wait_stream(side)
                 graph, graph_key = torch.cuda.CUDAGraph(), (N, Lp)
-                with torch.cuda.graph(graph):
-                    step()
+                try:
+                    with torch.cuda.graph(graph):
+                        step()
+                except RuntimeError as e:  # host work inside this model's forward: decode eagerly instead
+                    print(f"fastgen: CUDA-graph capture failed ({str(e).splitlines()[0][:200]}); decoding without "
+                          f"graphs (--cuda_graphs false skips the attempt)", flush=True)
+                    graphs, graph = False, None
+                    torch.cuda.synchronize()
             reset()
             for t in range(S - 1):
                 graph.replay() if graphs else step()

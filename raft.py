@@ -442,37 +442,68 @@ def example(tok, prompt: str, sample: dict):
     return build_example(encode_prompt(tok, prompt), sample["ids"], sample["end_id"])
 
 
-def collate(examples, pad_id: int):
-    """Right-padded batch: input_ids, attention_mask, labels [B, T]; padding carries no loss and no attention."""
-    T = max(len(x) for x, _ in examples)
-    ids = torch.full((len(examples), T), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), T), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), T), dtype=torch.long)
-    for r, (x, y) in enumerate(examples):
-        ids[r, :len(x)], labels[r, :len(y)], mask[r, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-    return ids, mask, labels
+def pack(examples) -> tuple[list[list[int]], int]:
+    """Rows of example indices, first-fit decreasing into rows as long as the longest example: never more rows or
+    tokens than right padding would use, and short examples fill the gaps that padding would waste."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
+    C = len(examples[order[0]][0])
+    rows, room = [], []
+    for i in order:
+        n = len(examples[i][0])
+        r = next((r for r in range(len(rows)) if room[r] >= n), None)
+        if r is None:
+            rows.append([]), room.append(C)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= n
+    return rows, C
 
 
-def token_logprobs(model, ids, mask, labels, bf16=False):
-    """Sum of log p(label) per row over the labelled positions: [B]. Also the token count per row."""
-    with amp(model, bf16):
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float()  # [B, T-1, V]
-    tgt = labels[:, 1:]
-    lp = torch.log_softmax(logits, -1).gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    keep = tgt != -100
-    return (lp * keep).sum(1), keep.sum(1)
+def example_logprobs(model, examples, bf16=False):
+    """Sum of log p(label) over each example's labelled positions, and their count: ([B], [B]).
+    The examples are packed (`pack`) into rows [R, C] with positions restarting at 0 for each example and for the
+    padding at a row's end, which transformers turns into a block-diagonal causal mask: nothing attends across
+    examples. The LM head runs only where a label is (prompt tokens need no logits: a large saving with 128K-token
+    vocabularies): a pre-hook hands it just those hidden states, [1, n, hidden]."""
+    rows, C = pack(examples)
+    ids = torch.zeros((len(rows), C), dtype=torch.long)  # padding: its own segment, after every real token
+    pos = torch.arange(C).repeat(len(rows), 1)
+    tgt = torch.full((len(rows), C), -100, dtype=torch.long)
+    seg = torch.zeros((len(rows), C), dtype=torch.long)
+    for r, row in enumerate(rows):
+        off = 0
+        for i in row:
+            x, y = examples[i]
+            n = len(x)
+            ids[r, off:off + n], seg[r, off:off + n] = torch.tensor(x), i
+            pos[r, off:off + n] = torch.arange(n)
+            tgt[r, off:off + n - 1] = torch.tensor(y[1:], dtype=torch.long)  # position j predicts token j + 1
+            off += n
+        pos[r, off:] = torch.arange(C - off)
+    keep = (tgt.flatten() != -100).nonzero().flatten()  # [n]: the positions that carry a loss
+    device = next(model.parameters()).device
+    keep_d = keep.to(device)
+    head = getattr(model, "module", model).get_output_embeddings()  # under DDP: the wrapped model's
+    hook = head.register_forward_pre_hook(lambda m, args: (args[0].flatten(0, 1)[keep_d][None],))
+    try:
+        with amp(model, bf16):
+            logits = model(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False).logits[0].float()
+    finally:
+        hook.remove()
+    lp = -torch.nn.functional.cross_entropy(logits, tgt.flatten()[keep].to(device), reduction="none")  # [n]
+    seg = seg.flatten()[keep].to(device)
+    total = torch.zeros(len(examples), device=device, dtype=lp.dtype).index_add(0, seg, lp)
+    return total, torch.bincount(seg, minlength=len(examples))
 
 
 @torch.no_grad()
-def sequence_logprobs(model, examples, pad_id: int, batch_size: int, bf16=False) -> list[float]:
+def sequence_logprobs(model, examples, batch_size: int, bf16=False) -> list[float]:
     """log p(response (+end) | prompt) per example, for the KL term of the ranking score."""
     model.eval()
-    device = next(model.parameters()).device
     out = []
     with full_weights(model):  # ranks score different numbers of batches: no collectives inside
         for s in range(0, len(examples), batch_size):
-            batch = [t.to(device) for t in collate(examples[s:s + batch_size], pad_id)]
-            out += token_logprobs(model, *batch, bf16=bf16)[0].tolist()
+            out += example_logprobs(model, examples[s:s + batch_size], bf16)[0].tolist()
     return out
 
 
@@ -537,12 +568,12 @@ def rank(prompts, samples, cfg: Config, gen):
 
 
 # the stage-0 model: p_0 of the KL term, and the weights --finetune_from base restarts from
-def make_kl(cfg: Config, model, device, pad_id: int):
+def make_kl(cfg: Config, model, device):
     """With --kl_beta > 0 or --eval_kl: f(examples) -> (log p_θ, log p_0) per example, p_0 the stage-0 model. Under
     LoRA p_0 is the base with adapters switched off (no second copy); otherwise a frozen copy of --model. Else None."""
     if cfg.kl_beta == 0 and not cfg.eval_kl:
         return None
-    lp = lambda m, ex: sequence_logprobs(m, ex, pad_id, cfg.micro_batch_size, cfg.bf16)
+    lp = lambda m, ex: sequence_logprobs(m, ex, cfg.micro_batch_size, cfg.bf16)
     if cfg.lora_r:
         def with_base(ex):
             with model.disable_adapter():
@@ -559,7 +590,7 @@ def trainable_state(model) -> dict:
 
 
 # ---- step 3: fine-tune -------------------------------------------------------------------------------------
-def finetune(model, examples, cfg: Config, pad_id: int, seed: int, stage: int = 0) -> float:
+def finetune(model, examples, cfg: Config, seed: int, stage: int = 0) -> float:
     """SFT on `examples` (list of (input_ids, labels)); returns the mean token loss of the last epoch.
     Every rank holds the same examples and order and trains on every WORLD-th row of each global batch; DDP (LoRA,
     8-bit) or FSDP2 (full fine-tuning) averages the gradients. A fresh AdamW every call: each stage is a new SFT problem with its own schedule (LMFlow carried
@@ -588,12 +619,11 @@ def finetune(model, examples, cfg: Config, pad_id: int, seed: int, stage: int = 
                 part, weight = rows[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size], 1.0
                 if not part:
                     part, weight = batch[:1], 0.0
-                ids, mask, labels = [t.to(device) for t in collate(part, pad_id)]
                 sync = m == steps - 1 or WORLD == 1  # gradients are reduced once, after the last micro-step
                 if fsdp:
                     model.set_requires_gradient_sync(sync)
                 with (contextlib.nullcontext() if sync or fsdp else net.no_sync()):
-                    lp, n = token_logprobs(net, ids, mask, labels, cfg.bf16)
+                    lp, n = example_logprobs(net, part, cfg.bf16)
                     (-lp.sum() * weight * WORLD / max(n_tok, 1)).backward()  # × WORLD: DDP averages over ranks
                 loss_sum += torch.stack([-lp.detach().sum(), n.sum().float()]) * weight
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -726,7 +756,7 @@ def run(cfg: Config):
                              cfg.trust_remote_code, cfg.offload_reward, view, cfg.reward_load_in_8bit)
     model, tok = load_policy(cfg, device, checkpoint=os.path.join(cfg.out_dir, f"iter_{start:04d}") if start else None,
                              shard=True)
-    kl = make_kl(cfg, model, device, _pad(tok))
+    kl = make_kl(cfg, model, device)
     gen_model, gen_tok = (model, tok) if not cfg.generator_model else load_policy(dataclasses.replace(
         cfg, model=cfg.generator_model, lora_r=0, load_in_8bit=False, gradient_checkpointing=False), device,
         frozen=True)
@@ -778,7 +808,7 @@ def run(cfg: Config):
                     for n, p in model.named_parameters():
                         if n in initial:
                             p.copy_(initial[n])
-            m["sft_loss"] = finetune(model, examples, cfg, _pad(tok), seed=cfg.seed * 1000 + t, stage=t)
+            m["sft_loss"] = finetune(model, examples, cfg, seed=cfg.seed * 1000 + t, stage=t)
         else:
             print0(f"stage {t}: every sample was discarded (NaN reward, empty, or --discard_regex); no fine-tuning")
             m["sft_loss"] = None
@@ -820,7 +850,7 @@ def sft(cfg: Config) -> float:
         print0(f"dropped {len(examples) - len(fit)} pairs longer than the model's context of {ctx} tokens")
     print0(f"SFT: {len(fit)} (prompt, {cfg.sft_field}) pairs, {cfg.epochs} epoch(s), lr {cfg.lr}, on {device}")
     t0 = time.time()
-    loss = finetune(model, fit, cfg, _pad(tok), seed=cfg.seed)
+    loss = finetune(model, fit, cfg, seed=cfg.seed)
     state = full_state_dict(model)  # FSDP2: gathered to rank 0 (every rank takes part)
     if MASTER:  # out_dir is empty (checked above)
         save_model_dir(cfg.out_dir, model, tok, state, {"sft.json": json.dumps(
@@ -849,7 +879,7 @@ def prepare_demo(cfg: Config):
         examples = [build_example(encode_prompt(tok, ""), tok(r, add_special_tokens=False)["input_ids"],
                                   tok.eos_token_id) for r in reviews]
         pre = dataclasses.replace(cfg, lr=3e-3, epochs=3, train_batch_size=32, micro_batch_size=32)
-        loss = finetune(model, examples, pre, tok.pad_token_id, seed=0)
+        loss = finetune(model, examples, pre, seed=0)
         save_model_dir(model_dir, model, tok)
         print0(f"demo: pretrained on {len(reviews)} reviews in {time.time() - t0:.0f}s (final loss {loss:.2f})")
     if not os.path.exists(prompts_file):

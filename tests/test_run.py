@@ -44,7 +44,7 @@ def test_two_stages_write_every_artifact_and_learn_the_kept_set(tiny_lm, prompts
     sel = [json.loads(line) for line in open(out / "iter_0001" / "selected.jsonl")]
     ex = [build_example(encode_prompt(tok, s["prompt"]), tok(s["response"], add_special_tokens=False)["input_ids"],
                         None) for s in sel]
-    lp = [sum(sequence_logprobs(AutoModelForCausalLM.from_pretrained(p), ex, 0, 8)) for p in
+    lp = [sum(sequence_logprobs(AutoModelForCausalLM.from_pretrained(p), ex, 8)) for p in
           (tiny_lm, out / "iter_0001")]
     assert lp[1] > lp[0] + 1.0
 

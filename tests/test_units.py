@@ -7,7 +7,7 @@ from transformers import ByT5Tokenizer
 
 import raft
 from eval import distinct_n, msttr, text_metrics, tokenize, unique_n
-from raft import Config, build_example, collate, cut_response, select, stage_prompts
+from raft import Config, build_example, cut_response, select, stage_prompts
 
 S = torch.tensor([[0.1, 0.9, 0.5],
                   [0.7, 0.2, 0.3],
@@ -103,32 +103,67 @@ def test_sft_example_masks_prompt_and_trains_eos_only_when_ended():
     assert x == [5, 6, 7, 8, 9] and y == [-100, -100, -100, 8, 9]
 
 
-def test_collate_pads_right_without_loss_or_attention():
-    ids, mask, labels = collate([build_example([5], [6, 7], 1), build_example([5, 5, 5], [6], None)], pad_id=0)
-    assert ids.tolist() == [[5, 6, 7, 1], [5, 5, 5, 6]]
-    ids, mask, labels = collate([build_example([5], [6], 1), build_example([5, 5, 5], [6, 7], 1)], pad_id=0)
-    assert ids.tolist() == [[5, 6, 1, 0, 0, 0], [5, 5, 5, 6, 7, 1]]
-    assert mask.tolist() == [[1, 1, 1, 0, 0, 0], [1] * 6]
-    assert labels.tolist() == [[-100, 6, 1, -100, -100, -100], [-100, -100, -100, 6, 7, 1]]
-
-
-def test_pad_equal_to_eos_still_trains_the_real_eos():
-    # a tokenizer whose pad is its EOS (Llama): the label mask comes from lengths, not from token values
-    ids, mask, labels = collate([build_example([5], [6], 2), build_example([5], [6, 7, 8], 2)], pad_id=2)
-    assert labels[0].tolist() == [-100, 6, 2, -100, -100] and mask[0].tolist() == [1, 1, 1, 0, 0]
-
-
-def test_token_logprobs_ignore_padding():
+def _tiny_model():
     from conftest import make_tiny_lm
     import tempfile
     from transformers import AutoModelForCausalLM
     with tempfile.TemporaryDirectory() as d:
-        model = AutoModelForCausalLM.from_pretrained(make_tiny_lm(d)).eval()
-    a, b = build_example([5, 9], [6, 7], 1), build_example([5, 5, 5, 5, 5, 5], [6], 1)
-    alone, n_alone = raft.token_logprobs(model, *collate([a], 0))
-    both, n_both = raft.token_logprobs(model, *collate([a, b], 0))
-    assert n_alone.tolist() == [3] and n_both.tolist() == [3, 2]
-    assert both[0].item() == pytest.approx(alone[0].item(), abs=1e-5)
+        return AutoModelForCausalLM.from_pretrained(make_tiny_lm(d)).eval()
+
+
+def _padded_logprob(model, x, y):
+    """The textbook reference: one example alone, full logits, log_softmax, labelled positions summed."""
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([x])).logits[0, :-1].float(), -1)
+    return sum(lp[i, t].item() for i, t in enumerate(y[1:]) if t != -100)
+
+
+def test_packed_logprobs_equal_each_example_alone():
+    """Packing several examples in one row leaks nothing between them: each one's sum equals its value alone,
+    including an example with an empty prompt right after another (its first token is never a target)."""
+    model = _tiny_model()
+    exs = [build_example([5, 9], [6, 7], 1), build_example([5] * 6, [6], 1), build_example([], [8, 9, 10], None),
+           build_example([4, 4, 4], [11, 12, 13, 14], 1)]
+    with torch.no_grad():
+        packed, n = raft.example_logprobs(model, exs)
+    assert n.tolist() == [3, 2, 2, 5]  # labelled positions after the shift (no EOS for the cut third one)
+    for got, (x, y) in zip(packed.tolist(), exs):
+        assert got == pytest.approx(_padded_logprob(model, x, y), abs=1e-4)
+
+
+def test_pack_fills_rows_no_longer_than_the_longest_example():
+    exs = [([0] * n, [0] * n) for n in (4, 7, 3, 7, 1, 2)]
+    rows, C = raft.pack(exs)
+    assert C == 7 and sorted(i for r in rows for i in r) == list(range(6))
+    assert all(sum(len(exs[i][0]) for i in r) <= C for r in rows)
+    assert len(rows) == 4 and [0, 2] in rows  # 7 | 7 | 4+3 | 2+1: fewer rows than padding's 6
+    # the logprob test below packs two examples into one row, so leakage between them would show
+    assert any(len(r) > 1 for r in raft.pack([build_example([5, 9], [6, 7], 1), build_example([5] * 6, [6], 1),
+                                              build_example([], [8, 9, 10], None)])[0])
+
+
+def test_pad_equal_to_eos_still_trains_the_real_eos():
+    # a tokenizer whose pad is its EOS (Llama): labels come from build_example, never from token values, and the
+    # packed row has no padding at all
+    model = _tiny_model()
+    a, b = build_example([5], [6, 2], 2), build_example([5, 2], [6, 7, 8], 2)  # 2 = EOS = pad
+    with torch.no_grad():
+        lp, n = raft.example_logprobs(model, [a, b])
+    assert n.tolist() == [3, 4]
+    assert lp[0].item() == pytest.approx(_padded_logprob(model, *a), abs=1e-4)
+
+
+def test_packed_gradients_equal_separate_examples():
+    """The SFT step's gradient from one packed row equals the sum of the examples' gradients taken one by one."""
+    model = _tiny_model()
+    exs = [build_example([5, 9], [6, 7], 1), build_example([5] * 4, [6, 9, 9], 1)]
+    raft.example_logprobs(model, exs)[0].sum().backward()
+    packed = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for e in exs:
+        raft.example_logprobs(model, [e])[0].sum().backward()
+    for g, p in zip(packed, model.parameters()):
+        assert torch.allclose(g, p.grad, atol=1e-5)
 
 
 def test_cut_response_eos_stop_and_truncation():
