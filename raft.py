@@ -28,6 +28,7 @@ many prompts per generate call; the logged eval reward comes from held-out promp
     torchrun --nproc_per_node 8 raft.py --model M --reward R --dataset D --lora_r 16 --bf16   # 8 GPUs, DDP
 """
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -100,6 +101,7 @@ class Config:
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path (a common peft default)."})
     lora_target_modules: str = field(default="all-linear", metadata={"help": "Comma-separated module names for adapters, or all-linear (every attention and MLP projection, not the LM head)."})
     load_in_8bit: bool = field(default=False, metadata={"help": "Load the policy's frozen base in 8-bit (bitsandbytes LLM.int8); needs --lora_r > 0. Fits a 7B run in ≈24 GB; 8-bit generation is slow."})
+    gen_dequantized: bool = field(default=False, metadata={"help": "With --load_in_8bit: sample from a temporary copy of the policy, int8 weights dequantized and the current adapters merged (bf16 on a GPU), freed after sampling. int8 generation is slow (reported ≈5× slower than bf16); this costs ≈2 bytes per parameter more while sampling (≈13.5 GB for 7B). Same weights up to LLM.int8's outlier handling."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward pass: less memory, ≈30% more SFT time."})
     merge_lora: bool = field(default=False, metadata={"help": "At the end, also save the base with the last adapters merged in to out_dir/merged (loadable without peft)."})
     # ---- loop and output
@@ -197,6 +199,8 @@ def validate(cfg: Config):
     need(cfg.lora_r > 0 or not cfg.load_in_8bit, "--load_in_8bit trains adapters on a frozen 8-bit base; full "
          "fine-tuning of 8-bit weights is not possible: add --lora_r 16 (or drop --load_in_8bit)")
     need(cfg.lora_r > 0 or not cfg.merge_lora, "--merge_lora needs --lora_r > 0")
+    need(cfg.load_in_8bit or not cfg.gen_dequantized, "--gen_dequantized dequantizes an 8-bit base for sampling: "
+         "add --load_in_8bit (or drop --gen_dequantized)")
     need(not (cfg.reward_load_in_8bit and cfg.offload_reward), "--reward_load_in_8bit keeps the 8-bit reward model "
          "where it loads; drop --offload_reward (or load it in bf16)")
     need(cfg.keep_last >= 0, "--keep_last must be ≥ 0 (0 keeps every stage's model)")
@@ -279,6 +283,37 @@ def load_policy(cfg: Config, device, checkpoint: Optional[str] = None, shard=Fal
             fully_shard(layer, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
     return model.eval(), tok
+
+
+def dequantized_copy(model):
+    """--gen_dequantized: a plain copy of an 8-bit LoRA policy for sampling, every int8 weight dequantized and the
+    active adapters merged in; bf16 on a GPU, fp32 on a CPU. The same function as the 8-bit model up to LLM.int8's
+    outlier handling; ≈2 bytes per parameter, freed by the caller after sampling."""
+    from peft.utils.integrations import dequantize_bnb_weight
+    base = model.get_base_model()
+    device = next(model.parameters()).device
+    config = copy.deepcopy(base.config)
+    if hasattr(config, "quantization_config"):  # a plain model: from_config must not quantize again
+        del config.quantization_config
+    with torch.device(device):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device.type == "cuda" else
+                                                 torch.float32)
+
+    def weight(mod, leaf):
+        p = getattr(mod, leaf)
+        return dequantize_bnb_weight(p, state=mod.state) if type(p).__name__ == "Int8Params" else p.detach()
+    with torch.no_grad():
+        for key, p in plain.state_dict().items():
+            path, _, leaf = key.rpartition(".")
+            mod = base.get_submodule(path)
+            if hasattr(mod, "base_layer") and hasattr(mod, "get_delta_weight"):  # a peft LoRA layer: W + B·A·scale
+                w = weight(mod.base_layer, leaf)
+                if leaf == "weight":
+                    w = w.float() + sum(mod.get_delta_weight(a).float() for a in mod.active_adapters)
+            else:
+                w = weight(mod, leaf)
+            p.copy_(w)
+    return plain.eval()
 
 
 def fsdp_modules(model) -> list:
@@ -383,6 +418,8 @@ def generate(model, tok, prompts: list[str], K: int, cfg: Config, desc="sample")
     eos_ids = {tok.eos_token_id} | set(_as_list(model.generation_config.eos_token_id))
     eos_ids.discard(None)
     new = None
+    if cfg.gen_dequantized and getattr(model, "is_loaded_in_8bit", False):
+        model = dequantized_copy(model)  # freed when this function returns
     with full_weights(model):  # an FSDP2 policy is gathered once for the whole phase
         if cfg.gen_backend == "fast" and not getattr(model, "_fastgen_refused", False):
             try:

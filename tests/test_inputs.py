@@ -28,6 +28,8 @@ def test_config_errors_name_the_flag(tiny_lm, prompts_file, tmp_path):
     fails(tiny_args(tiny_lm, prompts_file, tmp_path / "a", "--discard_regex", "(["), "--discard_regex")
     fails(tiny_args(tiny_lm, prompts_file, tmp_path / "a", "--eval_prompts", "100"), "--eval_prompts")
     fails(tiny_args(str(tmp_path / "nope"), prompts_file, tmp_path / "b"), "--model", "nope")
+    fails(tiny_args(tiny_lm, prompts_file, tmp_path / "a", "--gen_backend", "vllm"), "--gen_backend")
+    fails(tiny_args(tiny_lm, prompts_file, tmp_path / "a", "--gen_dequantized"), "--gen_dequantized", "--load_in_8bit")
 
 
 def test_dataset_errors(tiny_lm, tmp_path):

@@ -1,5 +1,6 @@
 """Memory modes on CPU with tiny models: LoRA, 8-bit base + LoRA (bitsandbytes runs on CPU here), bf16, gradient
 checkpointing. Each finishes a stage and changes exactly what it should."""
+import dataclasses
 import os
 
 import pytest
@@ -69,6 +70,34 @@ def test_8bit_base_loads_int8_layers_and_trains_adapters(tiny_lm, prompts_file, 
     after = state(model)
     changed = {k for k in before if not torch.equal(before[k].float(), after[k].float())}
     assert changed and all("lora_" in k for k in changed)
+
+
+def test_gen_dequantized_copy_matches_the_8bit_policy(tiny_lm, prompts_file, tmp_path):
+    """--gen_dequantized: the plain copy (int8 dequantized, adapters merged) computes what the 8-bit model with its
+    adapters computes, its greedy samples match, and a stage samples from it and trains the adapters."""
+    import bitsandbytes as bnb
+    cfg = raft.parse(tiny_args(tiny_lm, prompts_file, tmp_path / "q", "--iterations", "1", "--load_in_8bit",
+                               "--lora_r", "4", "--lr", "1e-2", "--gen_dequantized"))
+    model, tok = raft.load_policy(cfg, torch.device("cpu"))
+    with torch.no_grad():  # non-zero adapters, so that the merge matters
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    plain = raft.dequantized_copy(model)
+    assert not any(isinstance(m, bnb.nn.Linear8bitLt) for m in plain.modules())
+    ids = torch.tensor([tok("why is the sky blue")["input_ids"]])
+    with torch.no_grad(), model.disable_adapter():
+        bare = model(ids).logits
+    with torch.no_grad():
+        ref, got = model(ids).logits, plain(ids).logits
+    assert (ref - bare).abs().max() > 0.05  # the adapters change the output ...
+    assert (ref - got).abs().max() < 0.02 * (ref - bare).abs().max() + 1e-3  # ... and the copy has them
+    greedy = dataclasses.replace(cfg, temperature=0, max_new_tokens=8)
+    ps = ["why is the sky", "tell me a story"]
+    assert raft.generate(model, tok, ps, 1, greedy) == raft.generate(
+        model, tok, ps, 1, dataclasses.replace(greedy, gen_dequantized=False))
+    rows, _ = raft.run(cfg)
+    assert rows[1]["sft_loss"] == rows[1]["sft_loss"]
 
 
 def test_8bit_full_finetuning_is_refused(tiny_lm, prompts_file, tmp_path):
