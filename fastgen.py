@@ -129,14 +129,18 @@ def _graphs_possible(model, device) -> bool:
 @torch.no_grad()
 def sample(model, prompts: list[list[int]], K: int, *, max_new_tokens: int, eos_ids, pad_id: int,
            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_prompts: int = 64,
-           cuda_graphs: bool = True, autocast_dtype=None, bucket: int = 32, progress=None) -> list[list[list[int]]]:
+           cuda_graphs: bool = True, autocast_dtype=None, bucket: int = 32, static_shapes=None,
+           progress=None) -> list[list[list[int]]]:
     """K continuations of each prompt (token ids; BOS etc. already in them) -> [len(prompts)][K] lists of new
     token ids: up to and including the first EOS, else max_new_tokens long. Prompts are processed shortest first,
     batch_prompts at a time (B·K rows per step). eos_ids: ids that end a sample (empty: never stop early).
-    autocast_dtype: compute dtype for fp32 weights (--bf16). progress: wraps the iterable of batches (a bar)."""
+    autocast_dtype: compute dtype for fp32 weights (--bf16). static_shapes (default: when CUDA graphs are used):
+    prompt lengths rounded up to `bucket` and the last batch padded, so batches share shapes (and captures).
+    progress: wraps the iterable of batches (a bar)."""
     model.eval()
     device = next(model.parameters()).device
     graphs = cuda_graphs and _graphs_possible(model, device)
+    static = graphs if static_shapes is None else static_shapes
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     chunks = [order[s:s + batch_prompts] for s in range(0, len(order), batch_prompts)]
     out = [None] * len(prompts)
@@ -150,10 +154,11 @@ def sample(model, prompts: list[list[int]], K: int, *, max_new_tokens: int, eos_
     graph, graph_key = None, None
     with _raft_attention(model), amp:
         for idx in (progress(chunks) if progress else chunks):
-            B = batch_prompts if graphs else len(idx)  # graphs: pad the last batch so one capture serves all
+            # graphs: pad a short last batch to the others' size, so that one capture serves them all
+            B = min(batch_prompts, len(order)) if static else len(idx)
             rows = [prompts[i] for i in idx] + [prompts[idx[0]]] * (B - len(idx))
             longest = max(len(r) for r in rows)
-            Lp = -(-longest // bucket) * bucket if graphs else longest
+            Lp = -(-longest // bucket) * bucket if static else longest
             N = B * K
             # left padding: every prompt ends at column Lp; positions count real tokens only (as generate does)
             ids = torch.full((B, Lp), pad_id, dtype=torch.long)

@@ -60,9 +60,11 @@ def test_greedy_tokens_equal_model_generate(arch):
     eos = a_frequent_token(model, ps)
     ref = hf_greedy(model, ps, 16, [eos])
     assert any(len(r) < 16 for r in ref) and any(len(r) == 16 for r in ref)  # some end early, some run out
-    for batch in (3, 64):  # several batches (and a last short one), and all in one
+    # several batches (and a last short one), all in one, and the CUDA-graph layout (prompt lengths rounded up to
+    # a bucket, the last batch padded with copies) run eagerly here
+    for batch, static in ((3, False), (64, False), (3, True)):
         out = fastgen.sample(model, ps, 2, max_new_tokens=16, eos_ids={eos}, pad_id=PAD, temperature=0,
-                             batch_prompts=batch)
+                             batch_prompts=batch, static_shapes=static, bucket=8)
         assert [o[0] for o in out] == ref and [o[1] for o in out] == ref
 
 
