@@ -2,25 +2,28 @@
 
 Each stage t = 1..iterations:
   1. Sample    the next b = --prompts_per_iter prompts of the shuffled prompt set (without replacement; reshuffled
-               when it runs out); K = --K responses each at temperature λ (top_k 0, top_p 1, ≤ 128 new tokens).
+               when it runs out); K = --K responses each at temperature λ (top_k 0, top_p 1, ≤ 128 new tokens),
+               by fastgen.py: each prompt prefilled once for its K samples, CUDA-graph decoding on a GPU.
   2. Rank      score every (prompt, response) with --reward; keep the best response per prompt (--ranking local),
                the top b of all b·K (global, the paper's appendix), or a random one (the control). Optionally rank
                by r − β·(log p_θ(y|x) − log p_0(y|x)) (--kl_beta, paper Table 7) and drop responses that match
                --discard_regex (the paper's "#" reward hack). Empty responses and NaN rewards are never kept.
   3. Fine-tune SFT of the current model on the kept set: loss on response tokens only, EOS trained only where
-               the response ended by itself, one sample per row (no packing across samples), AdamW with linear
-               decay sized from this stage's real step count; a fresh optimizer every stage.
+               the response ended by itself, samples packed into rows with a block-diagonal mask (no attention
+               across samples, no padding waste), AdamW with linear decay sized from this stage's real step count;
+               a fresh optimizer every stage.
 Stage 0 evaluates the starting model; every stage after its fine-tuning is evaluated on held-out prompts.
 The paper's starting point, SFT on HH-RLHF's chosen responses, is the same fine-tune step: --sft_only.
 
-Also: LoRA (--lora_r), an 8-bit base under LoRA (--load_in_8bit), mixed bf16 (--bf16); torchrun with DDP (each rank
-samples and scores its share of the prompts, every rank ranks the whole gathered batch and trains on its rows);
+Also: LoRA (--lora_r), an 8-bit base under LoRA (--load_in_8bit, --gen_dequantized), mixed bf16 (--bf16); torchrun
+with DDP (each rank samples and scores its share of the prompts, every rank ranks the whole gathered batch and
+trains on its rows);
 crash-safe stage directories and --resume; the paper's ablation knobs (--kl_beta, --ranking, --generator_model,
 --finetune_from).
 
 Departures from the authors' LMFlow code (see README): responses are cut by token position, not string replace;
-prompt tokens carry no loss; EOS is trained; no cross-sample packing; the LR schedule uses the real step count;
-many prompts per generate call; the logged eval reward comes from held-out prompts.
+prompt tokens carry no loss; EOS is trained; packing never lets samples attend to each other; the LR schedule uses
+the real step count; many prompts sampled at once; the logged eval reward comes from held-out prompts.
 
     python raft.py                                   # offline demo: a tiny Llama learns positive reviews
     python raft.py --model M --reward R --dataset D  # your own run (see README)
@@ -630,8 +633,8 @@ def trainable_state(model) -> dict:
 def finetune(model, examples, cfg: Config, seed: int, stage: int = 0) -> float:
     """SFT on `examples` (list of (input_ids, labels)); returns the mean token loss of the last epoch.
     Every rank holds the same examples and order and trains on every WORLD-th row of each global batch; DDP (LoRA,
-    8-bit) or FSDP2 (full fine-tuning) averages the gradients. A fresh AdamW every call: each stage is a new SFT problem with its own schedule (LMFlow carried
-    the optimizer state over)."""
+    8-bit) or FSDP2 (full fine-tuning) averages the gradients. A fresh AdamW every call: each stage is a new SFT
+    problem with its own schedule (LMFlow carried the optimizer state over)."""
     model.train()
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
