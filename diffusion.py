@@ -294,7 +294,7 @@ def sample(sd, prompts: list[str], seeds: list[int], cfg: DiffusionConfig) -> li
     for s in range(0, len(prompts), cfg.sample_batch_size):
         ps, ss = prompts[s:s + cfg.sample_batch_size], seeds[s:s + cfg.sample_batch_size]
         ctx = encode_text(sd, ([""] * len(ps) if guided else []) + ps)  # [(2·)B, L, D], unconditional rows first
-        # noise drawn on the CPU from each image's own generator: the same image on any device and in any batch
+        # noise drawn on the CPU from each image's own generator: the same noise on any device and in any batch
         z = torch.stack([torch.randn(sd.unet.config.in_channels, h, h, generator=torch.Generator().manual_seed(x))
                          for x in ss]).to(sd.device) * sd.sched.init_noise_sigma  # [B, 4, h, h]
         for t in sd.sched.timesteps:
