@@ -4,6 +4,7 @@
     python bench.py --shape 1b --phase all            # one GPU: Llama-3.2-1B shape (1.5B parameters)
     python bench.py --shape 7b --phase generate       # LLaMA-7B shape
     python bench.py --shape 1b --phase stage          # one RAFT stage end to end (b=256, K=8), time per phase
+    python bench.py --shape sd15 --phase diffusion    # one diffusion.py stage, SD-1.5 shapes at 256×256
 
 Random-weight Llama-shaped models (no hub access; speed and memory do not depend on the weights). Each row prints
 tokens/s, its fraction of the compute roofline (the measured bf16 matmul rate over 2·params FLOP per token for a
@@ -20,6 +21,10 @@ forward pass, 6·params for training), the speed-up over each baseline and the p
   text per forward pass, as LMFlow did.
 - train: raft.finetune (one epoch) on b (prompt, response) rows; tokens/s counts every real, non-padding token;
   baseline: right-padded micro-batches through the model's own loss (labels=...), the usual HF SFT step.
+- stage / diffusion: one stage of raft.py / diffusion.py on random weights saved to a temporary directory (a
+  word-level tokenizer for the LM; the byte-level ByT5 tokenizer for SD), seconds per phase. diffusion: the
+  paper's setup (10 CIFAR-10 prompts, K=8, 50 DDIM steps, guidance 7.5, 256×256, LoRA) with the offline
+  `brightness` reward standing in for the aesthetic model; --shape tiny: a toy UNet at 32×32, 4 steps.
 """
 import argparse
 import contextlib
@@ -51,9 +56,9 @@ SHAPES = {  # Llama shapes: the paper's LLaMA-7B, its 3B reward model (Open-LLaM
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", choices=SHAPES, default="tiny")
+    ap.add_argument("--shape", choices=[*SHAPES, "sd15"], default="tiny", help="sd15: --phase diffusion only")
     ap.add_argument("--reward_shape", choices=SHAPES, default=None, help="default: --shape")
-    ap.add_argument("--phase", choices=["generate", "score", "train", "stage", "all"], default="all")
+    ap.add_argument("--phase", choices=["generate", "score", "train", "stage", "diffusion", "all"], default="all")
     ap.add_argument("--prompts", type=int, default=None, help="b (default 64 on a GPU, 16 for tiny; stage: 256)")
     ap.add_argument("--K", type=int, default=8)
     ap.add_argument("--prompt_len", type=int, default=None, help="default 128 (tiny: 16)")
@@ -70,6 +75,8 @@ def parse(argv=None):
     a.prompt_len = a.prompt_len or (16 if tiny else 128)
     a.new_tokens = a.new_tokens or (16 if tiny else 128)
     a.reward_shape = a.reward_shape or a.shape
+    if (a.shape == "sd15") != (a.phase == "diffusion") and not (tiny and a.phase == "diffusion"):
+        ap.error("--phase diffusion takes --shape sd15 (or tiny); the other phases take a Llama shape")
     return a
 
 
@@ -283,6 +290,42 @@ def stage_rows(a) -> list[dict]:
         k: m[k] for k in ("time_sample", "time_rank", "time_train", "time_eval")}}]
 
 
+def diffusion_rows(a) -> list[dict]:
+    """One diffusion.py stage on random weights of SD 1.5's shapes (or a toy UNet for --shape tiny): time per phase."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModel
+    import diffusion
+    tiny = a.shape == "tiny"
+    tok = ByT5Tokenizer()
+    torch.manual_seed(0)
+    text = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14's text tower (SD 1.5's), or a toy
+        vocab_size=len(tok) if tiny else 49408, hidden_size=32 if tiny else 768, intermediate_size=64 if tiny else 3072,
+        num_hidden_layers=2 if tiny else 12, num_attention_heads=4 if tiny else 12, max_position_embeddings=16 if
+        tiny else 77, hidden_act="quick_gelu", pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    unet = UNet2DConditionModel(  # SD 1.5's UNet: the diffusers defaults with 768-wide cross-attention
+        **(dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), attention_head_dim=8,
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")) if tiny else dict(sample_size=64,
+                                                                                    cross_attention_dim=768)))
+    vae = AutoencoderKL(  # SD's VAE: 4 levels (8× downsampling), 4 latent channels
+        down_block_types=("DownEncoderBlock2D",) * (3 if tiny else 4), up_block_types=("UpDecoderBlock2D",) * (3 if
+        tiny else 4), block_out_channels=(16, 32, 32) if tiny else (128, 256, 512, 512), layers_per_block=1 if tiny
+        else 2, latent_channels=4, norm_num_groups=8 if tiny else 32, sample_size=32 if tiny else 512,
+        scaling_factor=0.18215)
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    with tempfile.TemporaryDirectory() as d:
+        for name, part in dict(tokenizer=tok, text_encoder=text, unet=unet, vae=vae, scheduler=sched).items():
+            part.save_pretrained(os.path.join(d, "sd", name))
+        args = ["--model", os.path.join(d, "sd"), "--reward", "brightness", "--iterations", "1", "--out_dir",
+                os.path.join(d, "run"), "--K", str(a.K)] + (["--resolution", "32", "--steps", "4", "--prompts_per_iter",
+                                                             "4", "--eval_images", "1"] if tiny else []) + \
+               (["--bf16"] if DEV.type == "cuda" else [])
+        m = diffusion.main(args)[-1]
+    return [{"phase": "stage", "shape": a.shape, "variant": f"diffusion b={m.get('n_selected')} K={a.K}", **{
+        k: m[k] for k in ("time_sample", "time_rank", "time_train", "time_eval")}}]
+
+
 def word_count(prompts, responses):
     """The stage benchmark's reward (cheap, so the stage's time is the policy's)."""
     return [float(len(r.split())) for r in responses]
@@ -318,6 +361,8 @@ def main(argv=None):
             rows += fn(a, rate)
     if a.phase == "stage":
         rows += stage_rows(a)
+    if a.phase == "diffusion":
+        rows += diffusion_rows(a)
     print(table(rows))
     if a.json:
         with open(a.json, "a") as f:

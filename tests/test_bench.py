@@ -33,3 +33,9 @@ def test_bench_tiny_stage(tmp_path):
     _, rows = run_bench(tmp_path, "--phase", "stage", "--prompts", "16")
     (row,) = rows
     assert row["variant"] == "b=16 K=8" and all(row[k] >= 0 for k in ("time_sample", "time_train", "time_eval"))
+
+
+def test_bench_tiny_diffusion_stage(tmp_path):
+    _, rows = run_bench(tmp_path, "--phase", "diffusion")
+    (row,) = rows
+    assert row["variant"] == "diffusion b=4 K=8" and row["time_sample"] > 0 and row["time_train"] > 0
