@@ -31,7 +31,6 @@ import contextlib
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 
@@ -372,5 +371,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     main()

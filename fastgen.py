@@ -160,15 +160,8 @@ def sample(model, prompts: list[list[int]], K: int, *, max_new_tokens: int, eos_
             longest = max(len(r) for r in rows)
             Lp = -(-longest // bucket) * bucket if static else longest
             N = B * K
-            # left padding: every prompt ends at column Lp; positions count real tokens only (as generate does)
-            ids = torch.full((B, Lp), pad_id, dtype=torch.long)
-            valid = torch.zeros((B, Lp), dtype=torch.bool)
-            for r, p in enumerate(rows):
-                if p:
-                    ids[r, Lp - len(p):] = torch.tensor(p)
-                    valid[r, Lp - len(p):] = True
-            ids, valid = ids.to(device), valid.to(device)
-            pos = (valid.long().cumsum(-1) - 1).clamp(min=0)
+            ids, valid = (x.to(device) for x in left_pad(rows, Lp, pad_id))
+            pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only, as generate's
             causal = torch.ones(Lp, Lp, dtype=torch.bool, device=device).tril()
             # a padded query attends to itself only, so no row is all -inf (NaN would leak through 0·NaN)
             st.update(mode="prefill", total_len=Lp + S,
@@ -229,6 +222,18 @@ def sample(model, prompts: list[list[int]], K: int, *, max_new_tokens: int, eos_
             for r, i in enumerate(idx):
                 out[i] = [_until_eos(toks[r * K + k], eos_ids) for k in range(K)]
     return out
+
+
+def left_pad(rows: list[list[int]], L: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token rows left-padded to L columns, so every prompt ends at column L and new tokens start there:
+    (ids [B, L], valid [B, L] bool). Also raft.py's --gen_backend hf batches."""
+    ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+    valid = torch.zeros((len(rows), L), dtype=torch.bool)
+    for r, p in enumerate(rows):
+        if p:
+            ids[r, L - len(p):] = torch.tensor(p)
+            valid[r, L - len(p):] = True
+    return ids, valid
 
 
 def _keep(st: dict, name: str, value: torch.Tensor):

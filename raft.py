@@ -451,11 +451,8 @@ def _hf_generate(model, tok, enc: list[list[int]], K: int, cfg: Config, eos_ids:
     for s in bar(range(0, len(order), cfg.gen_batch_size), desc):
         idx = order[s:s + cfg.gen_batch_size]
         L = max(len(enc[i]) for i in idx)
-        input_ids = torch.full((len(idx), L), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), L), dtype=torch.long)
-        for r, i in enumerate(idx):  # left padding: every prompt ends at column L, so new tokens start there
-            input_ids[r, L - len(enc[i]):] = torch.tensor(enc[i])
-            mask[r, L - len(enc[i]):] = 1
+        input_ids, valid = fastgen.left_pad([enc[i] for i in idx], L, pad)
+        mask = valid.long()
         # K copies of each row (HF's num_return_sequences refuses K > 1 when greedy): [len(idx)·K, L + new]
         with amp(model, cfg.bf16):
             seqs = model.generate(input_ids=input_ids.repeat_interleave(K, 0).to(device), generation_config=gc,
