@@ -4,6 +4,9 @@
     python bench.py --shape 1b --phase all            # one GPU: Llama-3.2-1B shape (1.5B parameters)
     python bench.py --shape 7b --phase generate       # LLaMA-7B shape
     python bench.py --shape 1b --phase stage          # one RAFT stage end to end (b=256, K=8), time per phase
+    python bench.py --shape 7b --reward_shape 3b --phase stage --prompts 64 \
+        --raft_args "--load_in_8bit --lora_r 16 --gradient_checkpointing"   # a memory mode: peak GiB per phase
+    torchrun --nproc_per_node 1 bench.py --shape 1b --phase stage --raft_args "--lora_r 16"   # DDP / FSDP2 path
     python bench.py --shape sd15 --phase diffusion    # one diffusion.py stage, SD-1.5 shapes at 256×256
 
 Random-weight Llama-shaped models (no hub access; speed and memory do not depend on the weights). Each row prints
@@ -22,7 +25,11 @@ forward pass, 6·params for training), the speed-up over each baseline and the p
 - train: raft.finetune (one epoch) on b (prompt, response) rows; tokens/s counts every real, non-padding token;
   baseline: right-padded micro-batches through the model's own loss (labels=...), the usual HF SFT step.
 - stage / diffusion: one stage of raft.py / diffusion.py on random weights saved to a temporary directory (a
-  word-level tokenizer for the LM; the byte-level ByT5 tokenizer for SD), seconds per phase. diffusion: the
+  word-level tokenizer for the LM; the byte-level ByT5 tokenizer for SD), seconds and (GPU) peak GiB per phase.
+  stage: --bf16 on a GPU; the reward is a word count unless --reward_shape is given, then a random
+  sequence-classification model of that shape (the paper's 3B reward: --reward_shape 3b); --raft_args adds raft.py
+  options (a memory mode, --gen_batch_size, ...); under `torchrun --nproc_per_node 1` the stage runs through the
+  DDP (LoRA) / FSDP2 (full) engines, as on 8 GPUs. diffusion: the
   paper's setup (10 CIFAR-10 prompts, K=8, 50 DDIM steps, guidance 7.5, 256×256, LoRA) with the offline
   `brightness` reward standing in for the aesthetic model; --shape tiny: a toy UNet at 32×32, 4 steps.
 """
@@ -56,7 +63,8 @@ SHAPES = {  # Llama shapes: the paper's LLaMA-7B, its 3B reward model (Open-LLaM
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=[*SHAPES, "sd15"], default="tiny", help="sd15: --phase diffusion only")
-    ap.add_argument("--reward_shape", choices=SHAPES, default=None, help="default: --shape")
+    ap.add_argument("--reward_shape", choices=SHAPES, default=None, help="score: default --shape; stage: a reward "
+                    "model of this shape (default: a word-count reward, no model)")
     ap.add_argument("--phase", choices=["generate", "score", "train", "stage", "diffusion", "all"], default="all")
     ap.add_argument("--prompts", type=int, default=None, help="b (default 64 on a GPU, 16 for tiny; stage: 256)")
     ap.add_argument("--K", type=int, default=8)
@@ -67,8 +75,10 @@ def parse(argv=None):
     ap.add_argument("--reward_batch_size", type=int, default=32)
     ap.add_argument("--micro_batch_size", type=int, default=8)
     ap.add_argument("--no_cuda_graphs", action="store_true")
+    ap.add_argument("--raft_args", default="", help="stage: extra raft.py options, e.g. \"--lora_r 16 --bf16\"")
     ap.add_argument("--json", default=None, help="also append every row as JSON to this file")
     a = ap.parse_args(argv)
+    a.stage_reward = a.reward_shape
     tiny = a.shape == "tiny"
     a.prompts = a.prompts or (256 if a.phase == "stage" else 16 if tiny else 64)
     a.prompt_len = a.prompt_len or (16 if tiny else 128)
@@ -76,6 +86,8 @@ def parse(argv=None):
     a.reward_shape = a.reward_shape or a.shape
     if (a.shape == "sd15") != (a.phase == "diffusion") and not (tiny and a.phase == "diffusion"):
         ap.error("--phase diffusion takes --shape sd15 (or tiny); the other phases take a Llama shape")
+    if raft.WORLD > 1:
+        ap.error("bench.py runs one process; under torchrun use --nproc_per_node 1")
     return a
 
 
@@ -259,34 +271,56 @@ def train_rows(a, rate: float) -> list[dict]:
     return rows
 
 
-def stage_rows(a) -> list[dict]:
-    """One RAFT stage through raft.main on a random-weight model saved to a temporary directory: time per phase."""
+def word_tokenizer(V: int):
+    """A word-level tokenizer with V ids ("w3" is id 3): random-token texts survive a decode and re-encode."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    V = SHAPES[a.shape]["vocab_size"]
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, V)}}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def save_random(d: str, shape: str, cls=LlamaForCausalLM, **kw) -> str:
+    """A random model of `shape` and its word tokenizer saved to d; the GPU memory it used is given back, so the
+    stage's peak memory is raft.py's own."""
+    model = build(shape, cls, **kw)
+    model.save_pretrained(d)
+    word_tokenizer(SHAPES[shape]["vocab_size"]).save_pretrained(d)
+    del model
+    if DEV.type == "cuda":
+        torch.cuda.empty_cache()
+    return d
+
+
+def stage_rows(a) -> list[dict]:
+    """One RAFT stage through raft.main on a random-weight model saved to a temporary directory: time and (GPU)
+    peak memory per phase."""
+    import shlex
+    V = SHAPES[a.shape]["vocab_size"]
     with tempfile.TemporaryDirectory() as d:
-        build(a.shape).save_pretrained(os.path.join(d, "m"))
-        tok.save_pretrained(os.path.join(d, "m"))
+        policy = save_random(os.path.join(d, "m"), a.shape)
+        reward = save_random(os.path.join(d, "rm"), a.stage_reward, LlamaForSequenceClassification,
+                             num_labels=1) if a.stage_reward else "bench:word_count"
         g = torch.Generator().manual_seed(3)
         with open(os.path.join(d, "p.jsonl"), "w") as f:
             for _ in range(a.prompts + 16):
                 f.write(json.dumps({"prompt": " ".join(f"w{i}" for i in torch.randint(3, V, (a.prompt_len - 1,),
                                                                                        generator=g).tolist())}) + "\n")
-        args = ["--model", os.path.join(d, "m"), "--dataset", os.path.join(d, "p.jsonl"), "--reward",
-                "bench:word_count", "--prompts_per_iter", str(a.prompts), "--K", str(a.K), "--max_new_tokens",
+        args = ["--model", policy, "--dataset", os.path.join(d, "p.jsonl"), "--reward", reward,
+                "--prompts_per_iter", str(a.prompts), "--K", str(a.K), "--max_new_tokens",
                 str(a.new_tokens), "--eval_prompts", "16", "--iterations", "1", "--epochs", "2",
                 "--micro_batch_size", str(a.micro_batch_size), "--train_batch_size", "32", "--out_dir",
-                os.path.join(d, "run"), "--gen_batch_size", str(a.gen_batch_size), "--max_prompt_tokens",
-                str(a.prompt_len)] + (["--bf16"] if DEV.type == "cuda" else [])
+                os.path.join(d, "run"), "--gen_batch_size", str(a.gen_batch_size), "--reward_batch_size",
+                str(a.reward_batch_size), "--max_prompt_tokens", str(a.prompt_len)] + \
+            (["--bf16"] if DEV.type == "cuda" else []) + shlex.split(a.raft_args)
         raft.main(args)
         with open(os.path.join(d, "run", "metrics.jsonl")) as f:
             m = [json.loads(line) for line in f][-1]
-    return [{"phase": "stage", "shape": a.shape, "variant": f"b={a.prompts} K={a.K}", **{
-        k: m[k] for k in ("time_sample", "time_rank", "time_train", "time_eval")}}]
+    variant = f"b={a.prompts} K={a.K}" + (f" reward {a.stage_reward}" if a.stage_reward else "") + \
+        (f" {a.raft_args}" if a.raft_args else "") + (" (torchrun)" if raft.DIST else "")
+    return [{"phase": "stage", "shape": a.shape, "variant": variant,
+             **{k: v for k, v in m.items() if k.startswith(("time_", "peak_gib_"))}}]
 
 
 def diffusion_rows(a) -> list[dict]:
@@ -336,8 +370,11 @@ def table(rows: list[dict]) -> str:
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["phase"] == "stage":
+            peak = ", ".join(f"{p} {r['peak_gib_' + p]:.1f}" for p in ("sample", "rank", "train", "eval")
+                             if "peak_gib_" + p in r)
             out.append(f"| stage | {r['shape']} | {r['variant']} | | sample {r['time_sample']:.1f}, rank "
-                       f"{r['time_rank']:.1f}, train {r['time_train']:.1f}, eval {r['time_eval']:.1f} | | | | |")
+                       f"{r['time_rank']:.1f}, train {r['time_train']:.1f}, eval {r['time_eval']:.1f} | | | | "
+                       f"{peak} |")
             continue
         base = [b for b in rows if b["phase"] == r["phase"] and b is not r and "kit" not in b["variant"]]
         ups = ", ".join(f"{r['tok_s'] / b['tok_s']:.1f}× {b['variant'].split(' (')[0]}" for b in base

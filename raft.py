@@ -134,6 +134,8 @@ RANKINGS = ("local", "global", "random")
 RANK = int(os.environ.get("RANK", 0))
 WORLD = int(os.environ.get("WORLD_SIZE", 1))
 MASTER = RANK == 0  # only rank 0 prints, shows progress bars and writes files
+# launched by torchrun (even with one process): DDP / FSDP2 over a process group, the same code path as 8 GPUs
+DIST = WORLD > 1 or "TORCHELASTIC_RUN_ID" in os.environ
 
 
 def print0(*args):
@@ -277,7 +279,7 @@ def load_policy(cfg: Config, device, checkpoint: Optional[str] = None, shard=Fal
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = True  # generation still uses the KV cache; training passes use_cache=False
-    if shard and WORLD > 1 and not cfg.lora_r:
+    if shard and DIST and not cfg.lora_r:
         # full fine-tuning on several ranks: FSDP2 shards weights, grads and AdamW states (a 7B model with fp32
         # AdamW needs ≈112 GB, ≈14 GB per rank on 8); one shard group per decoder layer, plus the rest at the root
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -329,7 +331,7 @@ def full_weights(model):
     """Inference on an FSDP2 model: gather every shard group once, keep it gathered through all forward passes (no
     all-gather per decoding step, and no collective at all, so ranks may generate different numbers of steps),
     then free it. A no-op for a model that is not sharded."""
-    mods = fsdp_modules(model) if WORLD > 1 else []
+    mods = fsdp_modules(model) if DIST else []
     for m in mods:
         m.unshard()
         m.set_reshard_after_forward(False)
@@ -343,7 +345,7 @@ def full_weights(model):
 
 def full_state_dict(model):
     """The full state dict of an FSDP2 model, on rank 0's CPU (a collective: every rank calls it); None otherwise."""
-    if WORLD == 1 or not fsdp_modules(model):
+    if not DIST or not fsdp_modules(model):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -636,8 +638,8 @@ def finetune(model, examples, cfg: Config, seed: int, stage: int = 0) -> float:
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    fsdp = bool(fsdp_modules(model)) if WORLD > 1 else False  # FSDP2 (full fine-tuning) or DDP (LoRA / 8-bit)
-    net = torch.nn.parallel.DistributedDataParallel(model) if WORLD > 1 and not fsdp else model
+    fsdp = bool(fsdp_modules(model)) if DIST else False  # FSDP2 (full fine-tuning) or DDP (LoRA / 8-bit)
+    net = torch.nn.parallel.DistributedDataParallel(model) if DIST and not fsdp else model
     total = cfg.epochs * math.ceil(len(examples) / cfg.train_batch_size)  # the real number of optimizer steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / total)  # linear decay to 0
     gen = torch.Generator().manual_seed(seed)
@@ -656,7 +658,7 @@ def finetune(model, examples, cfg: Config, seed: int, stage: int = 0) -> float:
                 part, weight = rows[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size], 1.0
                 if not part:
                     part, weight = batch[:1], 0.0
-                sync = m == steps - 1 or WORLD == 1  # gradients are reduced once, after the last micro-step
+                sync = m == steps - 1 or not DIST  # gradients are reduced once, after the last micro-step
                 if fsdp:
                     model.set_requires_gradient_sync(sync)
                 with (contextlib.nullcontext() if sync or fsdp else net.no_sync()):
@@ -771,12 +773,28 @@ def make_logger(cfg: Config):
     return lambda m, step: wandb.log(m, step=step)
 
 
+@contextlib.contextmanager
+def phase(name: str, m: dict, device):
+    """Time one phase into m["time_<name>"] (seconds) and, on a GPU, its peak allocated memory into
+    m["peak_gib_<name>"] (this rank's; what --gen_batch_size, --micro_batch_size and the memory modes trade)."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.time()
+    yield
+    m[f"time_{name}"] = time.time() - t0
+    if cuda:
+        m[f"peak_gib_{name}"] = torch.cuda.max_memory_allocated(device) / 2**30
+
+
 def stage_line(m):
     s = f"stage {m['iteration']:>3} | eval reward {m['eval_reward_mean']:+.3f} distinct-2 {m['eval_distinct_2']:.3f}"
     if m["iteration"] > 0:
         s += (f" | samples {m['reward_mean']:+.3f} kept {m['selected_reward_mean']:+.3f} | sft loss "
               f"{m['sft_loss'] or math.nan:.3f} | s: gen {m['time_sample']:.0f} rank {m['time_rank']:.0f} "
               f"train {m['time_train']:.0f} eval {m['time_eval']:.0f}")
+        if "peak_gib_sample" in m:
+            s += " | peak GiB: gen {peak_gib_sample:.1f} rank {peak_gib_rank:.1f} train {peak_gib_train:.1f}".format(**m)
     return s
 
 
@@ -806,9 +824,10 @@ def run(cfg: Config):
            f"out_dir {cfg.out_dir}" + (f" (resuming after stage {start})" if start is not None else ""))
 
     if start is None:
-        t0 = time.time()
-        m, eval_rows = evaluate(model, tok, eval_p, reward_fn, cfg, seed=cfg.seed * 1000, kl=kl)
-        m = {"iteration": 0, **m, "time_eval": time.time() - t0}
+        times = {}
+        with phase("eval", times, device):
+            m, eval_rows = evaluate(model, tok, eval_p, reward_fn, cfg, seed=cfg.seed * 1000, kl=kl)
+        m = {"iteration": 0, **m, **times}
         if MASTER:
             save_stage(cfg.out_dir, 0, m, eval_rows=eval_rows)
         start = 0
@@ -817,42 +836,38 @@ def run(cfg: Config):
             print0(stage_line(row))
     for t in range(start + 1, cfg.iterations + 1):
         times = {}
-        t0 = time.time()
         idx, new_pass = stage_prompts(len(train_p), cfg.prompts_per_iter, t, cfg.seed)
         if new_pass:
             print0(f"stage {t}: all {len(train_p)} training prompts used; reshuffling and starting a new pass")
         batch = [train_p[i] for i in idx]
         mine = shard(batch)  # each rank samples and scores its share; ranking sees the whole batch
-        torch.manual_seed(cfg.seed * 1000 + t + 100_003 * RANK)  # seeded by (seed, stage, rank): resume repeats
-        samples = generate(gen_model, gen_tok, mine, cfg.K, cfg)
-        if cfg.generator_model:  # the policy trains on its own tokens of the generator's text
-            for s in (s for row in samples for s in row):
-                s["ids"] = tok(s["text"], add_special_tokens=False)["input_ids"]
-                s["end_id"] = None if s["end_id"] is None else tok.eos_token_id
-        crash_point("sample", t)
-        times["time_sample"] = time.time() - t0
-        t0 = time.time()
-        stats = score_samples(tok, mine, samples, reward_fn, kl)
-        rows, kept, m = rank(batch, gather(samples), cfg, torch.Generator().manual_seed(cfg.seed + t))
-        m.update(stats)
-        examples = [example(tok, p, s) for p, s in kept]
-        times["time_rank"] = time.time() - t0
+        with phase("sample", times, device):
+            torch.manual_seed(cfg.seed * 1000 + t + 100_003 * RANK)  # seeded by (seed, stage, rank): resume repeats
+            samples = generate(gen_model, gen_tok, mine, cfg.K, cfg)
+            if cfg.generator_model:  # the policy trains on its own tokens of the generator's text
+                for s in (s for row in samples for s in row):
+                    s["ids"] = tok(s["text"], add_special_tokens=False)["input_ids"]
+                    s["end_id"] = None if s["end_id"] is None else tok.eos_token_id
+            crash_point("sample", t)
+        with phase("rank", times, device):
+            stats = score_samples(tok, mine, samples, reward_fn, kl)
+            rows, kept, m = rank(batch, gather(samples), cfg, torch.Generator().manual_seed(cfg.seed + t))
+            m.update(stats)
+            examples = [example(tok, p, s) for p, s in kept]
         crash_point("rank", t)
-        t0 = time.time()
-        if examples:
-            if initial:
-                with torch.no_grad():
-                    for n, p in model.named_parameters():
-                        if n in initial:
-                            p.copy_(initial[n])
-            m["sft_loss"] = finetune(model, examples, cfg, seed=cfg.seed * 1000 + t, stage=t)
-        else:
-            print0(f"stage {t}: every sample was discarded (NaN reward, empty, or --discard_regex); no fine-tuning")
-            m["sft_loss"] = None
-        times["time_train"] = time.time() - t0
-        t0 = time.time()
-        em, eval_rows = evaluate(model, tok, eval_p, reward_fn, cfg, seed=cfg.seed * 1000, kl=kl)
-        times["time_eval"] = time.time() - t0
+        with phase("train", times, device):
+            if examples:
+                if initial:
+                    with torch.no_grad():
+                        for n, p in model.named_parameters():
+                            if n in initial:
+                                p.copy_(initial[n])
+                m["sft_loss"] = finetune(model, examples, cfg, seed=cfg.seed * 1000 + t, stage=t)
+            else:
+                print0(f"stage {t}: every sample was discarded (NaN reward, empty, or --discard_regex); no fine-tuning")
+                m["sft_loss"] = None
+        with phase("eval", times, device):
+            em, eval_rows = evaluate(model, tok, eval_p, reward_fn, cfg, seed=cfg.seed * 1000, kl=kl)
         m = {"iteration": t, **m, **em, **times}
         state = full_state_dict(model)  # FSDP2: gathered to rank 0 (every rank takes part)
         if MASTER:
@@ -944,7 +959,7 @@ def main(argv=None):
         print0(json.dumps({**dataclasses.asdict(cfg), "world_size": WORLD,
                            "prompts_per_rank": cfg.prompts_per_iter // WORLD}, indent=1))
         return None
-    own_group = WORLD > 1 and not torch.distributed.is_initialized()
+    own_group = DIST and not torch.distributed.is_initialized()
     if own_group:  # torchrun: NCCL between GPUs, gloo on CPU
         device = pick_device(cfg)
         if device.type == "cuda":

@@ -8,9 +8,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_bench(tmp_path, *args):
+def run_bench(tmp_path, *args, launcher=()):
     out = tmp_path / "rows.jsonl"
-    p = subprocess.run([sys.executable, "bench.py", "--shape", "tiny", "--json", str(out), *args], cwd=ROOT,
+    p = subprocess.run([sys.executable, *launcher, "bench.py", "--shape", "tiny", "--json", str(out), *args], cwd=ROOT,
                        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout, [json.loads(line) for line in open(out)]
@@ -33,6 +33,18 @@ def test_bench_tiny_stage(tmp_path):
     _, rows = run_bench(tmp_path, "--phase", "stage", "--prompts", "16")
     (row,) = rows
     assert row["variant"] == "b=16 K=8" and all(row[k] >= 0 for k in ("time_sample", "time_train", "time_eval"))
+    assert not any(k.startswith("peak_gib") for k in row)  # GPU memory only on a GPU
+
+
+def test_bench_tiny_stage_with_a_reward_model_and_raft_options_under_torchrun(tmp_path):
+    """The commands BENCHMARKS.md lists for the memory modes (#4) and the world-size-1 engines (#5), tiny: a
+    reward model of --reward_shape, --raft_args passed to raft.py, and a run under torchrun."""
+    _, rows = run_bench(tmp_path, "--phase", "stage", "--prompts", "8", "--reward_shape", "tiny", "--raft_args",
+                        "--lora_r 4 --gradient_checkpointing", launcher=["-m", "torch.distributed.run",
+                                                                        "--standalone", "--nproc_per_node", "1"])
+    (row,) = rows
+    assert row["variant"] == "b=8 K=8 reward tiny --lora_r 4 --gradient_checkpointing (torchrun)"
+    assert row["time_sample"] > 0 and row["time_train"] > 0
 
 
 def test_bench_tiny_diffusion_stage(tmp_path):

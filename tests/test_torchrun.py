@@ -12,10 +12,10 @@ from conftest import tiny_args
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def torchrun(args, env_extra=None, script=os.path.join(HERE, "ddp_probe.py"), ok=True):
+def torchrun(args, env_extra=None, script=os.path.join(HERE, "ddp_probe.py"), ok=True, nproc=2):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", **(env_extra or {})}
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                          "2", script, *args], env=env, capture_output=True, text=True, timeout=300)
+                          str(nproc), script, *args], env=env, capture_output=True, text=True, timeout=300)
     assert (out.returncode == 0) == ok, out.stdout[-2000:] + out.stderr[-4000:]
     return out
 
@@ -39,12 +39,38 @@ def test_fsdp_full_and_ddp_lora_two_ranks_then_resume_on_one(tiny_lm, prompts_fi
         torchrun(tiny_args(tiny_lm, prompts_file, out, "--iterations", "1", "--reward",
                            f"{HERE}/rewards.py:letters_logged", *extra), {"RAFT_TEST_LOG": str(log)})
         check_ranks(out, log, 8)
-        # full fine-tuning is sharded with FSDP2, LoRA replicated under DDP
-        assert [torch.load(out / f"rank{r}.mode.pt")["fsdp"] for r in (0, 1)] == [mode == "full"] * 2
+        # full fine-tuning is sharded with FSDP2, LoRA replicated under DDP (one wrapper per fine-tune call)
+        engines = [torch.load(out / f"rank{r}.mode.pt") for r in (0, 1)]
+        assert engines == [{"fsdp": mode == "full", "ddp": 0 if mode == "full" else 1}] * 2
         if mode == "full":   # a 2-rank checkpoint resumes on 1 process
             rows = raft.main(tiny_args(tiny_lm, prompts_file, out, "--iterations", "2", "--reward",
                                        f"{HERE}/rewards.py:letters", "--resume", "--resume_force"))
             assert [r["iteration"] for r in rows] == [0, 1, 2]
+
+
+def saved_weights(stage_dir):
+    from safetensors.torch import load_file
+    files = [f for f in os.listdir(stage_dir) if f.endswith(".safetensors")]
+    assert len(files) == 1, files
+    return load_file(os.path.join(stage_dir, files[0]))
+
+
+def test_torchrun_with_one_process_uses_the_engines_and_matches_a_plain_run(tiny_lm, prompts_file, tmp_path):
+    """`torchrun --nproc_per_node 1` (the world-size-1 check of a GPU node) trains through FSDP2 (full) and DDP
+    (LoRA) like 8 ranks would, and a stage ends where a plain `python raft.py` run ends: same kept set, same
+    weights up to float rounding."""
+    for mode, extra in [("full", []), ("lora", ["--lora_r", "4"])]:
+        args = ["--iterations", "1", *extra]
+        torchrun(tiny_args(tiny_lm, prompts_file, tmp_path / f"tr_{mode}", *args), nproc=1)
+        assert torch.load(tmp_path / f"tr_{mode}" / "rank0.mode.pt") == {"fsdp": mode == "full",
+                                                                         "ddp": 0 if mode == "full" else 1}
+        raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / f"plain_{mode}", *args))
+        sel = [open(tmp_path / f"{d}_{mode}" / "iter_0001" / "selected.jsonl").read() for d in ("tr", "plain")]
+        assert sel[0] == sel[1]
+        a, b = (saved_weights(tmp_path / f"{d}_{mode}" / "iter_0001") for d in ("tr", "plain"))
+        start = saved_weights(tiny_lm) if mode == "full" else None
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+        assert start is None or any(not torch.equal(a[k], start[k]) for k in a)  # and the stage did train
 
 
 def test_global_ranking_sees_the_whole_batch(tiny_lm, prompts_file, tmp_path):

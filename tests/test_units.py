@@ -222,3 +222,11 @@ def test_text_metrics_by_hand():
     words = [[f"w{i % 50}" for i in range(250)]]  # 2 full segments of 100 tokens, each with 50 types
     assert msttr(words) == pytest.approx(0.5)
     assert text_metrics(["x y", "z"])["mean_length"] == 1.5
+
+
+def test_phase_records_seconds_and_gpu_memory_only_on_a_gpu():
+    import time
+    m = {}
+    with raft.phase("sample", m, torch.device("cpu")):
+        time.sleep(0.05)
+    assert list(m) == ["time_sample"] and 0.05 <= m["time_sample"] < 5
