@@ -12,12 +12,16 @@
 #
 # Memory per GPU (computed from bytes per parameter, not yet measured):
 #   MODE=full (the paper: full fine-tuning, bf16 compute): FSDP2 shards the fp32 master weights, gradients and AdamW
-#     states, 7B × 16 B / 8 ≈ 14 GB per GPU; generation gathers the bf16 weights once per phase (≈13.5 GB) plus the
-#     KV cache of GEN_BATCH × K sequences; the reward model (Open-LLaMA-3B, bf16 ≈ 6.5 GB) sits on every GPU unless
-#     --offload_reward is in EXTRA.
+#     states, 7B × 16 B / 8 ≈ 14 GB per GPU while training (AdamW is made each stage and freed after it);
+#     generation holds the 3.4 GB weight shard, gathers the bf16 weights once per phase (≈13.5 GB) and adds the
+#     KV cache of GEN_BATCH × K sequences; the reward model (Open-LLaMA-3B, bf16 ≈ 6.9 GB) sits on every GPU
+#     unless --offload_reward is in EXTRA: ≈28 GB in all while sampling.
 #   MODE=lora: a frozen bf16 base (≈13.5 GB) per GPU + LoRA adapters (DDP) — for 40–48 GB cards without sharding.
-#   MODE=8bit: a frozen int8 base (≈7 GB) + LoRA adapters + gradient checkpointing — for 24 GB cards; 8-bit
-#     generation is slow (reported ≈5× slower than bf16).
+#   MODE=8bit: a frozen int8 base (≈7.5 GB) + LoRA adapters + gradient checkpointing, the reward model in int8
+#     (≈3.6 GB), bf16 compute and KV cache — for 24 GB cards; 8-bit generation is slow (reported ≈5× slower than
+#     bf16; EXTRA=--gen_dequantized samples from a bf16 copy when ≈13.5 GB more fits).
+#   The KV cache while sampling is ≈0.5 MiB per token in bf16: GEN_BATCH × K × 128 new tokens (GEN_BATCH=8, K=8:
+#     ≈4.5 GB; K=32: ≈17 GB, which still fits 48 GB in MODE=full).
 # Time: the paper reports ≈5 h for a K = 8 run on 8×A40 (≈10–18 stages, so ≈20–30 min a stage); not measured here.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -43,7 +47,7 @@ EXTRA=${EXTRA:-}
 case $MODE in
   full) MODE_ARGS="--bf16" ;;
   lora) MODE_ARGS="--bf16 --lora_r 16" ;;
-  8bit) MODE_ARGS="--load_in_8bit --lora_r 16 --gradient_checkpointing" ;;
+  8bit) MODE_ARGS="--load_in_8bit --lora_r 16 --gradient_checkpointing --bf16 --reward_load_in_8bit" ;;
   *) echo "MODE=$MODE: choose full, lora or 8bit"; exit 2 ;;
 esac
 

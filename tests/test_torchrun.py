@@ -112,7 +112,8 @@ def test_run_a40_dry_run_resolves_the_paper_config():
             cfg["top_k"], cfg["top_p"]) == (32, 2048, 1.0, 2e-5, 2, 128, 0, 1.0)
     assert cfg["bf16"] and cfg["lora_r"] == 0 and cfg["world_size"] == 8 and cfg["prompts_per_rank"] == 256
     small = json.loads(run_a40(MODE="8bit", NPROC="4").stdout)
-    assert small["load_in_8bit"] and small["lora_r"] == 16 and small["gradient_checkpointing"]
+    assert small["load_in_8bit"] and small["lora_r"] == 16 and small["gradient_checkpointing"] and small["bf16"]
+    assert small["reward_load_in_8bit"]
     bad = run_a40(B="2047")
     assert bad.returncode != 0 and "multiple of 8" in bad.stderr
     assert run_a40(MODE="fast").returncode == 2
