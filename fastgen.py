@@ -15,7 +15,8 @@ RAFT's sample step is a special workload, K samples of the same prompt, and that
      token by the exponential race argmax(p / E), E ~ Exp(1): an exact categorical sample with no host sync.
 
 It hooks in as a registered attention function ("raft_kv") that the model's own attention modules call, so the
-projections, RoPE, norms, LoRA adapters and 8-bit layers stay the model's code. A model whose attention needs what
+projections, RoPE, norms, LoRA adapters and 8-bit layers stay the model's code. Tested (greedy = model.generate):
+Llama, Qwen2, Qwen3, Phi-3, Gemma, Gemma-3, GPT-NeoX, GPT-2, OPT, Mistral with a window longer than the sequence. A model whose attention needs what
 this does not implement (a sliding window shorter than the sequence, logit soft-capping, attention sinks) raises
 `Unsupported` at the first prefill, before any sampling; raft.py then falls back to `model.generate`.
 

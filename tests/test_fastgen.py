@@ -1,5 +1,5 @@
 """fastgen.py, the fast sampler of step 1: greedy tokens equal model.generate's (Llama with GQA, Qwen2 with biases,
-LoRA), sampling follows HF's warpers exactly in distribution, raft.generate gives the same responses with either
+LoRA, and seven more families), sampling follows HF's warpers exactly in distribution, raft.generate gives the same responses with either
 backend, and a model the fast path cannot run falls back to model.generate."""
 import pytest
 import torch
@@ -68,6 +68,28 @@ def test_greedy_tokens_equal_model_generate(arch):
         assert [o[0] for o in out] == ref and [o[1] for o in out] == ref
 
 
+FAMILIES = {  # what each adds: q/k norms, fused qkv, a head_dim and scaling of its own, interleaved sliding-window
+    # layers (windows longer than the sequence), partial rotary, learned positions with Conv1D, learned offset positions
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", {}), "phi3": ("Phi3ForCausalLM", "Phi3Config", {}),
+    "gemma": ("GemmaForCausalLM", "GemmaConfig", {"head_dim": 16}),
+    "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", {"head_dim": 16}),
+    "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", {}), "gpt2": ("GPT2LMHeadModel", "GPT2Config", {}),
+    "opt": ("OPTForCausalLM", "OPTConfig", {}),
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_tokens_equal_model_generate_across_model_families(family):
+    import transformers
+    cls, config, kw = FAMILIES[family]
+    model = tiny(getattr(transformers, cls), getattr(transformers, config), **kw)
+    ps = prompts()
+    eos = a_frequent_token(model, ps)
+    ref = hf_greedy(model, ps, 16, [eos])
+    out = fastgen.sample(model, ps, 2, max_new_tokens=16, eos_ids={eos}, pad_id=PAD, temperature=0, batch_prompts=3)
+    assert [o[0] for o in out] == ref and [o[1] for o in out] == ref
+
+
 def _target(logits, temperature, top_k, top_p):
     """HF's warpers in HF's order, then softmax: the distribution generate samples from."""
     s = logits[None].clone()
@@ -134,6 +156,13 @@ def test_raft_generate_same_responses_with_either_backend(tiny_lm):
         got[backend] = raft.generate(model, tok, ps, 2, cfg)
     assert got["fast"] == got["hf"]
     assert all(len(row) == 2 for row in got["fast"])
+
+
+def test_soft_capping_is_refused_before_any_sample():
+    import transformers
+    model = tiny(transformers.Gemma2ForCausalLM, transformers.Gemma2Config, head_dim=16)
+    with pytest.raises(fastgen.Unsupported, match="soft-capping"):
+        fastgen.sample(model, prompts(), 2, max_new_tokens=4, eos_ids=set(), pad_id=PAD)
 
 
 def test_raft_generate_falls_back_to_hf(capsys):
