@@ -147,8 +147,11 @@ def sample(model, prompts: list[list[int]], K: int, *, max_new_tokens: int, eos_
     out = [None] * len(prompts)
     eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=device)
     S = max_new_tokens
-    amp = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None,
-                         cache_enabled=False)  # no weight-cast cache: a CUDA graph must redo the casts it captured
+    # --bf16 on fp32 weights (full fine-tuning's master copy): autocast's cache keeps one bf16 copy of each weight
+    # for the whole phase (+2 bytes per parameter), so a decode step reads bf16 weights instead of re-casting fp32
+    # ones (3× the bytes). The prefill fills the cache before any capture, so a captured step reads the cached
+    # copies; they live until this context exits, after the last replay (weights do not change while sampling).
+    amp = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None, cache_enabled=True)
     n_layers = _base(model).config.num_hidden_layers
     st = {"pk": [None] * n_layers, "pv": [None] * n_layers, "sk": [None] * n_layers, "sv": [None] * n_layers,
           "kv_dtype": autocast_dtype}
