@@ -422,11 +422,11 @@ def generate(model, tok, prompts: list[str], K: int, cfg: Config, desc="sample")
     enc = [encode_prompt(tok, p) for p in prompts]
     eos_ids = {tok.eos_token_id} | set(_as_list(model.generation_config.eos_token_id))
     eos_ids.discard(None)
-    new = None
+    new, policy = None, model
     if cfg.gen_dequantized and getattr(model, "is_loaded_in_8bit", False):
         model = dequantized_copy(model)  # freed when this function returns
     with full_weights(model):  # an FSDP2 policy is gathered once for the whole phase
-        if cfg.gen_backend == "fast" and not getattr(model, "_fastgen_refused", False):
+        if cfg.gen_backend == "fast" and not getattr(policy, "_fastgen_refused", False):
             try:
                 new = fastgen.sample(model, enc, K, max_new_tokens=cfg.max_new_tokens, eos_ids=eos_ids,
                                      pad_id=_pad(tok), temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
@@ -435,7 +435,7 @@ def generate(model, tok, prompts: list[str], K: int, cfg: Config, desc="sample")
                                      progress=lambda it: bar(it, desc))
             except fastgen.Unsupported as e:  # decided at the first prefill, before any sample is drawn
                 print0(f"--gen_backend fast: {e}; generating with model.generate instead")
-                model._fastgen_refused = True  # asked once per model, not every phase
+                policy._fastgen_refused = True  # asked once per policy (not per dequantized copy), not every phase
         if new is None:
             new = _hf_generate(model, tok, enc, K, cfg, eos_ids, desc)
     return [[cut_response(ids, tok, eos_ids, cfg.stop) for ids in row] for row in new]

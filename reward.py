@@ -108,6 +108,7 @@ def _load_model_reward(path: str, template: str, batch_size: int, device, dtype=
         return out
 
     reward_model.truncated = 0
+    reward_model.model = model  # for inspection (tests check its int8 layers)
     return reward_model
 
 

@@ -175,3 +175,5 @@ def test_raft_generate_falls_back_to_hf(capsys):
     assert "generating with model.generate instead" in capsys.readouterr().out
     hf = raft.generate(model, tok, ["hello", "a"], 2, raft.Config(temperature=0, max_new_tokens=6, gen_backend="hf"))
     assert fast == hf and len(fast) == 2
+    assert raft.generate(model, tok, ["hello", "a"], 2, cfg) == hf  # the next phase: no second attempt, no notice
+    assert "model.generate instead" not in capsys.readouterr().out

@@ -132,6 +132,7 @@ def test_reward_model_in_8bit_scores_like_full_precision(tmp_path):
                                                                   "ok then", "z"]
     full = load_reward(str(tmp_path / "rm"))(prompts, responses)
     fn = load_reward(str(tmp_path / "rm"), load_in_8bit=True)
+    assert sum(isinstance(m, bnb.nn.Linear8bitLt) for m in fn.model.modules()) == 2 * 7  # q k v o gate up down
     int8 = fn(prompts, responses)
     spread = max(full) - min(full)
     assert spread > 0 and max(abs(a - b) for a, b in zip(full, int8)) < 0.2 * spread
