@@ -15,11 +15,10 @@ Each stage t = 1..iterations:
 Stage 0 evaluates the starting model; every stage after its fine-tuning is evaluated on held-out prompts.
 The paper's starting point, SFT on HH-RLHF's chosen responses, is the same fine-tune step: --sft_only.
 
-Also: LoRA (--lora_r), an 8-bit base under LoRA (--load_in_8bit, --gen_dequantized), mixed bf16 (--bf16); torchrun
-with DDP (each rank samples and scores its share of the prompts, every rank ranks the whole gathered batch and
-trains on its rows);
-crash-safe stage directories and --resume; the paper's ablation knobs (--kl_beta, --ranking, --generator_model,
---finetune_from).
+Also: LoRA (--lora_r), an 8-bit base under LoRA (--load_in_8bit, --gen_dequantized), mixed bf16 (--bf16), loaded
+by models.py; torchrun (each rank samples and scores its share of the prompts, every rank ranks the whole gathered
+batch and trains on its rows of it, through DDP for LoRA / 8-bit and FSDP2 for full fine-tuning); crash-safe stage
+directories and --resume; the paper's ablation knobs (--kl_beta, --ranking, --generator_model, --finetune_from).
 
 Departures from the authors' LMFlow code (see README): responses are cut by token position, not string replace;
 prompt tokens carry no loss; EOS is trained; packing never lets samples attend to each other; the LR schedule uses
@@ -31,7 +30,6 @@ the real step count; many prompts sampled at once; the logged eval reward comes 
     torchrun --nproc_per_node 8 raft.py --model M --reward R --dataset D --lora_r 16 --bf16   # 8 GPUs, DDP
 """
 import contextlib
-import copy
 import dataclasses
 import functools
 import json
@@ -45,12 +43,14 @@ from typing import Optional
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, HfArgumentParser
+from transformers import GenerationConfig, HfArgumentParser
 
 from data import (FORMATS, check_run_dir, completed_stages, demo_prompts, demo_reviews, load_prompts, prune_models,
                   save_model_dir, save_stage, stop_strings, train_demo_tokenizer, write_jsonl, write_metrics)
 import fastgen
 from eval import text_metrics
+from models import (dequantized_copy, fsdp_modules, full_state_dict, full_weights, load_policy, load_tokenizer,
+                    save_merged)
 from reward import load_rewards, parse_weights, score
 
 
@@ -231,136 +231,7 @@ def validate(cfg: Config):
     need(fields <= {"prompt", "response"}, "--reward_template may use only {prompt} and {response}")
 
 
-# ---- models: the policy (full, or LoRA on a bf16/8-bit base) and its tokenizer -----------------------------
-def load_tokenizer(path: str, cfg: Config):
-    """The tokenizer of a model and its context length (from its config), without loading the weights."""
-    from transformers import AutoConfig
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-        mcfg = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"--model {path!r}: cannot load its tokenizer and config (a path that does not exist?): "
-                         f"{str(e).splitlines()[0]}")
-    if tok.eos_token_id is None:
-        raise SystemExit(f"--model {path!r}: the tokenizer has no EOS token; set one in its tokenizer_config.json")
-    return tok, getattr(mcfg, "max_position_embeddings", None) or getattr(mcfg, "n_positions", None) or 1 << 30
-
-
-def load_policy(cfg: Config, device, checkpoint: Optional[str] = None, shard=False, frozen=False):
-    """The policy and its tokenizer: cfg.model, or a stage checkpoint (a full model, or LoRA adapters on cfg.model),
-    in the memory mode of cfg (fp32 / bf16 base + LoRA / 8-bit base + LoRA). One-line errors for the usual mistakes."""
-    base = checkpoint if checkpoint and not cfg.lora_r else cfg.model
-    # bf16 storage for weights that do not train (a LoRA base, a frozen reference or generator); trained full weights
-    # stay fp32 (master weights) and --bf16 computes in bf16 through autocast
-    kw = {"dtype": torch.bfloat16 if cfg.bf16 and (cfg.lora_r or frozen) else torch.float32,
-          "trust_remote_code": cfg.trust_remote_code}
-    if cfg.load_in_8bit:
-        from transformers import BitsAndBytesConfig
-        kw.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": device})
-    tok = load_tokenizer(base, cfg)[0]
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, **kw)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"--model {base!r}: cannot load a causal LM (is it one?): {str(e).splitlines()[0]}")
-    if not cfg.load_in_8bit:
-        model.to(device)
-    if cfg.lora_r:
-        from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
-        if cfg.load_in_8bit:  # fp32 norms and input grads so adapters train stably on an int8 base
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
-        if checkpoint:
-            model = PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
-        else:
-            torch.manual_seed(cfg.seed)  # the adapters' random init: same seed, same run
-            targets = cfg.lora_target_modules
-            model = get_peft_model(model, LoraConfig(
-                r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
-                target_modules=targets if targets == "all-linear" else targets.split(",")))
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = True  # generation still uses the KV cache; training passes use_cache=False
-    if shard and DIST and not cfg.lora_r:
-        # full fine-tuning on several ranks: FSDP2 shards weights, grads and AdamW states (a 7B model with fp32
-        # AdamW needs ≈112 GB, ≈14 GB per rank on 8); one shard group per decoder layer, plus the rest at the root
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.bf16 else None, reduce_dtype=torch.float32)
-        for layer in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
-    return model.eval(), tok
-
-
-def dequantized_copy(model):
-    """--gen_dequantized: a plain copy of an 8-bit LoRA policy for sampling, every int8 weight dequantized and the
-    active adapters merged in; bf16 on a GPU, fp32 on a CPU. The same function as the 8-bit model up to LLM.int8's
-    outlier handling; ≈2 bytes per parameter, freed by the caller after sampling."""
-    from peft.utils.integrations import dequantize_bnb_weight
-    base = model.get_base_model()
-    device = next(model.parameters()).device
-    config = copy.deepcopy(base.config)
-    if hasattr(config, "quantization_config"):  # a plain model: from_config must not quantize again
-        del config.quantization_config
-    with torch.device(device):
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device.type == "cuda" else
-                                                 torch.float32)
-
-    def weight(mod, leaf):
-        p = getattr(mod, leaf)
-        return dequantize_bnb_weight(p, state=mod.state) if type(p).__name__ == "Int8Params" else p.detach()
-    with torch.no_grad():
-        for key, p in plain.state_dict().items():
-            path, _, leaf = key.rpartition(".")
-            mod = base.get_submodule(path)
-            if hasattr(mod, "base_layer") and hasattr(mod, "get_delta_weight"):  # a peft LoRA layer: W + B·A·scale
-                w = weight(mod.base_layer, leaf)
-                if leaf == "weight":
-                    w = w.float() + sum(mod.get_delta_weight(a).float() for a in mod.active_adapters)
-            else:
-                w = weight(mod, leaf)
-            p.copy_(w)
-    return plain.eval()
-
-
-def fsdp_modules(model) -> list:
-    from torch.distributed.fsdp import FSDPModule
-    return [m for m in model.modules() if isinstance(m, FSDPModule)]
-
-
-@contextlib.contextmanager
-def full_weights(model):
-    """Inference on an FSDP2 model: gather every shard group once, keep it gathered through all forward passes (no
-    all-gather per decoding step, and no collective at all, so ranks may generate different numbers of steps),
-    then free it. A no-op for a model that is not sharded."""
-    mods = fsdp_modules(model) if DIST else []
-    for m in mods:
-        m.unshard()
-        m.set_reshard_after_forward(False)
-    try:
-        yield
-    finally:
-        for m in mods:
-            m.set_reshard_after_forward(True)
-            m.reshard()
-
-
-def full_state_dict(model):
-    """The full state dict of an FSDP2 model, on rank 0's CPU (a collective: every rank calls it); None otherwise."""
-    if not DIST or not fsdp_modules(model):
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def save_merged(cfg: Config, adapter_dir: str, out: str):
-    """--merge_lora: the base (reloaded in full precision, also after 8-bit training) with the adapters merged in."""
-    from peft import PeftModel
-    base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
-                                                trust_remote_code=cfg.trust_remote_code)
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    save_model_dir(out, merged, AutoTokenizer.from_pretrained(adapter_dir))
-    print0(f"merged LoRA model: {out}")
-
-
+# ---- small helpers shared by the steps -------------------------------------------------------------------
 def amp(model, bf16: bool):
     """bf16 autocast for --bf16 (weights may stay fp32: mixed precision), a no-op otherwise."""
     return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16)
@@ -638,7 +509,7 @@ def finetune(model, examples, cfg: Config, seed: int, stage: int = 0) -> float:
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    fsdp = bool(fsdp_modules(model)) if DIST else False  # FSDP2 (full fine-tuning) or DDP (LoRA / 8-bit)
+    fsdp = bool(fsdp_modules(model))  # FSDP2 (full fine-tuning) or DDP (LoRA / 8-bit)
     net = torch.nn.parallel.DistributedDataParallel(model) if DIST and not fsdp else model
     total = cfg.epochs * math.ceil(len(examples) / cfg.train_batch_size)  # the real number of optimizer steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / total)  # linear decay to 0
@@ -810,14 +681,14 @@ def run(cfg: Config):
     reward_fn = load_rewards(cfg.reward, cfg.reward_weights, cfg.reward_template, cfg.reward_batch_size, device,
                              cfg.trust_remote_code, cfg.offload_reward, view, cfg.reward_load_in_8bit)
     model, tok = load_policy(cfg, device, checkpoint=os.path.join(cfg.out_dir, f"iter_{start:04d}") if start else None,
-                             shard=True)
+                             shard=DIST)
     kl = make_kl(cfg, model, device)
     gen_model, gen_tok = (model, tok) if not cfg.generator_model else load_policy(dataclasses.replace(
         cfg, model=cfg.generator_model, lora_r=0, load_in_8bit=False, gradient_checkpointing=False), device,
         frozen=True)
     initial = None
     if cfg.finetune_from == "base":  # the stage-0 values of what trains (all weights, or the seeded LoRA init)
-        initial = trainable_state(load_policy(cfg, device, shard=True)[0] if start else model)
+        initial = trainable_state(load_policy(cfg, device, shard=DIST)[0] if start else model)
     log = make_logger(cfg)
     print0(f"RAFT: {len(train_p)} training prompts, {len(eval_p)} eval prompts, b={cfg.prompts_per_iter}, "
            f"K={cfg.K}, λ={cfg.temperature}, ranking={cfg.ranking}, {cfg.iterations} stages on {device}; "
@@ -880,6 +751,7 @@ def run(cfg: Config):
         print0(stage_line(m))
     if cfg.merge_lora and MASTER:
         save_merged(cfg, os.path.join(cfg.out_dir, f"iter_{cfg.iterations:04d}"), os.path.join(cfg.out_dir, "merged"))
+        print0(f"merged LoRA model: {os.path.join(cfg.out_dir, 'merged')}")
     barrier()
     with open(os.path.join(cfg.out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f], model
@@ -895,7 +767,7 @@ def sft(cfg: Config) -> float:
     device = pick_device(cfg)
     tok, ctx = load_tokenizer(cfg.model, cfg)
     records = usable_prompts(cfg, tok, ctx, cfg.dataset_split, responses=(cfg.sft_field,))[0]
-    model, tok = load_policy(cfg, device, shard=True)
+    model, tok = load_policy(cfg, device, shard=DIST)
     examples = [build_example(*encode_pair(tok, r["prompt"], r[cfg.sft_field]), tok.eos_token_id) for r in records]
     fit = [e for e in examples if len(e[0]) <= ctx]
     if len(fit) < len(examples):
