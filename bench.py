@@ -8,6 +8,7 @@
         --raft_args "--load_in_8bit --lora_r 16 --gradient_checkpointing"   # a memory mode: peak GiB per phase
     torchrun --nproc_per_node 1 bench.py --shape 1b --phase stage --raft_args "--lora_r 16"   # DDP / FSDP2 path
     python bench.py --shape sd15 --phase diffusion    # one diffusion.py stage, SD-1.5 shapes at 256×256
+    python bench.py --shape 7b --reward_shape 3b --phase memory --gen_batch_size 8   # computed GB per memory mode
 
 Random-weight Llama-shaped models (no hub access; speed and memory do not depend on the weights). Each row prints
 tokens/s, its fraction of the compute roofline (the measured bf16 matmul rate over 2·params FLOP per token for a
@@ -32,6 +33,10 @@ forward pass, 6·params for training), the speed-up over each baseline and the p
   DDP (LoRA) / FSDP2 (full) engines, as on 8 GPUs. diffusion: the
   paper's setup (10 CIFAR-10 prompts, K=8, 50 DDIM steps, guidance 7.5, 256×256, LoRA) with the offline
   `brightness` reward standing in for the aesthetic model; --shape tiny: a toy UNet at 32×32, 4 steps.
+- memory: computed, not measured (any shape, on a CPU in seconds, from meta-device models): per memory mode, the
+  resident weights, what training adds (grads, AdamW), a sampling-time copy (--gen_dequantized's bf16 copy, the
+  gathered FSDP2 weights, autocast's bf16 copy of fp32 master weights), fastgen's KV cache for --gen_batch_size × K
+  rows and the reward model; activations excluded. tests/test_bench.py checks the counts against real models.
 """
 import argparse
 import contextlib
@@ -65,7 +70,9 @@ def parse(argv=None):
     ap.add_argument("--shape", choices=[*SHAPES, "sd15"], default="tiny", help="sd15: --phase diffusion only")
     ap.add_argument("--reward_shape", choices=SHAPES, default=None, help="score: default --shape; stage: a reward "
                     "model of this shape (default: a word-count reward, no model)")
-    ap.add_argument("--phase", choices=["generate", "score", "train", "stage", "diffusion", "all"], default="all")
+    ap.add_argument("--phase", choices=["generate", "score", "train", "stage", "diffusion", "memory", "all"],
+                    default="all")
+    ap.add_argument("--ranks", type=int, default=8, help="memory: GPUs that FSDP2 shards over (the paper's 8×A40)")
     ap.add_argument("--prompts", type=int, default=None, help="b (default 64 on a GPU, 16 for tiny; stage: 256)")
     ap.add_argument("--K", type=int, default=8)
     ap.add_argument("--prompt_len", type=int, default=None, help="default 128 (tiny: 16)")
@@ -359,6 +366,62 @@ def diffusion_rows(a) -> list[dict]:
         k: m[k] for k in ("time_sample", "time_rank", "time_train", "time_eval")}}]
 
 
+def param_counts(shape: str, cls=LlamaForCausalLM, lora_r: int = 16, **kw) -> dict:
+    """Parameter counts of a Llama shape from a meta-device model (no memory, any size): all, those in the decoder
+    layers' linear projections (what bitsandbytes quantizes), the rest (embeddings, LM head, norms), and the LoRA
+    adapters of rank lora_r on every linear layer but the head (--lora_target_modules all-linear)."""
+    cfg = LlamaConfig(**SHAPES[shape], pad_token_id=0, **kw)
+    with torch.device("meta"):
+        model = cls(cfg)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    lins = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}."]
+    total = sum(p.numel() for p in model.parameters())
+    linear = sum(m.weight.numel() for m in lins)
+    lora = sum(lora_r * (m.in_features + m.out_features) for m in lins if m is not head)
+    heads = cfg.num_key_value_heads
+    kv_token = 2 * cfg.num_hidden_layers * heads * (cfg.hidden_size // cfg.num_attention_heads) * 2  # bf16 K and V
+    return {"total": total, "linear": linear, "rest": total - linear, "lora": lora, "kv_token_bytes": kv_token,
+            "int8_scales": sum(m.out_features for m in lins)}
+
+
+def memory_rows(a) -> list[dict]:
+    """Computed, not measured: GPU memory of one RAFT stage per memory mode (weights, optimizer, KV cache, reward
+    model; activations excluded), from bytes per parameter and per cached token of --shape / --reward_shape. These
+    are the README's "which mode for which GPU" figures; `--phase stage --raft_args ...` measures them."""
+    G = 1e9
+    p, r = param_counts(a.shape), param_counts(a.reward_shape, LlamaForSequenceClassification, num_labels=1)
+    int8 = p["linear"] + 4 * p["int8_scales"] + 4 * p["rest"]  # int8 projections + fp32 row scales; the rest fp32
+    reward = {"bf16": 2 * r["total"], "int8": r["linear"] + 4 * r["int8_scales"] + 2 * r["rest"]}
+    kv = a.gen_batch_size * (a.K * a.new_tokens + a.prompt_len) * p["kv_token_bytes"]
+    n = a.ranks
+    modes = [  # (name, resident weights, extra while training, extra while sampling, reward)
+        ("8-bit base + LoRA", int8 + 4 * p["lora"], 12 * p["lora"], 0, reward["int8"]),
+        ("8-bit base + LoRA, --gen_dequantized", int8 + 4 * p["lora"], 12 * p["lora"], 2 * p["total"], reward["int8"]),
+        ("bf16 base + LoRA", 2 * p["total"] + 4 * p["lora"], 12 * p["lora"], 0, reward["bf16"]),
+        ("full, fp32 master + bf16 compute, 1 GPU", 4 * p["total"], 12 * p["total"], 2 * p["total"], reward["bf16"]),
+        (f"full, FSDP2 over {n} GPUs", 4 * p["total"] / n, 12 * p["total"] / n, 2 * p["total"], reward["bf16"]),
+    ]
+    rows = []
+    for name, weights, train, sample, rm in modes:
+        rows.append({"phase": "memory", "shape": a.shape, "reward_shape": a.reward_shape, "variant": name,
+                     "params": p["total"], "weights_gb": weights / G, "train_extra_gb": train / G,
+                     "sample_extra_gb": sample / G, "kv_gb": kv / G, "reward_gb": rm / G,
+                     "sample_peak_gb": (weights + sample + kv + rm) / G, "train_peak_gb": (weights + train + rm) / G})
+    return rows
+
+
+def memory_table(rows: list[dict], a) -> str:
+    out = [f"computed, not measured: {a.shape} policy, {a.reward_shape} reward, --gen_batch_size {a.gen_batch_size} "
+           f"× K {a.K}, {a.prompt_len} + {a.new_tokens} tokens; GB = 1e9 bytes; activations excluded",
+           "| mode | weights | + training (grads, AdamW) | + sampling copy | KV cache | reward | sampling peak | "
+           "training peak |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['variant']} | {r['weights_gb']:.1f} | {r['train_extra_gb']:.1f} | {r['sample_extra_gb']:.1f} "
+                   f"| {r['kv_gb']:.1f} | {r['reward_gb']:.1f} | {r['sample_peak_gb']:.1f} | "
+                   f"{r['train_peak_gb']:.1f} |")
+    return "\n".join(out)
+
+
 def word_count(prompts, responses):
     """The stage benchmark's reward (cheap, so the stage's time is the policy's)."""
     return [float(len(r.split())) for r in responses]
@@ -399,7 +462,11 @@ def main(argv=None):
         rows += stage_rows(a)
     if a.phase == "diffusion":
         rows += diffusion_rows(a)
-    print(table(rows))
+    if a.phase == "memory":
+        rows += memory_rows(a)
+        print(memory_table(rows, a))
+    else:
+        print(table(rows))
     if a.json:
         with open(a.json, "a") as f:
             for r in rows:

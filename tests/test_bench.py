@@ -51,3 +51,29 @@ def test_bench_tiny_diffusion_stage(tmp_path):
     _, rows = run_bench(tmp_path, "--phase", "diffusion")
     (row,) = rows
     assert row["variant"] == "diffusion b=4 K=8" and row["time_sample"] > 0 and row["time_train"] > 0
+
+
+def test_memory_counts_are_those_of_the_real_models(tmp_path):
+    """bench.py --phase memory computes from meta-device counts; on the tiny shape they equal the real models': all
+    parameters, peft's trainable LoRA parameters (r=16, all-linear), and the bytes of a bitsandbytes 8-bit model
+    after peft's k-bit preparation (int8 projections, fp32 row scales, the rest fp32)."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+    import bench
+    counts = bench.param_counts("tiny")
+    LlamaForCausalLM(LlamaConfig(**bench.SHAPES["tiny"], pad_token_id=0)).save_pretrained(tmp_path / "m")
+    q = LlamaForCausalLM.from_pretrained(tmp_path / "m", quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                                         device_map={"": "cpu"}, dtype=torch.float32)
+    q = prepare_model_for_kbit_training(q, use_gradient_checkpointing=False)
+    assert counts["total"] == sum(p.numel() for p in q.parameters())
+    scales = sum(m.weight.SCB.numel() * 4 for m in q.modules() if getattr(getattr(m, "weight", None), "SCB", None)
+                 is not None)
+    assert counts["linear"] + 4 * counts["int8_scales"] + 4 * counts["rest"] == \
+        sum(p.numel() * p.element_size() for p in q.parameters()) + scales
+    lora = get_peft_model(q, LoraConfig(r=16, target_modules="all-linear"))
+    assert counts["lora"] == sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    stdout, rows = run_bench(tmp_path, "--phase", "memory", "--gen_batch_size", "8")
+    assert [r["variant"] for r in rows][0] == "8-bit base + LoRA" and "computed, not measured" in stdout
+    for r in rows:
+        assert abs(r["sample_peak_gb"] - r["weights_gb"] - r["sample_extra_gb"] - r["kv_gb"] - r["reward_gb"]) < 1e-9
