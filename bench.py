@@ -326,8 +326,12 @@ def stage_rows(a) -> list[dict]:
             m = [json.loads(line) for line in f][-1]
     variant = f"b={a.prompts} K={a.K}" + (f" reward {a.stage_reward}" if a.stage_reward else "") + \
         (f" {a.raft_args}" if a.raft_args else "") + (" (torchrun)" if raft.DIST else "")
-    return [{"phase": "stage", "shape": a.shape, "variant": variant,
-             **{k: v for k, v in m.items() if k.startswith(("time_", "peak_gib_"))}}]
+    return [{"phase": "stage", "shape": a.shape, "variant": variant, **phase_metrics(m)}]
+
+
+def phase_metrics(m: dict) -> dict:
+    """A stage's seconds and (GPU) peak GiB per phase, as raft.phase records them in raft.py and diffusion.py."""
+    return {k: v for k, v in m.items() if k.startswith(("time_", "peak_gib_"))}
 
 
 def diffusion_rows(a) -> list[dict]:
@@ -362,8 +366,8 @@ def diffusion_rows(a) -> list[dict]:
                                                              "4", "--eval_images", "1"] if tiny else []) + \
                (["--bf16"] if DEV.type == "cuda" else [])
         m = diffusion.main(args)[-1]
-    return [{"phase": "stage", "shape": a.shape, "variant": f"diffusion b={m.get('n_selected')} K={a.K}", **{
-        k: m[k] for k in ("time_sample", "time_rank", "time_train", "time_eval")}}]
+    return [{"phase": "stage", "shape": a.shape, "variant": f"diffusion b={m.get('n_selected')} K={a.K}",
+             **phase_metrics(m)}]
 
 
 def param_counts(shape: str, cls=LlamaForCausalLM, lora_r: int = 16, **kw) -> dict:

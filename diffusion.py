@@ -46,7 +46,7 @@ from PIL import Image, ImageDraw
 from transformers import HfArgumentParser
 
 from data import completed_stages, load_prompts, write_jsonl, write_metrics, write_text
-from raft import RANKINGS, pick_device, select, stage_prompts
+from raft import RANKINGS, phase, pick_device, select, stage_prompts
 from reward import load_reward, parse_weights, score
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -425,29 +425,30 @@ def run(cfg: DiffusionConfig):
     print(f"RAFT diffusion: {len(prompts)} prompts, b={cfg.prompts_per_iter}, K={cfg.K}, {cfg.resolution}px, "
           f"{cfg.steps} DDIM steps, guidance {cfg.guidance}, reward {'+'.join(cfg.reward)}, ranking {cfg.ranking}, "
           f"{cfg.iterations} stages on {device}; out_dir {cfg.out_dir}", flush=True)
-    t0 = time.time()
-    m, images, rows = evaluate(sd, prompts, reward_fn, cfg)
-    m = {"iteration": 0, **m, "time_eval": time.time() - t0}
+    times = {}
+    with phase("eval", times, device):
+        m, images, rows = evaluate(sd, prompts, reward_fn, cfg)
+    m = {"iteration": 0, **m, **times}
     save_stage(cfg.out_dir, 0, m, {"eval_grid.png": grid(images, cfg.eval_images), "eval.jsonl": rows} if images else {})
     print(stage_line(m), flush=True)
     for t in range(1, cfg.iterations + 1):
-        times, t0 = {}, time.time()
+        times = {}
         batch = [prompts[i] for i in stage_prompts(len(prompts), cfg.prompts_per_iter, t, cfg.seed)[0]]
         flat_p = [p for p in batch for _ in range(cfg.K)]  # b·K, prompt-major
         seeds = [noise_seed(cfg.seed, t, j, k) for j in range(len(batch)) for k in range(cfg.K)]
-        images = sample(sd, flat_p, seeds, cfg)
-        times["time_sample"], t0 = time.time() - t0, time.time()
-        rewards = torch.tensor(score(reward_fn, flat_p, images)).view(len(batch), cfg.K)
-        kept = rank(rewards, cfg.ranking, torch.Generator().manual_seed(cfg.seed + t))
-        m = {"reward_mean": rewards.nanmean().item(), **reward_fn.stats, "n_selected": len(kept),
-             "selected_reward_mean": rewards.view(-1)[kept].mean().item() if kept else math.nan,
-             "samples_nan_reward": int(rewards.isnan().sum())}
-        times["time_rank"], t0 = time.time() - t0, time.time()
-        m["train_loss"] = finetune(sd, [images[i] for i in kept], [flat_p[i] for i in kept], cfg,
-                                   seed=cfg.seed * 1000 + t) if kept else None
-        times["time_train"], t0 = time.time() - t0, time.time()
-        em, eval_images, eval_rows = evaluate(sd, prompts, reward_fn, cfg)
-        times["time_eval"] = time.time() - t0
+        with phase("sample", times, device):
+            images = sample(sd, flat_p, seeds, cfg)
+        with phase("rank", times, device):
+            rewards = torch.tensor(score(reward_fn, flat_p, images)).view(len(batch), cfg.K)
+            kept = rank(rewards, cfg.ranking, torch.Generator().manual_seed(cfg.seed + t))
+            m = {"reward_mean": rewards.nanmean().item(), **reward_fn.stats, "n_selected": len(kept),
+                 "selected_reward_mean": rewards.view(-1)[kept].mean().item() if kept else math.nan,
+                 "samples_nan_reward": int(rewards.isnan().sum())}
+        with phase("train", times, device):
+            m["train_loss"] = finetune(sd, [images[i] for i in kept], [flat_p[i] for i in kept], cfg,
+                                       seed=cfg.seed * 1000 + t) if kept else None
+        with phase("eval", times, device):
+            em, eval_images, eval_rows = evaluate(sd, prompts, reward_fn, cfg)
         m = {"iteration": t, **m, **em, **times}
         files = {"grid.png": grid(images, cfg.K, framed=set(kept)),
                  "pytorch_lora_weights.safetensors": sd.unet,
