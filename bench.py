@@ -38,6 +38,7 @@ forward pass, 6·params for training), the speed-up over each baseline and the p
   gathered FSDP2 weights, autocast's bf16 copy of fp32 master weights), fastgen's KV cache for --gen_batch_size × K
   rows and the reward model; activations excluded. tests/test_bench.py checks the counts against real models.
 """
+
 import argparse
 import contextlib
 import json
@@ -54,24 +55,53 @@ import raft
 from reward import score_ids
 
 SHAPES = {  # Llama shapes: the paper's LLaMA-7B, its 3B reward model (Open-LLaMA-3B), Llama-3.2-1B, and a toy
-    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512),
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, vocab_size=128256),
-    "3b": dict(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32000),
-    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, vocab_size=32000),
+    "tiny": dict(
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+    ),
+    "1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+    ),
+    "3b": dict(
+        hidden_size=3200,
+        intermediate_size=8640,
+        num_hidden_layers=26,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
+    "7b": dict(
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        vocab_size=32000,
+    ),
 }
 
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=[*SHAPES, "sd15"], default="tiny", help="sd15: --phase diffusion only")
-    ap.add_argument("--reward_shape", choices=SHAPES, default=None, help="score: default --shape; stage: a reward "
-                    "model of this shape (default: a word-count reward, no model)")
-    ap.add_argument("--phase", choices=["generate", "score", "train", "stage", "diffusion", "memory", "all"],
-                    default="all")
+    ap.add_argument(
+        "--reward_shape",
+        choices=SHAPES,
+        default=None,
+        help="score: default --shape; stage: a reward model of this shape (default: a word-count reward, no model)",
+    )
+    ap.add_argument(
+        "--phase", choices=["generate", "score", "train", "stage", "diffusion", "memory", "all"], default="all"
+    )
     ap.add_argument("--ranks", type=int, default=8, help="memory: GPUs that FSDP2 shards over (the paper's 8×A40)")
     ap.add_argument("--prompts", type=int, default=None, help="b (default 64 on a GPU, 16 for tiny; stage: 256)")
     ap.add_argument("--K", type=int, default=8)
@@ -82,7 +112,7 @@ def parse(argv=None):
     ap.add_argument("--reward_batch_size", type=int, default=32)
     ap.add_argument("--micro_batch_size", type=int, default=8)
     ap.add_argument("--no_cuda_graphs", action="store_true")
-    ap.add_argument("--raft_args", default="", help="stage: extra raft.py options, e.g. \"--lora_r 16 --bf16\"")
+    ap.add_argument("--raft_args", default="", help='stage: extra raft.py options, e.g. "--lora_r 16 --bf16"')
     ap.add_argument("--json", default=None, help="also append every row as JSON to this file")
     a = ap.parse_args(argv)
     a.stage_reward = a.reward_shape
@@ -136,8 +166,9 @@ def matmul_rate() -> float:
 
 def build(shape: str, cls=LlamaForCausalLM, **kw):
     torch.manual_seed(0)
-    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                      **kw)
+    cfg = LlamaConfig(
+        **SHAPES[shape], max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2, **kw
+    )
     with torch.device(DEV):
         model = cls(cfg).to(DTYPE).eval()
     return model
@@ -153,28 +184,46 @@ def generate_rows(a, rate: float) -> list[dict]:
     roof = rate / (2 * P)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, SHAPES[a.shape]["vocab_size"], (a.prompts, a.prompt_len), generator=g).tolist()
-    gc = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=a.new_tokens,
-                          min_new_tokens=a.new_tokens, pad_token_id=0, eos_token_id=2)
+    gc = GenerationConfig(
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=a.new_tokens,
+        min_new_tokens=a.new_tokens,
+        pad_token_id=0,
+        eos_token_id=2,
+    )
 
     def hf(ps, per_call):
         n = 0
         for s in range(0, len(ps), per_call):
-            ids = torch.tensor(ps[s:s + per_call], device=DEV).repeat_interleave(a.K, 0)
+            ids = torch.tensor(ps[s : s + per_call], device=DEV).repeat_interleave(a.K, 0)
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gc)
-            n += out[:, ids.shape[1]:].numel()
+            n += out[:, ids.shape[1] :].numel()
         return n
 
     def fast(ps, graphs=not a.no_cuda_graphs):
-        out = fastgen.sample(model, ps, a.K, max_new_tokens=a.new_tokens, eos_ids=set(), pad_id=0,
-                             batch_prompts=a.gen_batch_size, cuda_graphs=graphs)
+        out = fastgen.sample(
+            model,
+            ps,
+            a.K,
+            max_new_tokens=a.new_tokens,
+            eos_ids=set(),
+            pad_id=0,
+            batch_prompts=a.gen_batch_size,
+            cuda_graphs=graphs,
+        )
         return sum(len(s) for row in out for s in row)
 
     rows = []
     hf(prompts[:1], 1)  # warm-up: kernels, cuBLAS handles
     fast(prompts[:1])
-    for name, fn in ((f"hf-1 ({min(a.hf1_prompts, a.prompts)} prompts)", lambda: hf(prompts[:a.hf1_prompts], 1)),
-                     (f"hf-{a.gen_batch_size}", lambda: hf(prompts, a.gen_batch_size)),
-                     ("kit fastgen", lambda: fast(prompts))):
+    for name, fn in (
+        (f"hf-1 ({min(a.hf1_prompts, a.prompts)} prompts)", lambda: hf(prompts[: a.hf1_prompts], 1)),
+        (f"hf-{a.gen_batch_size}", lambda: hf(prompts, a.gen_batch_size)),
+        ("kit fastgen", lambda: fast(prompts)),
+    ):
         row = {"phase": "generate", "shape": a.shape, "params": P, "variant": name}
         try:
             with timed(row):
@@ -187,12 +236,26 @@ def generate_rows(a, rate: float) -> list[dict]:
         rows.append(row)
     # greedy: does the fast path give model.generate's tokens? (bf16 on a GPU may split ties differently)
     ps = prompts[:4]
-    ref = model.generate(input_ids=torch.tensor(ps, device=DEV), attention_mask=torch.ones(4, a.prompt_len,
-                         dtype=torch.long, device=DEV), generation_config=GenerationConfig(
-                         do_sample=False, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, pad_token_id=0,
-                         eos_token_id=2))[:, a.prompt_len:].tolist()
-    got = [r[0] for r in fastgen.sample(model, ps, 1, max_new_tokens=a.new_tokens, eos_ids=set(), pad_id=0,
-                                         temperature=0, cuda_graphs=not a.no_cuda_graphs)]
+    ref = model.generate(
+        input_ids=torch.tensor(ps, device=DEV),
+        attention_mask=torch.ones(4, a.prompt_len, dtype=torch.long, device=DEV),
+        generation_config=GenerationConfig(
+            do_sample=False, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, pad_token_id=0, eos_token_id=2
+        ),
+    )[:, a.prompt_len :].tolist()
+    got = [
+        r[0]
+        for r in fastgen.sample(
+            model,
+            ps,
+            1,
+            max_new_tokens=a.new_tokens,
+            eos_ids=set(),
+            pad_id=0,
+            temperature=0,
+            cuda_graphs=not a.no_cuda_graphs,
+        )
+    ]
     same = sum(x == y for r, s in zip(ref, got) for x, y in zip(r, s)) / sum(map(len, ref))
     rows[-1]["greedy_same_as_generate"] = same
     return rows
@@ -203,15 +266,21 @@ def score_rows(a, rate: float) -> list[dict]:
     P = n_params(model)
     g = torch.Generator().manual_seed(1)
     V = SHAPES[a.reward_shape]["vocab_size"]
-    lens = torch.randint(a.prompt_len + a.new_tokens // 8, a.prompt_len + a.new_tokens + 1, (a.prompts * a.K,),
-                         generator=g).tolist()
+    lens = torch.randint(
+        a.prompt_len + a.new_tokens // 8, a.prompt_len + a.new_tokens + 1, (a.prompts * a.K,), generator=g
+    ).tolist()
     texts = [torch.randint(3, V, (n,), generator=g).tolist() for n in lens]
     rows = []
     score_ids(model, texts[:2], 2, 0)  # warm-up
     n1 = max(1, len(texts) // 16)
-    for name, fn, n in (("one text per call", lambda: score_ids(model, texts[:n1], 1, 0), sum(lens[:n1])),
-                        (f"kit score_ids (batch {a.reward_batch_size})",
-                         lambda: score_ids(model, texts, a.reward_batch_size, 0), sum(lens))):
+    for name, fn, n in (
+        ("one text per call", lambda: score_ids(model, texts[:n1], 1, 0), sum(lens[:n1])),
+        (
+            f"kit score_ids (batch {a.reward_batch_size})",
+            lambda: score_ids(model, texts, a.reward_batch_size, 0),
+            sum(lens),
+        ),
+    ):
         row = {"phase": "score", "shape": a.reward_shape, "params": P, "variant": name, "tokens": n}
         with timed(row):
             fn()
@@ -228,7 +297,7 @@ def collate(examples, pad_id: int):
     labels = torch.full((len(examples), T), -100, dtype=torch.long)
     mask = torch.zeros((len(examples), T), dtype=torch.long)
     for r, (x, y) in enumerate(examples):
-        ids[r, :len(x)], labels[r, :len(y)], mask[r, :len(x)] = torch.tensor(x), torch.tensor(y), 1
+        ids[r, : len(x)], labels[r, : len(y)], mask[r, : len(x)] = torch.tensor(x), torch.tensor(y), 1
     return ids, mask, labels
 
 
@@ -237,30 +306,39 @@ def train_rows(a, rate: float) -> list[dict]:
     V = SHAPES[a.shape]["vocab_size"]
     examples = []
     for _ in range(a.prompts):
-        p = torch.randint(3, V, (int(torch.randint(a.prompt_len // 4, a.prompt_len + 1, (1,), generator=g)),),
-                          generator=g).tolist()
-        r = torch.randint(3, V, (int(torch.randint(a.new_tokens // 8, a.new_tokens + 1, (1,), generator=g)),),
-                          generator=g).tolist()
+        p = torch.randint(
+            3, V, (int(torch.randint(a.prompt_len // 4, a.prompt_len + 1, (1,), generator=g)),), generator=g
+        ).tolist()
+        r = torch.randint(
+            3, V, (int(torch.randint(a.new_tokens // 8, a.new_tokens + 1, (1,), generator=g)),), generator=g
+        ).tolist()
         examples.append(raft.build_example(p, r, 2))
     tokens = sum(len(x) for x, _ in examples)
-    cfg = raft.Config(epochs=1, lr=1e-5, train_batch_size=max(a.micro_batch_size, 32),
-                      micro_batch_size=a.micro_batch_size, bf16=DEV.type == "cuda")
+    cfg = raft.Config(
+        epochs=1,
+        lr=1e-5,
+        train_batch_size=max(a.micro_batch_size, 32),
+        micro_batch_size=a.micro_batch_size,
+        bf16=DEV.type == "cuda",
+    )
 
     def baseline(model):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         model.train()
         for s in range(0, len(examples), cfg.train_batch_size):
-            batch = examples[s:s + cfg.train_batch_size]
+            batch = examples[s : s + cfg.train_batch_size]
             for m in range(0, len(batch), cfg.micro_batch_size):
-                ids, mask, labels = [t.to(DEV) for t in collate(batch[m:m + cfg.micro_batch_size], 0)]
+                ids, mask, labels = [t.to(DEV) for t in collate(batch[m : m + cfg.micro_batch_size], 0)]
                 with raft.amp(model, cfg.bf16):
                     model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
     rows = []
-    for name, fn in (("plain HF loss, padded", baseline),
-                     ("kit finetune", lambda m: raft.finetune(m, examples, cfg, seed=0))):
+    for name, fn in (
+        ("plain HF loss, padded", baseline),
+        ("kit finetune", lambda m: raft.finetune(m, examples, cfg, seed=0)),
+    ):
         model = build(a.shape).float()  # fp32 master weights, bf16 autocast: the kit's --bf16 full fine-tuning
         P = n_params(model)
         row = {"phase": "train", "shape": a.shape, "params": P, "variant": name, "tokens": tokens}
@@ -282,6 +360,7 @@ def word_tokenizer(V: int):
     """A word-level tokenizer with V ids ("w3" is id 3): random-token texts survive a decode and re-encode."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, V)}}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
     tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -304,28 +383,73 @@ def stage_rows(a) -> list[dict]:
     """One RAFT stage through raft.main on a random-weight model saved to a temporary directory: time and (GPU)
     peak memory per phase."""
     import shlex
+
     V = SHAPES[a.shape]["vocab_size"]
     with tempfile.TemporaryDirectory() as d:
         policy = save_random(os.path.join(d, "m"), a.shape)
-        reward = save_random(os.path.join(d, "rm"), a.stage_reward, LlamaForSequenceClassification,
-                             num_labels=1) if a.stage_reward else "bench:word_count"
+        reward = (
+            save_random(os.path.join(d, "rm"), a.stage_reward, LlamaForSequenceClassification, num_labels=1)
+            if a.stage_reward
+            else "bench:word_count"
+        )
         g = torch.Generator().manual_seed(3)
         with open(os.path.join(d, "p.jsonl"), "w") as f:
             for _ in range(a.prompts + 16):
-                f.write(json.dumps({"prompt": " ".join(f"w{i}" for i in torch.randint(3, V, (a.prompt_len - 1,),
-                                                                                       generator=g).tolist())}) + "\n")
-        args = ["--model", policy, "--dataset", os.path.join(d, "p.jsonl"), "--reward", reward,
-                "--prompts_per_iter", str(a.prompts), "--K", str(a.K), "--max_new_tokens",
-                str(a.new_tokens), "--eval_prompts", "16", "--iterations", "1", "--epochs", "2",
-                "--micro_batch_size", str(a.micro_batch_size), "--train_batch_size", "32", "--out_dir",
-                os.path.join(d, "run"), "--gen_batch_size", str(a.gen_batch_size), "--reward_batch_size",
-                str(a.reward_batch_size), "--max_prompt_tokens", str(a.prompt_len)] + \
-            (["--bf16"] if DEV.type == "cuda" else []) + shlex.split(a.raft_args)
+                f.write(
+                    json.dumps(
+                        {
+                            "prompt": " ".join(
+                                f"w{i}" for i in torch.randint(3, V, (a.prompt_len - 1,), generator=g).tolist()
+                            )
+                        }
+                    )
+                    + "\n"
+                )
+        args = (
+            [
+                "--model",
+                policy,
+                "--dataset",
+                os.path.join(d, "p.jsonl"),
+                "--reward",
+                reward,
+                "--prompts_per_iter",
+                str(a.prompts),
+                "--K",
+                str(a.K),
+                "--max_new_tokens",
+                str(a.new_tokens),
+                "--eval_prompts",
+                "16",
+                "--iterations",
+                "1",
+                "--epochs",
+                "2",
+                "--micro_batch_size",
+                str(a.micro_batch_size),
+                "--train_batch_size",
+                "32",
+                "--out_dir",
+                os.path.join(d, "run"),
+                "--gen_batch_size",
+                str(a.gen_batch_size),
+                "--reward_batch_size",
+                str(a.reward_batch_size),
+                "--max_prompt_tokens",
+                str(a.prompt_len),
+            ]
+            + (["--bf16"] if DEV.type == "cuda" else [])
+            + shlex.split(a.raft_args)
+        )
         raft.main(args)
         with open(os.path.join(d, "run", "metrics.jsonl")) as f:
             m = [json.loads(line) for line in f][-1]
-    variant = f"b={a.prompts} K={a.K}" + (f" reward {a.stage_reward}" if a.stage_reward else "") + \
-        (f" {a.raft_args}" if a.raft_args else "") + (" (torchrun)" if raft.DIST else "")
+    variant = (
+        f"b={a.prompts} K={a.K}"
+        + (f" reward {a.stage_reward}" if a.stage_reward else "")
+        + (f" {a.raft_args}" if a.raft_args else "")
+        + (" (torchrun)" if raft.DIST else "")
+    )
     return [{"phase": "stage", "shape": a.shape, "variant": variant, **phase_metrics(m)}]
 
 
@@ -338,36 +462,87 @@ def diffusion_rows(a) -> list[dict]:
     """One diffusion.py stage on random weights of SD 1.5's shapes (or a toy UNet for --shape tiny): time per phase."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModel
+
     import diffusion
+
     tiny = a.shape == "tiny"
     tok = ByT5Tokenizer()
     torch.manual_seed(0)
-    text = CLIPTextModel(CLIPTextConfig(  # CLIP ViT-L/14's text tower (SD 1.5's), or a toy
-        vocab_size=len(tok) if tiny else 49408, hidden_size=32 if tiny else 768, intermediate_size=64 if tiny else 3072,
-        num_hidden_layers=2 if tiny else 12, num_attention_heads=4 if tiny else 12, max_position_embeddings=16 if
-        tiny else 77, hidden_act="quick_gelu", pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id))
+    text = CLIPTextModel(
+        CLIPTextConfig(  # CLIP ViT-L/14's text tower (SD 1.5's), or a toy
+            vocab_size=len(tok) if tiny else 49408,
+            hidden_size=32 if tiny else 768,
+            intermediate_size=64 if tiny else 3072,
+            num_hidden_layers=2 if tiny else 12,
+            num_attention_heads=4 if tiny else 12,
+            max_position_embeddings=16 if tiny else 77,
+            hidden_act="quick_gelu",
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+        )
+    )
     unet = UNet2DConditionModel(  # SD 1.5's UNet: the diffusers defaults with 768-wide cross-attention
-        **(dict(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), attention_head_dim=8,
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")) if tiny else dict(sample_size=64,
-                                                                                    cross_attention_dim=768)))
+        **(
+            dict(
+                sample_size=8,
+                block_out_channels=(32, 64),
+                layers_per_block=1,
+                norm_num_groups=8,
+                cross_attention_dim=32,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                attention_head_dim=8,
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            )
+            if tiny
+            else dict(sample_size=64, cross_attention_dim=768)
+        )
+    )
     vae = AutoencoderKL(  # SD's VAE: 4 levels (8× downsampling), 4 latent channels
-        down_block_types=("DownEncoderBlock2D",) * (3 if tiny else 4), up_block_types=("UpDecoderBlock2D",) * (3 if
-        tiny else 4), block_out_channels=(16, 32, 32) if tiny else (128, 256, 512, 512), layers_per_block=1 if tiny
-        else 2, latent_channels=4, norm_num_groups=8 if tiny else 32, sample_size=32 if tiny else 512,
-        scaling_factor=0.18215)
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)
+        down_block_types=("DownEncoderBlock2D",) * (3 if tiny else 4),
+        up_block_types=("UpDecoderBlock2D",) * (3 if tiny else 4),
+        block_out_channels=(16, 32, 32) if tiny else (128, 256, 512, 512),
+        layers_per_block=1 if tiny else 2,
+        latent_channels=4,
+        norm_num_groups=8 if tiny else 32,
+        sample_size=32 if tiny else 512,
+        scaling_factor=0.18215,
+    )
+    sched = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
     with tempfile.TemporaryDirectory() as d:
         for name, part in dict(tokenizer=tok, text_encoder=text, unet=unet, vae=vae, scheduler=sched).items():
             part.save_pretrained(os.path.join(d, "sd", name))
-        args = ["--model", os.path.join(d, "sd"), "--reward", "brightness", "--iterations", "1", "--out_dir",
-                os.path.join(d, "run"), "--K", str(a.K)] + (["--resolution", "32", "--steps", "4", "--prompts_per_iter",
-                                                             "4", "--eval_images", "1"] if tiny else []) + \
-               (["--bf16"] if DEV.type == "cuda" else [])
+        args = (
+            [
+                "--model",
+                os.path.join(d, "sd"),
+                "--reward",
+                "brightness",
+                "--iterations",
+                "1",
+                "--out_dir",
+                os.path.join(d, "run"),
+                "--K",
+                str(a.K),
+            ]
+            + (["--resolution", "32", "--steps", "4", "--prompts_per_iter", "4", "--eval_images", "1"] if tiny else [])
+            + (["--bf16"] if DEV.type == "cuda" else [])
+        )
         m = diffusion.main(args)[-1]
-    return [{"phase": "stage", "shape": a.shape, "variant": f"diffusion b={m.get('n_selected')} K={a.K}",
-             **phase_metrics(m)}]
+    return [
+        {
+            "phase": "stage",
+            "shape": a.shape,
+            "variant": f"diffusion b={m.get('n_selected')} K={a.K}",
+            **phase_metrics(m),
+        }
+    ]
 
 
 def param_counts(shape: str, cls=LlamaForCausalLM, lora_r: int = 16, **kw) -> dict:
@@ -384,8 +559,14 @@ def param_counts(shape: str, cls=LlamaForCausalLM, lora_r: int = 16, **kw) -> di
     lora = sum(lora_r * (m.in_features + m.out_features) for m in lins if m is not head)
     heads = cfg.num_key_value_heads
     kv_token = 2 * cfg.num_hidden_layers * heads * (cfg.hidden_size // cfg.num_attention_heads) * 2  # bf16 K and V
-    return {"total": total, "linear": linear, "rest": total - linear, "lora": lora, "kv_token_bytes": kv_token,
-            "int8_scales": sum(m.out_features for m in lins)}
+    return {
+        "total": total,
+        "linear": linear,
+        "rest": total - linear,
+        "lora": lora,
+        "kv_token_bytes": kv_token,
+        "int8_scales": sum(m.out_features for m in lins),
+    }
 
 
 def memory_rows(a) -> list[dict]:
@@ -407,22 +588,39 @@ def memory_rows(a) -> list[dict]:
     ]
     rows = []
     for name, weights, train, sample, rm in modes:
-        rows.append({"phase": "memory", "shape": a.shape, "reward_shape": a.reward_shape, "variant": name,
-                     "params": p["total"], "weights_gb": weights / G, "train_extra_gb": train / G,
-                     "sample_extra_gb": sample / G, "kv_gb": kv / G, "reward_gb": rm / G,
-                     "sample_peak_gb": (weights + sample + kv + rm) / G, "train_peak_gb": (weights + train + rm) / G})
+        rows.append(
+            {
+                "phase": "memory",
+                "shape": a.shape,
+                "reward_shape": a.reward_shape,
+                "variant": name,
+                "params": p["total"],
+                "weights_gb": weights / G,
+                "train_extra_gb": train / G,
+                "sample_extra_gb": sample / G,
+                "kv_gb": kv / G,
+                "reward_gb": rm / G,
+                "sample_peak_gb": (weights + sample + kv + rm) / G,
+                "train_peak_gb": (weights + train + rm) / G,
+            }
+        )
     return rows
 
 
 def memory_table(rows: list[dict], a) -> str:
-    out = [f"computed, not measured: {a.shape} policy, {a.reward_shape} reward, --gen_batch_size {a.gen_batch_size} "
-           f"× K {a.K}, {a.prompt_len} + {a.new_tokens} tokens; GB = 1e9 bytes; activations excluded",
-           "| mode | weights | + training (grads, AdamW) | + sampling copy | KV cache | reward | sampling peak | "
-           "training peak |", "|---|---|---|---|---|---|---|---|"]
+    out = [
+        f"computed, not measured: {a.shape} policy, {a.reward_shape} reward, --gen_batch_size {a.gen_batch_size} "
+        f"× K {a.K}, {a.prompt_len} + {a.new_tokens} tokens; GB = 1e9 bytes; activations excluded",
+        "| mode | weights | + training (grads, AdamW) | + sampling copy | KV cache | reward | sampling peak | "
+        "training peak |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        out.append(f"| {r['variant']} | {r['weights_gb']:.1f} | {r['train_extra_gb']:.1f} | {r['sample_extra_gb']:.1f} "
-                   f"| {r['kv_gb']:.1f} | {r['reward_gb']:.1f} | {r['sample_peak_gb']:.1f} | "
-                   f"{r['train_peak_gb']:.1f} |")
+        out.append(
+            f"| {r['variant']} | {r['weights_gb']:.1f} | {r['train_extra_gb']:.1f} | {r['sample_extra_gb']:.1f} "
+            f"| {r['kv_gb']:.1f} | {r['reward_gb']:.1f} | {r['sample_peak_gb']:.1f} | "
+            f"{r['train_peak_gb']:.1f} |"
+        )
     return "\n".join(out)
 
 
@@ -433,22 +631,32 @@ def word_count(prompts, responses):
 
 def table(rows: list[dict]) -> str:
     """One markdown table; speed-ups are over the other rows of the same phase."""
-    out = ["| phase | shape | variant | tokens | s | tok/s | of roofline | speed-up over baselines | peak GiB |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = [
+        "| phase | shape | variant | tokens | s | tok/s | of roofline | speed-up over baselines | peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r["phase"] == "stage":
-            peak = ", ".join(f"{p} {r['peak_gib_' + p]:.1f}" for p in ("sample", "rank", "train", "eval")
-                             if "peak_gib_" + p in r)
-            out.append(f"| stage | {r['shape']} | {r['variant']} | | sample {r['time_sample']:.1f}, rank "
-                       f"{r['time_rank']:.1f}, train {r['time_train']:.1f}, eval {r['time_eval']:.1f} | | | | "
-                       f"{peak} |")
+            peak = ", ".join(
+                f"{p} {r['peak_gib_' + p]:.1f}" for p in ("sample", "rank", "train", "eval") if "peak_gib_" + p in r
+            )
+            out.append(
+                f"| stage | {r['shape']} | {r['variant']} | | sample {r['time_sample']:.1f}, rank "
+                f"{r['time_rank']:.1f}, train {r['time_train']:.1f}, eval {r['time_eval']:.1f} | | | | "
+                f"{peak} |"
+            )
             continue
         base = [b for b in rows if b["phase"] == r["phase"] and b is not r and "kit" not in b["variant"]]
-        ups = ", ".join(f"{r['tok_s'] / b['tok_s']:.1f}× {b['variant'].split(' (')[0]}" for b in base
-                        if "kit" in r["variant"] and b["tok_s"] > 0)
+        ups = ", ".join(
+            f"{r['tok_s'] / b['tok_s']:.1f}× {b['variant'].split(' (')[0]}"
+            for b in base
+            if "kit" in r["variant"] and b["tok_s"] > 0
+        )
         note = f" (greedy = generate: {r['greedy_same_as_generate']:.3f})" if "greedy_same_as_generate" in r else ""
-        out.append(f"| {r['phase']} | {r['shape']} | {r['variant']}{note} | {r['tokens']} | {r['secs']:.2f} | "
-                   f"{r['tok_s']:,.0f} | {r['frac_roofline']:.1%} | {ups} | {r['peak_gib']:.1f} |")
+        out.append(
+            f"| {r['phase']} | {r['shape']} | {r['variant']}{note} | {r['tokens']} | {r['secs']:.2f} | "
+            f"{r['tok_s']:,.0f} | {r['frac_roofline']:.1%} | {ups} | {r['peak_gib']:.1f} |"
+        )
     return "\n".join(out)
 
 
@@ -456,8 +664,11 @@ def main(argv=None):
     a = parse(argv)
     rate = matmul_rate()
     dev = torch.cuda.get_device_name() if DEV.type == "cuda" else "CPU"
-    print(f"device {dev}, torch {torch.__version__}, {DTYPE}; matmul {rate / 1e12:.2f} TFLOP/s; b={a.prompts} "
-          f"K={a.K} prompt {a.prompt_len} tokens, {a.new_tokens} new", flush=True)
+    print(
+        f"device {dev}, torch {torch.__version__}, {DTYPE}; matmul {rate / 1e12:.2f} TFLOP/s; b={a.prompts} "
+        f"K={a.K} prompt {a.prompt_len} tokens, {a.new_tokens} new",
+        flush=True,
+    )
     rows = []
     for phase, fn in (("generate", generate_rows), ("score", score_rows), ("train", train_rows)):
         if a.phase in (phase, "all"):

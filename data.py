@@ -33,6 +33,7 @@ run directory's files.
   Files and stage directories are written aside and renamed (`write_text`, `write_jsonl`), so a crash never leaves
   half of one.
 """
+
 import dataclasses
 import json
 import os
@@ -63,6 +64,7 @@ def load_rows(dataset: str, split: str = "train"):
     else:  # a directory of <split>.jsonl files loads exactly as a hub dataset does
         try:
             import datasets
+
             rows = datasets.load_dataset(dataset, split=split)
         except Exception as e:  # the hub or the name is wrong: say so in one line, not a deep traceback
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -93,7 +95,7 @@ def chat_text(tok, turns) -> str:
     messages = [{"role": "user" if role == "Human" else "assistant", "content": text} for role, text in turns]
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     # the template may write BOS as text; encoding adds BOS itself, so a second one would be out of distribution
-    return text[len(tok.bos_token):] if tok.bos_token and text.startswith(tok.bos_token) else text
+    return text[len(tok.bos_token) :] if tok.bos_token and text.startswith(tok.bos_token) else text
 
 
 def dataset_response(text: str, fmt: str, chat_template: bool) -> str:
@@ -115,24 +117,36 @@ def resolve_format(prompt_format: str, rows) -> str:
     return "hh" if isinstance(first, dict) and {"chosen", "rejected"} <= set(first) else "raw"
 
 
-def format_prompts(rows, field: str = "prompt", prompt_format: str = "auto", tok=None, chat_template: bool = False,
-                   responses=(), name: str = "--dataset") -> tuple[list[dict], str]:
+def format_prompts(
+    rows,
+    field: str = "prompt",
+    prompt_format: str = "auto",
+    tok=None,
+    chat_template: bool = False,
+    responses=(),
+    name: str = "--dataset",
+) -> tuple[list[dict], str]:
     """Records {row, prompt, reward_prompt, <response fields>} of the usable rows, and the resolved format.
     len(rows) - len(records) rows were skipped (hh: no human text or a blank response)."""
     fmt = resolve_format(prompt_format, rows)
     if chat_template and (tok is None or not getattr(tok, "chat_template", None)):
-        raise SystemExit("--chat_template: the model's tokenizer has no chat template; drop --chat_template (the "
-                         "paper's ###Human text is the default for HH-RLHF) or use a chat model")
+        raise SystemExit(
+            "--chat_template: the model's tokenizer has no chat template; drop --chat_template (the "
+            "paper's ###Human text is the default for HH-RLHF) or use a chat model"
+        )
     records = []
     for i, row in enumerate(rows):
         row = row if isinstance(row, dict) else {}
         value = row.get(field)
-        bad = [f for f in (field, *responses)
-               if not isinstance(row.get(f), str) or (fmt == "raw" and not row[f].strip())]
+        bad = [
+            f for f in (field, *responses) if not isinstance(row.get(f), str) or (fmt == "raw" and not row[f].strip())
+        ]
         if bad:
             flag = "--prompt_field" if bad[0] == field else "--sft_field"
-            raise SystemExit(f"{name} row {i}: field {bad[0]!r} is missing, not a string, or empty (got "
-                             f"{row.get(bad[0])!r}); fix the row or pass {flag}")
+            raise SystemExit(
+                f"{name} row {i}: field {bad[0]!r} is missing, not a string, or empty (got "
+                f"{row.get(bad[0])!r}); fix the row or pass {flag}"
+            )
         if fmt == "raw":
             turns, reward_prompt = [("Human", value)], value
         else:
@@ -140,8 +154,11 @@ def format_prompts(rows, field: str = "prompt", prompt_format: str = "auto", tok
             if not any(role == "Human" and text for role, text in turns) or any(not row[f].strip() for f in responses):
                 continue  # skipped; the caller reports len(rows) - len(records)
             reward_prompt = hh_text(turns)
-        rec = {"row": i, "prompt": chat_text(tok, turns) if chat_template else reward_prompt,
-               "reward_prompt": reward_prompt}
+        rec = {
+            "row": i,
+            "prompt": chat_text(tok, turns) if chat_template else reward_prompt,
+            "reward_prompt": reward_prompt,
+        }
         rec.update({f: dataset_response(row[f], fmt, chat_template) for f in responses})
         records.append(rec)
     if not records:
@@ -149,8 +166,15 @@ def format_prompts(rows, field: str = "prompt", prompt_format: str = "auto", tok
     return records, fmt
 
 
-def load_prompts(dataset: str, split: str = "train", field: str = "prompt", prompt_format: str = "auto", tok=None,
-                 chat_template: bool = False, responses=()) -> tuple[list[dict], str, int]:
+def load_prompts(
+    dataset: str,
+    split: str = "train",
+    field: str = "prompt",
+    prompt_format: str = "auto",
+    tok=None,
+    chat_template: bool = False,
+    responses=(),
+) -> tuple[list[dict], str, int]:
     """format_prompts(load_rows(dataset, split), ...) -> (records, resolved format, rows skipped)."""
     rows = load_rows(dataset, split)
     records, fmt = format_prompts(rows, field, prompt_format, tok, chat_template, responses)
@@ -160,34 +184,165 @@ def load_prompts(dataset: str, split: str = "train", field: str = "prompt", prom
 # ---- the offline demo: a grammar of short movie reviews -------------------------------------------------
 # Openers are neutral, so a prompt (the opener) says nothing about the sentiment of what follows. Each review
 # leans positive or negative, but mixes in clauses of the other side, so the pretrained model is ambivalent.
-_GENRES = ["comedy", "drama", "thriller", "western", "musical", "horror film", "war film", "cartoon", "romance",
-           "mystery", "sequel", "remake", "documentary", "space opera", "heist movie", "biopic"]
-_THINGS = ["acting", "plot", "script", "music", "ending", "camera work", "dialogue", "cast", "story", "pacing",
-           "soundtrack", "lead actor", "villain", "editing", "humor", "score", "set design", "final act"]
-_WHEN = ["last night", "on friday", "this weekend", "yesterday", "last week", "on sunday", "after work",
-         "on my birthday", "on a rainy day", "at midnight"]
+_GENRES = [
+    "comedy",
+    "drama",
+    "thriller",
+    "western",
+    "musical",
+    "horror film",
+    "war film",
+    "cartoon",
+    "romance",
+    "mystery",
+    "sequel",
+    "remake",
+    "documentary",
+    "space opera",
+    "heist movie",
+    "biopic",
+]
+_THINGS = [
+    "acting",
+    "plot",
+    "script",
+    "music",
+    "ending",
+    "camera work",
+    "dialogue",
+    "cast",
+    "story",
+    "pacing",
+    "soundtrack",
+    "lead actor",
+    "villain",
+    "editing",
+    "humor",
+    "score",
+    "set design",
+    "final act",
+]
+_WHEN = [
+    "last night",
+    "on friday",
+    "this weekend",
+    "yesterday",
+    "last week",
+    "on sunday",
+    "after work",
+    "on my birthday",
+    "on a rainy day",
+    "at midnight",
+]
 _WHO = ["my sister", "my dad", "my friend", "my wife", "my brother", "my roommate", "my mom", "my neighbor"]
-_WHERE = ["at the cinema", "on tv", "on a plane", "at home", "at a festival", "on my laptop", "at the drive-in",
-          "in a small theater"]
-_TOPICS = ["a small town", "two brothers", "a lost dog", "a bank heist", "a young chef", "an old soldier",
-           "a haunted house", "a robot", "a tennis star", "a family farm"]
-_OPENERS = ["i watched this {g} {when} and", "{who} and i saw the new {g} {when} and", "i rented this {g} {where} and",
-            "this {g} about {topic} came out {when} and", "we went to see this {g} {where} and",
-            "{who} picked this {g} {when} and", "the {g} about {topic} is finally here and",
-            "i finally caught this {g} {where} and", "after reading the book i saw this {g} {where} and",
-            "this is a {g} about {topic} and"]
-_POS_ADJ = ["great", "wonderful", "brilliant", "superb", "lovely", "beautiful", "excellent", "charming", "fun",
-            "delightful", "clever", "amazing", "fantastic", "moving", "sweet", "strong", "perfect", "good"]
-_NEG_ADJ = ["terrible", "awful", "boring", "dull", "weak", "bad", "horrible", "stupid", "painful", "ugly",
-            "lame", "dreadful", "annoying", "sad", "poor", "messy", "silly", "tedious"]
-_POS_CLAUSES = ["the {t} was {a}", "the {t} is {a} and {a2}", "i loved the {t}", "what a {a} {t}",
-                "the {t} made me smile", "the {t} felt {a}", "it was a joy to watch", "i would watch it again",
-                "the {t} is really {a}", "everyone enjoyed the {t}", "the {t} deserves praise"]
-_NEG_CLAUSES = ["the {t} was {a}", "the {t} is {a} and {a2}", "i hated the {t}", "what a {a} {t}",
-                "the {t} made me cringe", "the {t} felt {a}", "it was a waste of time", "i want my money back",
-                "the {t} is really {a}", "nobody liked the {t}", "the {t} is a disaster"]
-_NEUTRAL_CLAUSES = ["it runs about two hours", "the {t} reminded me of an old {g}", "it was shot in the winter",
-                    "the {t} changes halfway through", "we had popcorn", "the theater was full"]
+_WHERE = [
+    "at the cinema",
+    "on tv",
+    "on a plane",
+    "at home",
+    "at a festival",
+    "on my laptop",
+    "at the drive-in",
+    "in a small theater",
+]
+_TOPICS = [
+    "a small town",
+    "two brothers",
+    "a lost dog",
+    "a bank heist",
+    "a young chef",
+    "an old soldier",
+    "a haunted house",
+    "a robot",
+    "a tennis star",
+    "a family farm",
+]
+_OPENERS = [
+    "i watched this {g} {when} and",
+    "{who} and i saw the new {g} {when} and",
+    "i rented this {g} {where} and",
+    "this {g} about {topic} came out {when} and",
+    "we went to see this {g} {where} and",
+    "{who} picked this {g} {when} and",
+    "the {g} about {topic} is finally here and",
+    "i finally caught this {g} {where} and",
+    "after reading the book i saw this {g} {where} and",
+    "this is a {g} about {topic} and",
+]
+_POS_ADJ = [
+    "great",
+    "wonderful",
+    "brilliant",
+    "superb",
+    "lovely",
+    "beautiful",
+    "excellent",
+    "charming",
+    "fun",
+    "delightful",
+    "clever",
+    "amazing",
+    "fantastic",
+    "moving",
+    "sweet",
+    "strong",
+    "perfect",
+    "good",
+]
+_NEG_ADJ = [
+    "terrible",
+    "awful",
+    "boring",
+    "dull",
+    "weak",
+    "bad",
+    "horrible",
+    "stupid",
+    "painful",
+    "ugly",
+    "lame",
+    "dreadful",
+    "annoying",
+    "sad",
+    "poor",
+    "messy",
+    "silly",
+    "tedious",
+]
+_POS_CLAUSES = [
+    "the {t} was {a}",
+    "the {t} is {a} and {a2}",
+    "i loved the {t}",
+    "what a {a} {t}",
+    "the {t} made me smile",
+    "the {t} felt {a}",
+    "it was a joy to watch",
+    "i would watch it again",
+    "the {t} is really {a}",
+    "everyone enjoyed the {t}",
+    "the {t} deserves praise",
+]
+_NEG_CLAUSES = [
+    "the {t} was {a}",
+    "the {t} is {a} and {a2}",
+    "i hated the {t}",
+    "what a {a} {t}",
+    "the {t} made me cringe",
+    "the {t} felt {a}",
+    "it was a waste of time",
+    "i want my money back",
+    "the {t} is really {a}",
+    "nobody liked the {t}",
+    "the {t} is a disaster",
+]
+_NEUTRAL_CLAUSES = [
+    "it runs about two hours",
+    "the {t} reminded me of an old {g}",
+    "it was shot in the winter",
+    "the {t} changes halfway through",
+    "we had popcorn",
+    "the theater was full",
+]
 _JOINERS = [". ", ", and ", ". also ", ", but ", ". "]
 
 
@@ -202,11 +357,17 @@ def _clause(rng, positive):
 
 
 def _review(rng):
-    opener = rng.choice(_OPENERS).format(g=rng.choice(_GENRES), when=rng.choice(_WHEN), who=rng.choice(_WHO),
-                                         where=rng.choice(_WHERE), topic=rng.choice(_TOPICS))
+    opener = rng.choice(_OPENERS).format(
+        g=rng.choice(_GENRES),
+        when=rng.choice(_WHEN),
+        who=rng.choice(_WHO),
+        where=rng.choice(_WHERE),
+        topic=rng.choice(_TOPICS),
+    )
     leans_positive = rng.random() < 0.5
-    clauses = [_clause(rng, leans_positive if rng.random() < 0.75 else not leans_positive)
-               for _ in range(rng.randint(2, 3))]
+    clauses = [
+        _clause(rng, leans_positive if rng.random() < 0.75 else not leans_positive) for _ in range(rng.randint(2, 3))
+    ]
     body = clauses[0]
     for c in clauses[1:]:
         body += rng.choice(_JOINERS) + c
@@ -229,11 +390,16 @@ def train_demo_tokenizer(texts: list[str], vocab_size: int = 512):
     """A byte-level BPE tokenizer trained on `texts`, with <s> (added in front of every text), </s> and <pad>."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
+
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
@@ -271,19 +437,18 @@ def check_run_dir(cfg):
             old = json.load(f)
         diff = [k for k in saved if k not in ("resume", "resume_force", "iterations") and old.get(k) != saved[k]]
         if diff and not cfg.resume_force:
-            raise SystemExit(f"--resume: the config differs from {cfg_path} in {diff}; use the saved settings or "
-                             f"add --resume_force")
+            raise SystemExit(
+                f"--resume: the config differs from {cfg_path} in {diff}; use the saved settings or add --resume_force"
+            )
         if diff:
-            print(f"--resume_force: continuing with changed {', '.join(f'{k}={saved[k]!r}' for k in diff)}",
-                  flush=True)
+            print(f"--resume_force: continuing with changed {', '.join(f'{k}={saved[k]!r}' for k in diff)}", flush=True)
     for d in os.listdir(cfg.out_dir):  # leftovers of a stage cut off while saving: it is redone
         if d.endswith(".tmp"):
             shutil.rmtree(os.path.join(cfg.out_dir, d), ignore_errors=True)
     write_text(cfg_path, json.dumps(saved, indent=1))
 
 
-def save_stage(out_dir, t, metrics, rows=None, eval_rows=None, model=None, tok=None, after_model=None,
-               state_dict=None):
+def save_stage(out_dir, t, metrics, rows=None, eval_rows=None, model=None, tok=None, after_model=None, state_dict=None):
     """Write iter_{t:04d}/ aside and rename it in place, so a directory that exists is complete. after_model() runs
     once the model is written, before the rename (raft.py's crash test hook). state_dict: the full weights of a
     sharded (FSDP2) model, gathered by the caller."""

@@ -28,6 +28,7 @@ One process (no torchrun), no --resume. Time per stage on a GPU is not yet measu
     python diffusion.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --reward aesthetic \\
         --aesthetic_head sa_0_4_vit_l_14_linear.pth --bf16 --out_dir runs/sd15_aesthetic   # the paper's setup
 """
+
 import dataclasses
 import hashlib
 import io
@@ -55,70 +56,198 @@ CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 @dataclass
 class DiffusionConfig:
     # ---- model, prompts, reward
-    model: Optional[str] = field(default=None, metadata={"help": "Hub id or path of a Stable Diffusion checkpoint in diffusers layout (the paper: SD 1.5, stable-diffusion-v1-5/stable-diffusion-v1-5). None runs the offline demo."})
-    prompts: Optional[str] = field(default=None, metadata={"help": "A .txt file (one prompt per line) or a .jsonl/.json file with a `prompt` field. Default: the 10 CIFAR-10 class names (the paper)."})
-    reward: list[str] = field(default_factory=list, metadata={"action": "extend", "help": "aesthetic (the paper; the default), clip_score, jpeg_compressibility, jpeg_incompressibility, brightness, or file.py:function / module:function f(prompts, images: list[PIL.Image]) -> list[float]; repeat for a weighted sum."})
-    reward_weights: str = field(default="", metadata={"help": "Comma-separated weights of several --reward, e.g. 1,0.5 (default: all 1)."})
-    clip_model: str = field(default="openai/clip-vit-large-patch14", metadata={"help": "CLIP hub id or path for aesthetic (its image embedding) and clip_score: LAION's predictor reads CLIP ViT-L/14 image embeddings."})
-    aesthetic_head: Optional[str] = field(default=None, metadata={"help": "Path of LAION's aesthetic head (.pth or .safetensors): Linear(768, 1) (sa_0_4_vit_l_14_linear.pth) or improved-aesthetic-predictor's linear MLP (sac+logos+ava1-l14-linearMSE.pth)."})
+    model: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Hub id or path of a Stable Diffusion checkpoint in diffusers layout (the paper: SD 1.5, stable-diffusion-v1-5/stable-diffusion-v1-5). None runs the offline demo."
+        },
+    )
+    prompts: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "A .txt file (one prompt per line) or a .jsonl/.json file with a `prompt` field. Default: the 10 CIFAR-10 class names (the paper)."
+        },
+    )
+    reward: list[str] = field(
+        default_factory=list,
+        metadata={
+            "action": "extend",
+            "help": "aesthetic (the paper; the default), clip_score, jpeg_compressibility, jpeg_incompressibility, brightness, or file.py:function / module:function f(prompts, images: list[PIL.Image]) -> list[float]; repeat for a weighted sum.",
+        },
+    )
+    reward_weights: str = field(
+        default="", metadata={"help": "Comma-separated weights of several --reward, e.g. 1,0.5 (default: all 1)."}
+    )
+    clip_model: str = field(
+        default="openai/clip-vit-large-patch14",
+        metadata={
+            "help": "CLIP hub id or path for aesthetic (its image embedding) and clip_score: LAION's predictor reads CLIP ViT-L/14 image embeddings."
+        },
+    )
+    aesthetic_head: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Path of LAION's aesthetic head (.pth or .safetensors): Linear(768, 1) (sa_0_4_vit_l_14_linear.pth) or improved-aesthetic-predictor's linear MLP (sac+logos+ava1-l14-linearMSE.pth)."
+        },
+    )
     reward_batch_size: int = field(default=32, metadata={"help": "Images per CLIP forward pass."})
     # ---- step 1: sample
-    prompts_per_iter: int = field(default=10, metadata={"help": "b, prompts per stage (default: the 10 CIFAR-10 names once; the per-stage batch is not in our notes of the paper)."})
-    K: int = field(default=8, metadata={"help": "Images per prompt (not in our notes of the paper for diffusion; the LLM runs' smallest K)."})
+    prompts_per_iter: int = field(
+        default=10,
+        metadata={
+            "help": "b, prompts per stage (default: the 10 CIFAR-10 names once; the per-stage batch is not in our notes of the paper)."
+        },
+    )
+    K: int = field(
+        default=8,
+        metadata={"help": "Images per prompt (not in our notes of the paper for diffusion; the LLM runs' smallest K)."},
+    )
     resolution: int = field(default=256, metadata={"help": "Image height and width (the paper: 256)."})
-    steps: int = field(default=50, metadata={"help": "DDIM sampling steps (50: StableDiffusionPipeline's default, and DDPO's)."})
-    guidance: float = field(default=7.5, metadata={"help": "Classifier-free guidance scale (7.5: StableDiffusionPipeline's default); ≤ 1 turns guidance off and halves the UNet passes."})
-    sample_batch_size: int = field(default=16, metadata={"help": "Images per denoising batch (2 UNet rows each with guidance); lower it if memory runs out."})
+    steps: int = field(
+        default=50, metadata={"help": "DDIM sampling steps (50: StableDiffusionPipeline's default, and DDPO's)."}
+    )
+    guidance: float = field(
+        default=7.5,
+        metadata={
+            "help": "Classifier-free guidance scale (7.5: StableDiffusionPipeline's default); ≤ 1 turns guidance off and halves the UNet passes."
+        },
+    )
+    sample_batch_size: int = field(
+        default=16,
+        metadata={"help": "Images per denoising batch (2 UNet rows each with guidance); lower it if memory runs out."},
+    )
     # ---- step 2: rank
-    ranking: str = field(default="local", metadata={"help": "local: the best image per prompt (paper); global: the top b of all b·K (paper appendix, LLM); random: one random image per prompt (control)."})
+    ranking: str = field(
+        default="local",
+        metadata={
+            "help": "local: the best image per prompt (paper); global: the top b of all b·K (paper appendix, LLM); random: one random image per prompt (control)."
+        },
+    )
     # ---- step 3: fine-tune
-    lora_r: int = field(default=4, metadata={"help": "LoRA rank on the UNet (the paper fine-tunes with LoRA; 4 is diffusers' train_text_to_image_lora.py default)."})
-    lora_alpha: int = field(default=4, metadata={"help": "LoRA alpha (= the rank, as diffusers' LoRA script: scale 1)."})
-    lora_target_modules: str = field(default="to_q,to_k,to_v,to_out.0", metadata={"help": "Comma-separated UNet modules that get adapters: the attention projections (diffusers' LoRA script)."})
-    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate, constant (diffusers' LoRA script; not in our notes of the paper)."})
-    epochs: int = field(default=2, metadata={"help": "Passes over each stage's kept images (the paper's LLM value; not stated for diffusion)."})
+    lora_r: int = field(
+        default=4,
+        metadata={
+            "help": "LoRA rank on the UNet (the paper fine-tunes with LoRA; 4 is diffusers' train_text_to_image_lora.py default)."
+        },
+    )
+    lora_alpha: int = field(
+        default=4, metadata={"help": "LoRA alpha (= the rank, as diffusers' LoRA script: scale 1)."}
+    )
+    lora_target_modules: str = field(
+        default="to_q,to_k,to_v,to_out.0",
+        metadata={
+            "help": "Comma-separated UNet modules that get adapters: the attention projections (diffusers' LoRA script)."
+        },
+    )
+    lr: float = field(
+        default=1e-4,
+        metadata={"help": "AdamW learning rate, constant (diffusers' LoRA script; not in our notes of the paper)."},
+    )
+    epochs: int = field(
+        default=2,
+        metadata={"help": "Passes over each stage's kept images (the paper's LLM value; not stated for diffusion)."},
+    )
     train_batch_size: int = field(default=8, metadata={"help": "Images per optimizer step (not stated in the paper)."})
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay (diffusers' LoRA script default)."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (diffusers' LoRA script default)."})
-    bf16: bool = field(default=False, metadata={"help": "Frozen weights stored and run in bf16 (autocast); the LoRA weights and AdamW states stay fp32. For GPUs."})
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Gradient clipping norm (diffusers' LoRA script default)."}
+    )
+    bf16: bool = field(
+        default=False,
+        metadata={
+            "help": "Frozen weights stored and run in bf16 (autocast); the LoRA weights and AdamW states stay fp32. For GPUs."
+        },
+    )
     # ---- loop and output
-    iterations: int = field(default=10, metadata={"help": "RAFT stages (the paper's LLM runs: ≈10–18, until the reward stops rising)."})
-    eval_images: int = field(default=4, metadata={"help": "Images per prompt scored after every stage, from the same noise every stage (0: no eval)."})
-    seed: int = field(default=42, metadata={"help": "Seeds the prompt order, all noise, the LoRA init and the training order; a CPU run repeats exactly."})
-    out_dir: Optional[str] = field(default=None, metadata={"help": "Run directory, new or empty: config.json, metrics.jsonl, reward_curve.png, iter_XXXX/. Default runs/diffusion (runs/diffusion_demo for the demo)."})
+    iterations: int = field(
+        default=10, metadata={"help": "RAFT stages (the paper's LLM runs: ≈10–18, until the reward stops rising)."}
+    )
+    eval_images: int = field(
+        default=4,
+        metadata={"help": "Images per prompt scored after every stage, from the same noise every stage (0: no eval)."},
+    )
+    seed: int = field(
+        default=42,
+        metadata={
+            "help": "Seeds the prompt order, all noise, the LoRA init and the training order; a CPU run repeats exactly."
+        },
+    )
+    out_dir: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Run directory, new or empty: config.json, metrics.jsonl, reward_curve.png, iter_XXXX/. Default runs/diffusion (runs/diffusion_demo for the demo)."
+        },
+    )
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda."})
-    demo_dir: str = field(default="runs/diffusion_demo_model", metadata={"help": "Demo only: where the tiny SD-shaped model is built once (≈20 s) and reused."})
+    demo_dir: str = field(
+        default="runs/diffusion_demo_model",
+        metadata={"help": "Demo only: where the tiny SD-shaped model is built once (≈20 s) and reused."},
+    )
 
 
 # The demo: values for fields left at their defaults when no --model is given. A stronger fine-tune per stage (lr,
 # epochs, rank) than the paper's defaults, so a tiny model shows the effect within 3 stages on a 2-core CPU.
-DEMO = dict(reward=["brightness"], prompts_per_iter=20, resolution=32, steps=10, guidance=2.0, lora_r=8, lora_alpha=8,
-            lr=1e-2, epochs=20, train_batch_size=10, iterations=3, out_dir="runs/diffusion_demo")
+DEMO = dict(
+    reward=["brightness"],
+    prompts_per_iter=20,
+    resolution=32,
+    steps=10,
+    guidance=2.0,
+    lora_r=8,
+    lora_alpha=8,
+    lr=1e-2,
+    epochs=20,
+    train_batch_size=10,
+    iterations=3,
+    out_dir="runs/diffusion_demo",
+)
 BUILTIN = ("aesthetic", "clip_score", "jpeg_compressibility", "jpeg_incompressibility", "brightness")
 GRID_CELL = 128  # grid.png cells are at most this many pixels wide; the kept images are saved whole
 
 
 def validate(cfg: DiffusionConfig):
     """Every check that needs no model, with the fix in the message."""
+
     def need(ok, msg):
         if not ok:
             raise SystemExit(f"config error: {msg}")
+
     need(cfg.K >= 1, f"--K {cfg.K}: need at least 1 image per prompt")
-    need(min(cfg.prompts_per_iter, cfg.iterations, cfg.steps, cfg.epochs, cfg.lora_r, cfg.sample_batch_size,
-             cfg.train_batch_size, cfg.reward_batch_size) >= 1, "--prompts_per_iter, --iterations, --steps, --epochs, "
-         "--lora_r and the batch sizes must be ≥ 1")
-    need(cfg.resolution >= 8 and cfg.resolution % 8 == 0, f"--resolution {cfg.resolution}: use a multiple of 8, e.g. 256")
+    need(
+        min(
+            cfg.prompts_per_iter,
+            cfg.iterations,
+            cfg.steps,
+            cfg.epochs,
+            cfg.lora_r,
+            cfg.sample_batch_size,
+            cfg.train_batch_size,
+            cfg.reward_batch_size,
+        )
+        >= 1,
+        "--prompts_per_iter, --iterations, --steps, --epochs, --lora_r and the batch sizes must be ≥ 1",
+    )
+    need(
+        cfg.resolution >= 8 and cfg.resolution % 8 == 0, f"--resolution {cfg.resolution}: use a multiple of 8, e.g. 256"
+    )
     need(cfg.ranking in RANKINGS, f"--ranking {cfg.ranking!r}: choose one of {RANKINGS}")
     need(cfg.lr > 0 and cfg.eval_images >= 0 and cfg.guidance >= 0, "--lr > 0, --eval_images ≥ 0, --guidance ≥ 0")
     for spec in cfg.reward:
-        need(spec in BUILTIN or ":" in spec, f"--reward {spec!r}: choose one of {', '.join(BUILTIN)}, or give "
-             f"file.py:function or module:function")
-    need("aesthetic" not in cfg.reward or cfg.aesthetic_head, "--reward aesthetic needs --aesthetic_head (LAION's "
-         "sa_0_4_vit_l_14_linear.pth or sac+logos+ava1-l14-linearMSE.pth)")
+        need(
+            spec in BUILTIN or ":" in spec,
+            f"--reward {spec!r}: choose one of {', '.join(BUILTIN)}, or give file.py:function or module:function",
+        )
+    need(
+        "aesthetic" not in cfg.reward or cfg.aesthetic_head,
+        "--reward aesthetic needs --aesthetic_head (LAION's "
+        "sa_0_4_vit_l_14_linear.pth or sac+logos+ava1-l14-linearMSE.pth)",
+    )
     parse_weights(cfg.reward_weights, len(cfg.reward))
     need(cfg.prompts is None or os.path.isfile(cfg.prompts), f"--prompts {cfg.prompts!r}: no such file")
-    need(not (os.path.isdir(cfg.out_dir) and os.listdir(cfg.out_dir)), f"--out_dir {cfg.out_dir} is not empty; "
-         "choose a new directory")
+    need(
+        not (os.path.isdir(cfg.out_dir) and os.listdir(cfg.out_dir)),
+        f"--out_dir {cfg.out_dir} is not empty; choose a new directory",
+    )
     parent = os.path.abspath(cfg.out_dir)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -169,11 +298,13 @@ def linear_head(path: str) -> tuple[torch.Tensor, torch.Tensor]:
         raise SystemExit(f"--aesthetic_head {path!r}: no such file")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
+
         state = load_file(path)
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    layers = sorted({k.rpartition(".")[0] for k in state}, key=lambda p: [int(x) if x.isdigit() else x
-                                                                         for x in p.split(".")])
+    layers = sorted(
+        {k.rpartition(".")[0] for k in state}, key=lambda p: [int(x) if x.isdigit() else x for x in p.split(".")]
+    )
     W = b = None
     for p in layers:  # W_n(…(W_1 x + b_1)…) + b_n = (W_n…W_1) x + (accumulated bias)
         name = f"{p}." if p else ""
@@ -188,6 +319,7 @@ def clip_reward(kind: str, cfg: DiffusionConfig, device):
     """aesthetic: LAION's head on the normalised CLIP image embedding; clip_score: the cosine of CLIP's image and
     prompt embeddings. Images go through the CLIP model's own image processor; fp32, in batches."""
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
     W, b = linear_head(cfg.aesthetic_head) if kind == "aesthetic" else (None, None)  # a bad file fails before CLIP
     try:  # the whole CLIPModel even for aesthetic: CLIPVisionModelWithProjection loaded from a CLIP checkpoint
         # takes projection_dim from the vision config and may re-initialise visual_projection (seen in transformers 5)
@@ -201,31 +333,41 @@ def clip_reward(kind: str, cfg: DiffusionConfig, device):
     def fn(prompts, images):
         out, n = [], cfg.reward_batch_size
         for s in range(0, len(images), n):
-            px = proc(images=images[s:s + n], return_tensors="pt")["pixel_values"].to(device)
+            px = proc(images=images[s : s + n], return_tensors="pt")["pixel_values"].to(device)
             if kind == "aesthetic":
                 emb = model.visual_projection(model.vision_model(pixel_values=px).pooler_output)  # [B, 768] ViT-L/14
                 emb = F.normalize(emb.float(), dim=-1)
                 out += (emb @ W.T.to(device) + b.to(device)).flatten().tolist()
             else:
-                ids = tok(prompts[s:s + n], padding=True, truncation=True, return_tensors="pt",
-                          max_length=model.config.text_config.max_position_embeddings)
+                ids = tok(
+                    prompts[s : s + n],
+                    padding=True,
+                    truncation=True,
+                    return_tensors="pt",
+                    max_length=model.config.text_config.max_position_embeddings,
+                )
                 o = model(pixel_values=px, **{k: v.to(device) for k, v in ids.items()})
                 out += (o.image_embeds * o.text_embeds).sum(-1).tolist()  # both L2-normalised: the cosine
         return out
+
     return fn
 
 
 def load_image_rewards(cfg: DiffusionConfig, device):
     """One reward r = Σ w_i r_i over --reward; fn.stats holds the last call's per-reward means (several rewards)."""
     w = parse_weights(cfg.reward_weights, len(cfg.reward))
-    offline = {"brightness": brightness, "jpeg_compressibility": jpeg_compressibility,
-               "jpeg_incompressibility": jpeg_incompressibility}
+    offline = {
+        "brightness": brightness,
+        "jpeg_compressibility": jpeg_compressibility,
+        "jpeg_incompressibility": jpeg_incompressibility,
+    }
     fns = [offline.get(s) or (clip_reward(s, cfg, device) if s in BUILTIN else load_reward(s)) for s in cfg.reward]
 
     def combined(prompts, images):
         parts = [score(f, prompts, images, s) for f, s in zip(fns, cfg.reward)]  # one-line errors; NaN for inf
         combined.stats = {f"reward_{i}_mean": float(np.nanmean(v)) for i, v in enumerate(parts)} if len(fns) > 1 else {}
         return [sum(wi * v for wi, v in zip(w, vals)) for vals in zip(*parts)]
+
     combined.stats = {}
     return combined
 
@@ -236,6 +378,7 @@ def load_sd(cfg: DiffusionConfig, device) -> SimpleNamespace:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from peft import LoraConfig
     from transformers import AutoTokenizer, CLIPTextModel
+
     dtype = torch.bfloat16 if cfg.bf16 else torch.float32
     try:
         sd = SimpleNamespace(
@@ -244,10 +387,13 @@ def load_sd(cfg: DiffusionConfig, device) -> SimpleNamespace:
             vae=AutoencoderKL.from_pretrained(cfg.model, subfolder="vae", torch_dtype=dtype),
             unet=UNet2DConditionModel.from_pretrained(cfg.model, subfolder="unet", torch_dtype=dtype),
             # DDIM on the checkpoint's noise schedule (SD 1.5 ships PNDM settings; the betas are what matter)
-            sched=DDIMScheduler.from_pretrained(cfg.model, subfolder="scheduler"))
+            sched=DDIMScheduler.from_pretrained(cfg.model, subfolder="scheduler"),
+        )
     except (OSError, ValueError) as e:
-        raise SystemExit(f"--model {cfg.model!r}: cannot load a Stable Diffusion checkpoint in diffusers layout "
-                         f"(unet/ vae/ text_encoder/ tokenizer/ scheduler/): {str(e).splitlines()[0]}")
+        raise SystemExit(
+            f"--model {cfg.model!r}: cannot load a Stable Diffusion checkpoint in diffusers layout "
+            f"(unet/ vae/ text_encoder/ tokenizer/ scheduler/): {str(e).splitlines()[0]}"
+        )
     for m in (sd.text, sd.vae, sd.unet):
         m.requires_grad_(False).to(device).eval()
     sd.factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)  # the VAE's downsampling: 8 for SD
@@ -255,8 +401,14 @@ def load_sd(cfg: DiffusionConfig, device) -> SimpleNamespace:
     if cfg.resolution % multiple:
         raise SystemExit(f"--resolution {cfg.resolution}: this model needs a multiple of {multiple}")
     torch.manual_seed(cfg.seed)  # the adapters' random init: same seed, same run
-    sd.unet.add_adapter(LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, init_lora_weights="gaussian",
-                                   target_modules=cfg.lora_target_modules.split(",")))
+    sd.unet.add_adapter(
+        LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            init_lora_weights="gaussian",
+            target_modules=cfg.lora_target_modules.split(","),
+        )
+    )
     for p in sd.unet.parameters():
         if p.requires_grad:  # only the adapters train; they and their AdamW states stay fp32 under --bf16
             p.data = p.data.float()
@@ -292,11 +444,15 @@ def sample(sd, prompts: list[str], seeds: list[int], cfg: DiffusionConfig) -> li
     sd.sched.set_timesteps(cfg.steps)
     images = []
     for s in range(0, len(prompts), cfg.sample_batch_size):
-        ps, ss = prompts[s:s + cfg.sample_batch_size], seeds[s:s + cfg.sample_batch_size]
+        ps, ss = prompts[s : s + cfg.sample_batch_size], seeds[s : s + cfg.sample_batch_size]
         ctx = encode_text(sd, ([""] * len(ps) if guided else []) + ps)  # [(2·)B, L, D], unconditional rows first
         # noise drawn on the CPU from each image's own generator: the same noise on any device and in any batch
-        z = torch.stack([torch.randn(sd.unet.config.in_channels, h, h, generator=torch.Generator().manual_seed(x))
-                         for x in ss]).to(sd.device) * sd.sched.init_noise_sigma  # [B, 4, h, h]
+        z = (
+            torch.stack(
+                [torch.randn(sd.unet.config.in_channels, h, h, generator=torch.Generator().manual_seed(x)) for x in ss]
+            ).to(sd.device)
+            * sd.sched.init_noise_sigma
+        )  # [B, 4, h, h]
         for t in sd.sched.timesteps:
             with sd.amp():
                 eps = sd.unet(torch.cat([z, z]) if guided else z, t, encoder_hidden_states=ctx).sample.float()
@@ -339,8 +495,15 @@ def finetune(sd, images: list, prompts: list[str], cfg: DiffusionConfig, seed: i
         px = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])).permute(0, 3, 1, 2)
         px = (px.float() / 127.5 - 1).to(sd.device)  # [N, 3, H, W] in [-1, 1]
         with sd.amp():  # the posterior mean: a sample (as diffusers' scripts draw) adds the posterior's noise
-            z0 = torch.cat([sd.vae.encode(px[s:s + cfg.train_batch_size]).latent_dist.mean
-                            for s in range(0, len(px), cfg.train_batch_size)]).float() * sd.vae.config.scaling_factor
+            z0 = (
+                torch.cat(
+                    [
+                        sd.vae.encode(px[s : s + cfg.train_batch_size]).latent_dist.mean
+                        for s in range(0, len(px), cfg.train_batch_size)
+                    ]
+                ).float()
+                * sd.vae.config.scaling_factor
+            )
         ctx = encode_text(sd, prompts)  # [N, L, D]
     params = [p for p in sd.unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -349,7 +512,7 @@ def finetune(sd, images: list, prompts: list[str], cfg: DiffusionConfig, seed: i
     for _ in range(cfg.epochs):
         perm, loss_sum = torch.randperm(len(z0), generator=gen), 0.0
         for s in range(0, len(perm), cfg.train_batch_size):
-            idx = perm[s:s + cfg.train_batch_size].to(sd.device)
+            idx = perm[s : s + cfg.train_batch_size].to(sd.device)
             noise = torch.randn(z0[idx].shape, generator=gen).to(sd.device)
             t = torch.randint(0, T, (len(idx),), generator=gen).to(sd.device)
             noisy = sd.sched.add_noise(z0[idx], noise, t)  # √ᾱ_t z0 + √(1-ᾱ_t) ε
@@ -388,6 +551,7 @@ def save_stage(out_dir, t, metrics, files: dict):
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
+
     final = os.path.join(out_dir, f"iter_{t:04d}")
     tmp = final + ".tmp"
     for name, obj in files.items():
@@ -398,8 +562,11 @@ def save_stage(out_dir, t, metrics, files: dict):
         elif isinstance(obj, list):
             write_jsonl(path, obj)
         else:
-            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=convert_state_dict_to_diffusers(
-                get_peft_model_state_dict(obj)), unet_lora_adapter_metadata=obj.peft_config["default"].to_dict())
+            StableDiffusionPipeline.save_lora_weights(
+                tmp,
+                unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(obj)),
+                unet_lora_adapter_metadata=obj.peft_config["default"].to_dict(),
+            )
     os.makedirs(tmp, exist_ok=True)
     write_text(os.path.join(tmp, "metrics.json"), json.dumps(metrics))
     os.replace(tmp, final)
@@ -408,9 +575,11 @@ def save_stage(out_dir, t, metrics, files: dict):
 def stage_line(m):
     s = f"stage {m['iteration']:>3} | eval reward {m.get('eval_reward_mean', math.nan):+.4f}"
     if m["iteration"] > 0:
-        s += (f" | samples {m['reward_mean']:+.4f} kept {m['selected_reward_mean']:+.4f} | loss "
-              f"{m['train_loss'] or math.nan:.4f} | s: sample {m['time_sample']:.0f} rank {m['time_rank']:.0f} "
-              f"train {m['time_train']:.0f} eval {m['time_eval']:.0f}")
+        s += (
+            f" | samples {m['reward_mean']:+.4f} kept {m['selected_reward_mean']:+.4f} | loss "
+            f"{m['train_loss'] or math.nan:.4f} | s: sample {m['time_sample']:.0f} rank {m['time_rank']:.0f} "
+            f"train {m['time_train']:.0f} eval {m['time_eval']:.0f}"
+        )
     return s
 
 
@@ -422,14 +591,19 @@ def run(cfg: DiffusionConfig):
     sd = load_sd(cfg, device)
     os.makedirs(cfg.out_dir, exist_ok=True)  # only now: a bad --model or reward leaves no half-made run directory
     write_text(os.path.join(cfg.out_dir, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
-    print(f"RAFT diffusion: {len(prompts)} prompts, b={cfg.prompts_per_iter}, K={cfg.K}, {cfg.resolution}px, "
-          f"{cfg.steps} DDIM steps, guidance {cfg.guidance}, reward {'+'.join(cfg.reward)}, ranking {cfg.ranking}, "
-          f"{cfg.iterations} stages on {device}; out_dir {cfg.out_dir}", flush=True)
+    print(
+        f"RAFT diffusion: {len(prompts)} prompts, b={cfg.prompts_per_iter}, K={cfg.K}, {cfg.resolution}px, "
+        f"{cfg.steps} DDIM steps, guidance {cfg.guidance}, reward {'+'.join(cfg.reward)}, ranking {cfg.ranking}, "
+        f"{cfg.iterations} stages on {device}; out_dir {cfg.out_dir}",
+        flush=True,
+    )
     times = {}
     with phase("eval", times, device):
         m, images, rows = evaluate(sd, prompts, reward_fn, cfg)
     m = {"iteration": 0, **m, **times}
-    save_stage(cfg.out_dir, 0, m, {"eval_grid.png": grid(images, cfg.eval_images), "eval.jsonl": rows} if images else {})
+    save_stage(
+        cfg.out_dir, 0, m, {"eval_grid.png": grid(images, cfg.eval_images), "eval.jsonl": rows} if images else {}
+    )
     print(stage_line(m), flush=True)
     for t in range(1, cfg.iterations + 1):
         times = {}
@@ -441,21 +615,38 @@ def run(cfg: DiffusionConfig):
         with phase("rank", times, device):
             rewards = torch.tensor(score(reward_fn, flat_p, images)).view(len(batch), cfg.K)
             kept = rank(rewards, cfg.ranking, torch.Generator().manual_seed(cfg.seed + t))
-            m = {"reward_mean": rewards.nanmean().item(), **reward_fn.stats, "n_selected": len(kept),
-                 "selected_reward_mean": rewards.view(-1)[kept].mean().item() if kept else math.nan,
-                 "samples_nan_reward": int(rewards.isnan().sum())}
+            m = {
+                "reward_mean": rewards.nanmean().item(),
+                **reward_fn.stats,
+                "n_selected": len(kept),
+                "selected_reward_mean": rewards.view(-1)[kept].mean().item() if kept else math.nan,
+                "samples_nan_reward": int(rewards.isnan().sum()),
+            }
         with phase("train", times, device):
-            m["train_loss"] = finetune(sd, [images[i] for i in kept], [flat_p[i] for i in kept], cfg,
-                                       seed=cfg.seed * 1000 + t) if kept else None
+            m["train_loss"] = (
+                finetune(sd, [images[i] for i in kept], [flat_p[i] for i in kept], cfg, seed=cfg.seed * 1000 + t)
+                if kept
+                else None
+            )
         with phase("eval", times, device):
             em, eval_images, eval_rows = evaluate(sd, prompts, reward_fn, cfg)
         m = {"iteration": t, **m, **em, **times}
-        files = {"grid.png": grid(images, cfg.K, framed=set(kept)),
-                 "pytorch_lora_weights.safetensors": sd.unet,
-                 "kept.jsonl": [{"prompt": flat_p[i], "image": f"kept/{n:05d}.png", "reward": rewards.view(-1)[i].item(),
-                                 "rewards": rewards[i // cfg.K].tolist(), "k": i % cfg.K, "seed": seeds[i]}
-                                for n, i in enumerate(kept)],
-                 **{f"kept/{n:05d}.png": images[i] for n, i in enumerate(kept)}}
+        files = {
+            "grid.png": grid(images, cfg.K, framed=set(kept)),
+            "pytorch_lora_weights.safetensors": sd.unet,
+            "kept.jsonl": [
+                {
+                    "prompt": flat_p[i],
+                    "image": f"kept/{n:05d}.png",
+                    "reward": rewards.view(-1)[i].item(),
+                    "rewards": rewards[i // cfg.K].tolist(),
+                    "k": i % cfg.K,
+                    "seed": seeds[i],
+                }
+                for n, i in enumerate(kept)
+            ],
+            **{f"kept/{n:05d}.png": images[i] for n, i in enumerate(kept)},
+        }
         if eval_images:
             files.update({"eval_grid.png": grid(eval_images, cfg.eval_images), "eval.jsonl": eval_rows})
         save_stage(cfg.out_dir, t, m, files)
@@ -475,25 +666,50 @@ def prepare_demo(demo_dir: str) -> str:
     names as captions (every 10th empty, SD's recipe for guidance); SD 1.5's noise schedule under DDIM."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModel
+
     if os.path.exists(os.path.join(demo_dir, "unet", "config.json")):
         return demo_dir
     t0 = time.time()
     torch.manual_seed(0)
     tok = ByT5Tokenizer()
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, max_position_embeddings=16, pad_token_id=tok.pad_token_id,
-                                        eos_token_id=tok.eos_token_id, bos_token_id=None)).requires_grad_(False)
-    unet = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), cross_attention_dim=32,
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8)
-    vae = AutoencoderKL(block_out_channels=(16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,  # 32px -> 8
-                        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=8,
-                        layers_per_block=1, sample_size=32)
+    text = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id,
+            bos_token_id=None,
+        )
+    ).requires_grad_(False)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        cross_attention_dim=32,
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(16, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 3,  # 32px -> 8
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        latent_channels=4,
+        norm_num_groups=8,
+        layers_per_block=1,
+        sample_size=32,
+    )
     gen = torch.Generator().manual_seed(0)
 
     def smooth_images(n):  # [n, 3, 32, 32] in [-1, 1]
         x = F.interpolate(torch.rand(n, 3, 4, 4, generator=gen) * 2 - 1, size=32, mode="bilinear")
         return (0.5 * x + torch.rand(n, 1, 1, 1, generator=gen) * 1.6 - 0.8).clamp(-1, 1)
+
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
     for _ in range(60):
         x = smooth_images(16)
@@ -504,10 +720,23 @@ def prepare_demo(demo_dir: str) -> str:
     with torch.no_grad():  # SD's convention: latents × scaling_factor have unit variance (0.18215 for SD's VAE)
         vae.register_to_config(scaling_factor=1 / vae.encode(smooth_images(64)).latent_dist.mean.std().item())
     vae.requires_grad_(False).eval()
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False, steps_offset=1)  # SD 1.5's schedule
-    sd = SimpleNamespace(tok=tok, text=text, vae=vae, unet=unet, sched=sched, device=torch.device("cpu"),
-                         amp=lambda: torch.autocast("cpu", enabled=False))
+    sched = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )  # SD 1.5's schedule
+    sd = SimpleNamespace(
+        tok=tok,
+        text=text,
+        vae=vae,
+        unet=unet,
+        sched=sched,
+        device=torch.device("cpu"),
+        amp=lambda: torch.autocast("cpu", enabled=False),
+    )
     captions = [CIFAR10[i % 10] if i % 10 else "" for i in range(960)]
     pre = DiffusionConfig(lr=2e-3, epochs=5, train_batch_size=32, weight_decay=0.0)  # 150 steps
     unet_loss = finetune(sd, to_pil(smooth_images(960)), captions, pre, seed=0)
@@ -515,8 +744,11 @@ def prepare_demo(demo_dir: str) -> str:
     for name, part in dict(tokenizer=tok, text_encoder=text, unet=unet, vae=vae, scheduler=sched).items():
         part.save_pretrained(os.path.join(tmp, name))
     os.replace(tmp, demo_dir)
-    print(f"demo: built the tiny model in {demo_dir} ({time.time() - t0:.0f}s; VAE reconstruction MSE {loss.item():.3f}, "
-          f"UNet denoising loss {unet_loss:.3f})", flush=True)
+    print(
+        f"demo: built the tiny model in {demo_dir} ({time.time() - t0:.0f}s; VAE reconstruction MSE {loss.item():.3f}, "
+        f"UNet denoising loss {unet_loss:.3f})",
+        flush=True,
+    )
     return demo_dir
 
 
@@ -541,8 +773,10 @@ def main(argv=None):
     t0 = time.time()
     rows, _ = run(cfg)
     if demo:
-        print(f"\ndemo: eval {'+'.join(cfg.reward)} {rows[0]['eval_reward_mean']:.4f} -> "
-              f"{rows[-1]['eval_reward_mean']:.4f} after {cfg.iterations} stages ({time.time() - t0:.0f}s)")
+        print(
+            f"\ndemo: eval {'+'.join(cfg.reward)} {rows[0]['eval_reward_mean']:.4f} -> "
+            f"{rows[-1]['eval_reward_mean']:.4f} after {cfg.iterations} stages ({time.time() - t0:.0f}s)"
+        )
     print(f"outputs: {os.path.abspath(cfg.out_dir)} (metrics.jsonl, reward_curve.png, iter_XXXX/)", flush=True)
     return rows
 

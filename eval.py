@@ -30,6 +30,7 @@ reward_curve.png; this file reuses raft.py's generation, encoding and log-likeli
 (imported inside functions: raft.py and data.py import this module).
     python eval.py --sweep runs/ablate/k       # the summary table of an ablate.sh sweep (mean ± std over seeds)
 """
+
 import argparse
 import dataclasses
 import json
@@ -40,14 +41,41 @@ from collections import Counter
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 # Options shared with raft.py: same names, defaults and help text (raft.Config)
-SHARED = ["dataset", "prompt_field", "prompt_format", "chat_template", "eval_prompts", "max_prompt_tokens", "reward",
-          "reward_weights", "reward_template", "reward_batch_size", "offload_reward", "reward_load_in_8bit",
-          "temperature", "top_k", "top_p", "max_new_tokens", "stop", "gen_batch_size", "micro_batch_size", "seed",
-          "device", "trust_remote_code"]
+SHARED = [
+    "dataset",
+    "prompt_field",
+    "prompt_format",
+    "chat_template",
+    "eval_prompts",
+    "max_prompt_tokens",
+    "reward",
+    "reward_weights",
+    "reward_template",
+    "reward_batch_size",
+    "offload_reward",
+    "reward_load_in_8bit",
+    "temperature",
+    "top_k",
+    "top_p",
+    "max_new_tokens",
+    "stop",
+    "gen_batch_size",
+    "micro_batch_size",
+    "seed",
+    "device",
+    "trust_remote_code",
+]
 HELP = {"eval_prompts": "held-out prompts of --dataset_split to evaluate on (paper: 4,608 test prompts)"}
-COLUMNS = [("reward", "reward"), ("perplexity", "perplexity"), ("msttr_100", "MSTTR-100"),
-           ("distinct_1", "distinct-1"), ("distinct_2", "distinct-2"), ("unique_1", "unique-1"),
-           ("unique_2", "unique-2"), ("mean_length", "mean length")]
+COLUMNS = [
+    ("reward", "reward"),
+    ("perplexity", "perplexity"),
+    ("msttr_100", "MSTTR-100"),
+    ("distinct_1", "distinct-1"),
+    ("distinct_2", "distinct-2"),
+    ("unique_1", "unique-1"),
+    ("unique_2", "unique-2"),
+    ("mean_length", "mean length"),
+]
 
 
 def tokenize(text: str) -> list[str]:
@@ -55,7 +83,7 @@ def tokenize(text: str) -> list[str]:
 
 
 def _ngrams(tokens, n):
-    return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
 
 
 def distinct_n(token_lists, n: int) -> float:
@@ -70,22 +98,28 @@ def unique_n(token_lists, n: int) -> int:
 
 def msttr(token_lists, segment: int = 100) -> float:
     tokens = [t for toks in token_lists for t in toks]
-    segments = [tokens[i:i + segment] for i in range(0, len(tokens) - segment + 1, segment)]
+    segments = [tokens[i : i + segment] for i in range(0, len(tokens) - segment + 1, segment)]
     return sum(len(set(s)) / segment for s in segments) / len(segments) if segments else 0.0
 
 
 def text_metrics(responses: list[str]) -> dict:
     """All of the paper's diversity and length metrics for a list of responses."""
     toks = [tokenize(r) for r in responses]
-    return {"msttr_100": msttr(toks), "distinct_1": distinct_n(toks, 1), "distinct_2": distinct_n(toks, 2),
-            "unique_1": unique_n(toks, 1), "unique_2": unique_n(toks, 2),
-            "mean_length": sum(map(len, toks)) / max(len(toks), 1)}
+    return {
+        "msttr_100": msttr(toks),
+        "distinct_1": distinct_n(toks, 1),
+        "distinct_2": distinct_n(toks, 2),
+        "unique_1": unique_n(toks, 1),
+        "unique_2": unique_n(toks, 2),
+        "mean_length": sum(map(len, toks)) / max(len(toks), 1),
+    }
 
 
 def sweep_table(root: str) -> str:
     """A markdown table of an ablation sweep (ablate.sh): runs in root/SETTING__s<seed>/metrics.jsonl. Per setting,
     mean ± std over seeds of the last stage's held-out reward, its gain over stage 0, distinct-2, KL to the start."""
     import statistics
+
     groups = {}
     for d in sorted(os.listdir(root)):
         path = os.path.join(root, d, "metrics.jsonl")
@@ -100,14 +134,19 @@ def sweep_table(root: str) -> str:
             return "–"
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):+.3f} ± {spread:.3f}"
-    lines = ["| setting | seeds | stages | eval reward (last) | gain over stage 0 | distinct-2 (last) | KL to start (last) |",
-             "|---|---|---|---|---|---|---|"]
+
+    lines = [
+        "| setting | seeds | stages | eval reward (last) | gain over stage 0 | distinct-2 (last) | KL to start (last) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, runs in groups.items():
         last = [r[-1] for r in runs]
-        lines.append(f"| {name} | {len(runs)} | {last[0]['iteration']} | {cell([x['eval_reward_mean'] for x in last])} "
-                     f"| {cell([r[-1]['eval_reward_mean'] - r[0]['eval_reward_mean'] for r in runs])} "
-                     f"| {cell([x['eval_distinct_2'] for x in last])} "
-                     f"| {cell([x.get('eval_kl_to_start') for x in last])} |")
+        lines.append(
+            f"| {name} | {len(runs)} | {last[0]['iteration']} | {cell([x['eval_reward_mean'] for x in last])} "
+            f"| {cell([r[-1]['eval_reward_mean'] - r[0]['eval_reward_mean'] for r in runs])} "
+            f"| {cell([x['eval_distinct_2'] for x in last])} "
+            f"| {cell([x.get('eval_kl_to_start') for x in last])} |"
+        )
     return "\n".join(lines)
 
 
@@ -115,11 +154,16 @@ def plot_rewards(rows: list[dict], path: str):
     """The mean reward per stage of metrics rows (held-out, all K samples, kept samples) as a PNG at `path`, drawn
     aside and renamed, as the run directory's other files."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in [("eval_reward_mean", "held-out (eval)"), ("reward_mean", "all K samples"),
-                       ("selected_reward_mean", "kept samples")]:
+    for key, label in [
+        ("eval_reward_mean", "held-out (eval)"),
+        ("reward_mean", "all K samples"),
+        ("selected_reward_mean", "kept samples"),
+    ]:
         pts = [(r["iteration"], r[key]) for r in rows if key in r]
         ax.plot(*zip(*pts), marker="o", label=label)
     ax.set(xlabel="RAFT stage", ylabel="mean reward", title="RAFT reward per stage")
@@ -135,6 +179,7 @@ def plot_rewards(rows: list[dict], path: str):
 def perplexity(model, tok, prompts: list[str], responses: list[str], batch_size: int = 8) -> float:
     """exp(mean NLL per token) of the responses (+ EOS) given their prompts; prompt tokens are not counted."""
     from raft import build_example, encode_pair, sequence_logprobs
+
     examples = [build_example(*encode_pair(tok, p, r), tok.eos_token_id) for p, r in zip(prompts, responses)]
     logp = sum(sequence_logprobs(model, examples, batch_size))
     n = sum(sum(t != -100 for t in labels[1:]) for _, labels in examples)  # the positions that are predicted
@@ -147,6 +192,7 @@ def markdown(rows: list[dict]) -> str:
             return f"{r['reward_mean']:+.3f} ± {r['reward_std']:.3f}"
         v = r.get(key)
         return "—" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
     lines = ["| model | " + " | ".join(name for _, name in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     lines += [f"| {r['model']} | " + " | ".join(cell(r, key) for key, _ in COLUMNS) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -172,29 +218,57 @@ def evaluate_models(args) -> list[dict]:
     fits = {}  # model -> {row: record} of the prompts that fit it
     for path in args.model:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-        ctx = getattr(AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code),
-                      "max_position_embeddings", 1 << 30)
+        ctx = getattr(
+            AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code),
+            "max_position_embeddings",
+            1 << 30,
+        )
         limit = min(args.max_prompt_tokens, ctx - args.max_new_tokens)
         records = format_prompts(rows, args.prompt_field, args.prompt_format, tok, args.chat_template)[0]
         fits[path] = {r["row"]: r for r in records if len(raft.encode_prompt(tok, r["prompt"])) <= limit}
     common = sorted(set.intersection(*(set(f) for f in fits.values())))
     if len(common) < args.eval_prompts:
-        raise SystemExit(f"--dataset {args.dataset} {args.dataset_split}: {len(common)} prompts fit every model, "
-                         f"fewer than --eval_prompts {args.eval_prompts}; lower it")
-    pick = [common[i] for i in torch.randperm(len(common), generator=torch.Generator().manual_seed(args.seed))
-            .tolist()[:args.eval_prompts]]  # the same draw as raft.py's held-out prompts
+        raise SystemExit(
+            f"--dataset {args.dataset} {args.dataset_split}: {len(common)} prompts fit every model, "
+            f"fewer than --eval_prompts {args.eval_prompts}; lower it"
+        )
+    pick = [
+        common[i]
+        for i in torch.randperm(len(common), generator=torch.Generator().manual_seed(args.seed)).tolist()[
+            : args.eval_prompts
+        ]
+    ]  # the same draw as raft.py's held-out prompts
     reward_prompts = [fits[args.model[0]][i]["reward_prompt"] for i in pick]
-    reward_fn = load_rewards(args.reward, args.reward_weights, args.reward_template, args.reward_batch_size, device,
-                             args.trust_remote_code, args.offload_reward, None, args.reward_load_in_8bit)
+    reward_fn = load_rewards(
+        args.reward,
+        args.reward_weights,
+        args.reward_template,
+        args.reward_batch_size,
+        device,
+        args.trust_remote_code,
+        args.offload_reward,
+        None,
+        args.reward_load_in_8bit,
+    )
     table, samples = [], []
 
     def add_row(name, responses, ppl):
         rewards = torch.tensor(score(reward_fn, reward_prompts, responses))
-        table.append({"model": name, "n": len(responses), "reward_mean": rewards.nanmean().item(),
-                      "reward_std": raft._nanstd(rewards), "perplexity": ppl, **text_metrics(responses),
-                      **reward_fn.stats})
-        samples.extend({"model": name, "row": i, "prompt": p, "response": r, "reward": v}
-                       for i, p, r, v in zip(pick, reward_prompts, responses, rewards.tolist()))
+        table.append(
+            {
+                "model": name,
+                "n": len(responses),
+                "reward_mean": rewards.nanmean().item(),
+                "reward_std": raft._nanstd(rewards),
+                "perplexity": ppl,
+                **text_metrics(responses),
+                **reward_fn.stats,
+            }
+        )
+        samples.extend(
+            {"model": name, "row": i, "prompt": p, "response": r, "reward": v}
+            for i, p, r, v in zip(pick, reward_prompts, responses, rewards.tolist())
+        )
         raft.print0(f"{name}: reward {table[-1]['reward_mean']:+.3f}" + (f", perplexity {ppl:.3f}" if ppl else ""))
 
     for path in args.model:
@@ -219,13 +293,15 @@ def evaluate_models(args) -> list[dict]:
     with open(os.path.join(args.out_dir, "table.json"), "w", encoding="utf-8") as fh:
         json.dump({"rows": table, "settings": {**settings, "prompt_format": fmt, "stop": cfg.stop}}, fh, indent=1)
     write_jsonl(os.path.join(args.out_dir, "samples.jsonl"), samples)
-    raft.print0("\n" + markdown(table) + f"\nwritten: {os.path.abspath(args.out_dir)}/table.md, table.json, "
-                f"samples.jsonl")
+    raft.print0(
+        "\n" + markdown(table) + f"\nwritten: {os.path.abspath(args.out_dir)}/table.md, table.json, samples.jsonl"
+    )
     return table
 
 
 def main(argv=None):
     from raft import Config
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--responses", help="a .jsonl file with a `response` field per line: print its text metrics")
     ap.add_argument("--sweep", help="a directory of ablate.sh runs (SETTING__s<seed>/): print their summary table")
@@ -235,9 +311,13 @@ def main(argv=None):
     for f in dataclasses.fields(Config):
         if f.name in SHARED:  # raft.py's option: same name, default and help
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            kw = ({"action": "store_true"} if isinstance(default, bool) else
-                  {"nargs": "+", "action": "extend", "default": []} if isinstance(default, list) else
-                  {"type": type(default) if default is not None else str, "default": default})
+            kw = (
+                {"action": "store_true"}
+                if isinstance(default, bool)
+                else {"nargs": "+", "action": "extend", "default": []}
+                if isinstance(default, list)
+                else {"type": type(default) if default is not None else str, "default": default}
+            )
             ap.add_argument(f"--{f.name}", help=HELP.get(f.name, f.metadata["help"]), **kw)
     args = ap.parse_args(argv)
     if args.sweep:
@@ -253,8 +333,7 @@ def main(argv=None):
         print(json.dumps(m, indent=1))
         return m
     if not (args.model and args.dataset and args.reward):
-        raise SystemExit("eval.py: give --responses FILE, --sweep DIR, or --model (repeatable), --dataset and "
-                         "--reward")
+        raise SystemExit("eval.py: give --responses FILE, --sweep DIR, or --model (repeatable), --dataset and --reward")
     return evaluate_models(args)
 
 

@@ -23,6 +23,7 @@ this does not implement (a sliding window shorter than the sequence, logit soft-
 Greedy decoding gives the tokens `model.generate` gives (tests/test_fastgen.py, fp32 on CPU); sampling follows
 the same distribution (tested against HF's warpers on a tiny vocabulary).
 """
+
 import contextlib
 import math
 
@@ -55,8 +56,9 @@ def _attention(module, q, k, v, mask, dropout=0.0, scaling=None, raft_kv=None, *
             pk, pv = st["pk"][i], st["pv"][i] = k.new_empty(k.shape, dtype=dtype), v.new_empty(v.shape, dtype=dtype)
         pk.copy_(k)
         pv.copy_(v)
-        out = F.scaled_dot_product_attention(q, pk, pv, attn_mask=st["prefill_mask"], scale=scale,
-                                             enable_gqa=q.shape[1] != k.shape[1])
+        out = F.scaled_dot_product_attention(
+            q, pk, pv, attn_mask=st["prefill_mask"], scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
         return out.transpose(1, 2).contiguous(), None
     pk, pv, sk, sv, t = st["pk"][i], st["pv"][i], st["sk"][i], st["sv"][i], st["t"]
     sk.index_copy_(2, t, k.to(sk.dtype))  # under autocast RoPE may return fp32 (fp32 cos/sin) or bf16
@@ -124,14 +126,29 @@ def _graphs_possible(model, device) -> bool:
     if device.type != "cuda" or getattr(_base(model), "is_loaded_in_8bit", False):
         return False
     from torch.distributed.fsdp import FSDPModule
+
     return not any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 @torch.no_grad()
-def sample(model, prompts: list[list[int]], K: int, *, max_new_tokens: int, eos_ids, pad_id: int,
-           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, batch_prompts: int = 64,
-           cuda_graphs: bool = True, autocast_dtype=None, bucket: int = 32, static_shapes=None,
-           progress=None) -> list[list[list[int]]]:
+def sample(
+    model,
+    prompts: list[list[int]],
+    K: int,
+    *,
+    max_new_tokens: int,
+    eos_ids,
+    pad_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    batch_prompts: int = 64,
+    cuda_graphs: bool = True,
+    autocast_dtype=None,
+    bucket: int = 32,
+    static_shapes=None,
+    progress=None,
+) -> list[list[list[int]]]:
     """K continuations of each prompt (token ids; BOS etc. already in them) -> [len(prompts)][K] lists of new
     token ids: up to and including the first EOS, else max_new_tokens long. Prompts are processed shortest first,
     batch_prompts at a time (B·K rows per step). eos_ids: ids that end a sample (empty: never stop early).
@@ -143,7 +160,7 @@ def sample(model, prompts: list[list[int]], K: int, *, max_new_tokens: int, eos_
     graphs = cuda_graphs and _graphs_possible(model, device)
     static = graphs if static_shapes is None else static_shapes
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    chunks = [order[s:s + batch_prompts] for s in range(0, len(order), batch_prompts)]
+    chunks = [order[s : s + batch_prompts] for s in range(0, len(order), batch_prompts)]
     out = [None] * len(prompts)
     eos = torch.tensor(sorted(set(eos_ids)) or [-1], device=device)
     S = max_new_tokens
@@ -153,11 +170,16 @@ def sample(model, prompts: list[list[int]], K: int, *, max_new_tokens: int, eos_
     # copies; they live until this context exits, after the last replay (weights do not change while sampling).
     amp = torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None, cache_enabled=True)
     n_layers = _base(model).config.num_hidden_layers
-    st = {"pk": [None] * n_layers, "pv": [None] * n_layers, "sk": [None] * n_layers, "sv": [None] * n_layers,
-          "kv_dtype": autocast_dtype}
+    st = {
+        "pk": [None] * n_layers,
+        "pv": [None] * n_layers,
+        "sk": [None] * n_layers,
+        "sv": [None] * n_layers,
+        "kv_dtype": autocast_dtype,
+    }
     graph, graph_key = None, None
     with _raft_attention(model), amp:
-        for idx in (progress(chunks) if progress else chunks):
+        for idx in progress(chunks) if progress else chunks:
             # graphs: pad a short last batch to the others' size, so that one capture serves them all
             B = min(batch_prompts, len(order)) if static else len(idx)
             rows = [prompts[i] for i in idx] + [prompts[idx[0]]] * (B - len(idx))
@@ -168,25 +190,40 @@ def sample(model, prompts: list[list[int]], K: int, *, max_new_tokens: int, eos_
             pos = (valid.long().cumsum(-1) - 1).clamp(min=0)  # positions count real tokens only, as generate's
             causal = torch.ones(Lp, Lp, dtype=torch.bool, device=device).tril()
             # a padded query attends to itself only, so no row is all -inf (NaN would leak through 0·NaN)
-            st.update(mode="prefill", total_len=Lp + S,
-                      prefill_mask=(causal & valid[:, None, :] | torch.eye(Lp, dtype=torch.bool, device=device))[:, None])
+            st.update(
+                mode="prefill",
+                total_len=Lp + S,
+                prefill_mask=(causal & valid[:, None, :] | torch.eye(Lp, dtype=torch.bool, device=device))[:, None],
+            )
             _keep(st, "prefix_valid", valid)
             logits = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1, raft_kv=st).logits
             first = pick(logits[:, -1].float().repeat_interleave(K, 0), temperature, top_k, top_p)  # [N]
             if st["sk"][0] is None or st["sk"][0].shape[0] != N:  # the suffix cache: [N, Hkv, S, D] per layer
                 st["sk"] = [torch.zeros(N, k.shape[1], S, k.shape[3], dtype=k.dtype, device=device) for k in st["pk"]]
                 st["sv"] = [torch.zeros_like(x) for x in st["sk"]]
-                st.update(t=torch.zeros(1, dtype=torch.long, device=device), slots=torch.arange(S, device=device),
-                          cur=torch.zeros(N, dtype=torch.long, device=device),
-                          tokens=torch.full((N, S), pad_id, dtype=torch.long, device=device),
-                          done=torch.zeros(N, dtype=torch.bool, device=device))
+                st.update(
+                    t=torch.zeros(1, dtype=torch.long, device=device),
+                    slots=torch.arange(S, device=device),
+                    cur=torch.zeros(N, dtype=torch.long, device=device),
+                    tokens=torch.full((N, S), pad_id, dtype=torch.long, device=device),
+                    done=torch.zeros(N, dtype=torch.bool, device=device),
+                )
             st["mode"] = "decode"
             _keep(st, "base_pos", pos[:, -1:].repeat_interleave(K, 0) + 1)  # [N, 1]: the first new token's position
 
             def step():
                 """Feed cur at slot t; sample the next token into tokens[:, t + 1]; rows past EOS emit padding."""
-                lg = model(input_ids=st["cur"][:, None], position_ids=st["base_pos"] + st["t"], use_cache=False,
-                           logits_to_keep=1, raft_kv=st).logits[:, -1].float()
+                lg = (
+                    model(
+                        input_ids=st["cur"][:, None],
+                        position_ids=st["base_pos"] + st["t"],
+                        use_cache=False,
+                        logits_to_keep=1,
+                        raft_kv=st,
+                    )
+                    .logits[:, -1]
+                    .float()
+                )
                 nxt = pick(lg, temperature, top_k, top_p).masked_fill_(st["done"], pad_id)
                 st["tokens"].index_copy_(1, st["t"] + 1, nxt[:, None])
                 st["done"] |= (nxt[:, None] == eos).any(1)
@@ -213,8 +250,11 @@ def sample(model, prompts: list[list[int]], K: int, *, max_new_tokens: int, eos_
                     with torch.cuda.graph(graph):
                         step()
                 except RuntimeError as e:  # host work inside this model's forward: decode eagerly instead
-                    print(f"fastgen: CUDA-graph capture failed ({str(e).splitlines()[0][:200]}); decoding without "
-                          f"graphs (--cuda_graphs false skips the attempt)", flush=True)
+                    print(
+                        f"fastgen: CUDA-graph capture failed ({str(e).splitlines()[0][:200]}); decoding without "
+                        f"graphs (--cuda_graphs false skips the attempt)",
+                        flush=True,
+                    )
                     graphs, graph = False, None
                     torch.cuda.synchronize()
             reset()
@@ -235,8 +275,8 @@ def left_pad(rows: list[list[int]], L: int, pad_id: int) -> tuple[torch.Tensor, 
     valid = torch.zeros((len(rows), L), dtype=torch.bool)
     for r, p in enumerate(rows):
         if p:
-            ids[r, L - len(p):] = torch.tensor(p)
-            valid[r, L - len(p):] = True
+            ids[r, L - len(p) :] = torch.tensor(p)
+            valid[r, L - len(p) :] = True
     return ids, valid
 
 
@@ -252,5 +292,5 @@ def _keep(st: dict, name: str, value: torch.Tensor):
 def _until_eos(ids: list[int], eos_ids) -> list[int]:
     for n, t in enumerate(ids):
         if t in eos_ids:
-            return ids[:n + 1]
+            return ids[: n + 1]
     return ids

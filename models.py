@@ -14,6 +14,7 @@
 - `save_merged(cfg, adapter_dir, out)`: --merge_lora.
 - `load_tokenizer(path, cfg)`: a model's tokenizer and context length, before any weights load.
 """
+
 import contextlib
 import copy
 from typing import Optional
@@ -30,8 +31,10 @@ def load_tokenizer(path: str, cfg):
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
         mcfg = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"--model {path!r}: cannot load its tokenizer and config (a path that does not exist?): "
-                         f"{str(e).splitlines()[0]}")
+        raise SystemExit(
+            f"--model {path!r}: cannot load its tokenizer and config (a path that does not exist?): "
+            f"{str(e).splitlines()[0]}"
+        )
     if tok.eos_token_id is None:
         raise SystemExit(f"--model {path!r}: the tokenizer has no EOS token; set one in its tokenizer_config.json")
     return tok, getattr(mcfg, "max_position_embeddings", None) or getattr(mcfg, "n_positions", None) or 1 << 30
@@ -44,10 +47,13 @@ def load_policy(cfg, device, checkpoint: Optional[str] = None, shard=False, froz
     base = checkpoint if checkpoint and not cfg.lora_r else cfg.model
     # bf16 storage for weights that do not train (a LoRA base, a frozen reference or generator); trained full weights
     # stay fp32 (master weights) and --bf16 computes in bf16 through autocast
-    kw = {"dtype": torch.bfloat16 if cfg.bf16 and (cfg.lora_r or frozen) else torch.float32,
-          "trust_remote_code": cfg.trust_remote_code}
+    kw = {
+        "dtype": torch.bfloat16 if cfg.bf16 and (cfg.lora_r or frozen) else torch.float32,
+        "trust_remote_code": cfg.trust_remote_code,
+    }
     if cfg.load_in_8bit:
         from transformers import BitsAndBytesConfig
+
         kw.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": device})
     tok = load_tokenizer(base, cfg)[0]
     try:
@@ -58,6 +64,7 @@ def load_policy(cfg, device, checkpoint: Optional[str] = None, shard=False, froz
         model.to(device)
     if cfg.lora_r:
         from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+
         if cfg.load_in_8bit:  # fp32 norms and input grads so adapters train stably on an int8 base
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
         if checkpoint:
@@ -65,9 +72,16 @@ def load_policy(cfg, device, checkpoint: Optional[str] = None, shard=False, froz
         else:
             torch.manual_seed(cfg.seed)  # the adapters' random init: same seed, same run
             targets = cfg.lora_target_modules
-            model = get_peft_model(model, LoraConfig(
-                r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
-                target_modules=targets if targets == "all-linear" else targets.split(",")))
+            model = get_peft_model(
+                model,
+                LoraConfig(
+                    r=cfg.lora_r,
+                    lora_alpha=cfg.lora_alpha,
+                    lora_dropout=cfg.lora_dropout,
+                    task_type="CAUSAL_LM",
+                    target_modules=targets if targets == "all-linear" else targets.split(","),
+                ),
+            )
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = True  # generation still uses the KV cache; training passes use_cache=False
@@ -75,6 +89,7 @@ def load_policy(cfg, device, checkpoint: Optional[str] = None, shard=False, froz
         # full fine-tuning under torchrun: FSDP2 shards weights, grads and AdamW states (a 7B model with fp32
         # AdamW needs ≈112 GB, ≈14 GB per rank on 8); one shard group per decoder layer, plus the rest at the root
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.bf16 else None, reduce_dtype=torch.float32)
         for layer in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]:
             fully_shard(layer, mp_policy=mp)
@@ -87,18 +102,21 @@ def dequantized_copy(model):
     active adapters merged in; bf16 on a GPU, fp32 on a CPU. The same function as the 8-bit model up to LLM.int8's
     outlier handling; ≈2 bytes per parameter, freed by the caller after sampling."""
     from peft.utils.integrations import dequantize_bnb_weight
+
     base = model.get_base_model()
     device = next(model.parameters()).device
     config = copy.deepcopy(base.config)
     if hasattr(config, "quantization_config"):  # a plain model: from_config must not quantize again
         del config.quantization_config
     with torch.device(device):
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device.type == "cuda" else
-                                                 torch.float32)
+        plain = AutoModelForCausalLM.from_config(
+            config, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32
+        )
 
     def weight(mod, leaf):
         p = getattr(mod, leaf)
         return dequantize_bnb_weight(p, state=mod.state) if type(p).__name__ == "Int8Params" else p.detach()
+
     with torch.no_grad():
         for key, p in plain.state_dict().items():
             path, _, leaf = key.rpartition(".")
@@ -115,6 +133,7 @@ def dequantized_copy(model):
 
 def fsdp_modules(model) -> list:
     from torch.distributed.fsdp import FSDPModule
+
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
@@ -140,13 +159,16 @@ def full_state_dict(model):
     if not fsdp_modules(model):
         return None
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def save_merged(cfg, adapter_dir: str, out: str):
     """--merge_lora: the base (reloaded in full precision, also after 8-bit training) with the adapters merged in."""
     from peft import PeftModel
-    base = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
-                                                trust_remote_code=cfg.trust_remote_code)
+
+    base = AutoModelForCausalLM.from_pretrained(
+        cfg.model, dtype=torch.bfloat16 if cfg.bf16 else torch.float32, trust_remote_code=cfg.trust_remote_code
+    )
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     save_model_dir(out, merged, AutoTokenizer.from_pretrained(adapter_dir))

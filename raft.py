@@ -29,6 +29,7 @@ the real step count; many prompts sampled at once; the logged eval reward comes 
     python raft.py --sft_only --sft_field chosen --model M --dataset Dahoas/full-hh-rlhf --epochs 1 --out_dir S
     torchrun --nproc_per_node 8 raft.py --model M --reward R --dataset D --lora_r 16 --bf16   # 8 GPUs, DDP
 """
+
 import contextlib
 import dataclasses
 import functools
@@ -45,88 +46,329 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, HfArgumentParser
 
-from data import (FORMATS, check_run_dir, completed_stages, demo_prompts, demo_reviews, load_prompts, prune_models,
-                  save_model_dir, save_stage, stop_strings, train_demo_tokenizer, write_jsonl, write_metrics)
 import fastgen
+from data import (
+    FORMATS,
+    check_run_dir,
+    completed_stages,
+    demo_prompts,
+    demo_reviews,
+    load_prompts,
+    prune_models,
+    save_model_dir,
+    save_stage,
+    stop_strings,
+    train_demo_tokenizer,
+    write_jsonl,
+    write_metrics,
+)
 from eval import text_metrics
-from models import (dequantized_copy, fsdp_modules, full_state_dict, full_weights, load_policy, load_tokenizer,
-                    save_merged)
+from models import (
+    dequantized_copy,
+    fsdp_modules,
+    full_state_dict,
+    full_weights,
+    load_policy,
+    load_tokenizer,
+    save_merged,
+)
 from reward import load_rewards, parse_weights, score
 
 
 @dataclass
 class Config:
     # ---- model, data, reward
-    model: Optional[str] = field(default=None, metadata={"help": "Hub id or path of the causal LM to align (the paper: LLaMA-7B after 1 epoch of SFT). None runs the offline demo."})
-    dataset: Optional[str] = field(default=None, metadata={"help": "A .jsonl/.json file with a prompt field, or an HF dataset name (the paper: Dahoas/full-hh-rlhf)."})
-    dataset_split: str = field(default="train", metadata={"help": "Split of an HF dataset (or key of a .json object) to read prompts from."})
-    prompt_field: str = field(default="prompt", metadata={"help": "Field that holds the prompt text (HH-RLHF: prompt)."})
-    prompt_format: str = field(default="auto", metadata={"help": "hh: HH-RLHF turns as the paper's '###Human: …###Assistant:' text; raw: the prompt as it is; auto: hh for rows with HH-RLHF's chosen/rejected fields, else raw."})
-    chat_template: bool = field(default=False, metadata={"help": "Render prompts with the model's chat template (apply_chat_template), for chat models; rewards still see the ###Human text their models were trained on."})
-    eval_split: Optional[str] = field(default=None, metadata={"help": "Take the held-out prompts from this split (paper: test) instead of out of the training prompts."})
-    eval_prompts: int = field(default=4608, metadata={"help": "Held-out prompts scored every stage (paper: 4,608 test prompts); from --eval_split, else taken out of the training prompts."})
-    max_prompt_tokens: int = field(default=256, metadata={"help": "Drop prompts longer than this many tokens (paper: 256, which keeps 82,147 HH-RLHF prompts)."})
-    reward: list[str] = field(default_factory=list, metadata={"action": "extend", "help": "file.py:function or module:function f(prompts, responses) -> list[float] (a file is executed as Python), or hub id/path of a sequence-classification reward model; repeat it to add several rewards."})
-    reward_weights: str = field(default="", metadata={"help": "Comma-separated weights w_i of several --reward, e.g. 1,0.5: the reward is Σ w_i r_i (default: all 1)."})
-    reward_template: str = field(default="{prompt} {response}", metadata={"help": "Text a reward model scores; {response} is stripped, so the default gives the paper's reward-model text '###Human: q###Assistant: a'."})
-    reward_batch_size: int = field(default=32, metadata={"help": "Texts per reward-model forward pass (length-sorted batches)."})
-    reward_load_in_8bit: bool = field(default=False, metadata={"help": "Load reward models in 8-bit (bitsandbytes): about half the memory of bf16, slower; not with --offload_reward."})
-    offload_reward: bool = field(default=False, metadata={"help": "Keep reward models on the CPU between scorings, on the GPU only while scoring: RAFT needs one model at a time."})
+    model: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Hub id or path of the causal LM to align (the paper: LLaMA-7B after 1 epoch of SFT). None runs the offline demo."
+        },
+    )
+    dataset: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "A .jsonl/.json file with a prompt field, or an HF dataset name (the paper: Dahoas/full-hh-rlhf)."
+        },
+    )
+    dataset_split: str = field(
+        default="train", metadata={"help": "Split of an HF dataset (or key of a .json object) to read prompts from."}
+    )
+    prompt_field: str = field(
+        default="prompt", metadata={"help": "Field that holds the prompt text (HH-RLHF: prompt)."}
+    )
+    prompt_format: str = field(
+        default="auto",
+        metadata={
+            "help": "hh: HH-RLHF turns as the paper's '###Human: …###Assistant:' text; raw: the prompt as it is; auto: hh for rows with HH-RLHF's chosen/rejected fields, else raw."
+        },
+    )
+    chat_template: bool = field(
+        default=False,
+        metadata={
+            "help": "Render prompts with the model's chat template (apply_chat_template), for chat models; rewards still see the ###Human text their models were trained on."
+        },
+    )
+    eval_split: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Take the held-out prompts from this split (paper: test) instead of out of the training prompts."
+        },
+    )
+    eval_prompts: int = field(
+        default=4608,
+        metadata={
+            "help": "Held-out prompts scored every stage (paper: 4,608 test prompts); from --eval_split, else taken out of the training prompts."
+        },
+    )
+    max_prompt_tokens: int = field(
+        default=256,
+        metadata={
+            "help": "Drop prompts longer than this many tokens (paper: 256, which keeps 82,147 HH-RLHF prompts)."
+        },
+    )
+    reward: list[str] = field(
+        default_factory=list,
+        metadata={
+            "action": "extend",
+            "help": "file.py:function or module:function f(prompts, responses) -> list[float] (a file is executed as Python), or hub id/path of a sequence-classification reward model; repeat it to add several rewards.",
+        },
+    )
+    reward_weights: str = field(
+        default="",
+        metadata={
+            "help": "Comma-separated weights w_i of several --reward, e.g. 1,0.5: the reward is Σ w_i r_i (default: all 1)."
+        },
+    )
+    reward_template: str = field(
+        default="{prompt} {response}",
+        metadata={
+            "help": "Text a reward model scores; {response} is stripped, so the default gives the paper's reward-model text '###Human: q###Assistant: a'."
+        },
+    )
+    reward_batch_size: int = field(
+        default=32, metadata={"help": "Texts per reward-model forward pass (length-sorted batches)."}
+    )
+    reward_load_in_8bit: bool = field(
+        default=False,
+        metadata={
+            "help": "Load reward models in 8-bit (bitsandbytes): about half the memory of bf16, slower; not with --offload_reward."
+        },
+    )
+    offload_reward: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep reward models on the CPU between scorings, on the GPU only while scoring: RAFT needs one model at a time."
+        },
+    )
     # ---- step 1: sample
     prompts_per_iter: int = field(default=2048, metadata={"help": "b, global prompts per stage (paper: 2048)."})
     K: int = field(default=8, metadata={"help": "Responses per prompt (paper: 8/16/32; 32 in the main table)."})
-    temperature: float = field(default=1.0, metadata={"help": "λ, sampling temperature (paper: 1.0, the most diverse of 0.7/0.85/1.0); 0 = greedy."})
+    temperature: float = field(
+        default=1.0,
+        metadata={"help": "λ, sampling temperature (paper: 1.0, the most diverse of 0.7/0.85/1.0); 0 = greedy."},
+    )
     top_k: int = field(default=0, metadata={"help": "Top-k filter while sampling (paper: 0 = off)."})
     top_p: float = field(default=1.0, metadata={"help": "Nucleus filter while sampling (paper: 1.0 = off)."})
-    max_new_tokens: int = field(default=128, metadata={"help": "Longest response in tokens (paper: 128); responses cut here get no EOS in training."})
-    stop: list[str] = field(default_factory=list, metadata={"help": "Strings that end a response (trimmed off). Default: none, or with --prompt_format hh the next human turn, ###Human and Human: (as the paper)."})
-    gen_batch_size: int = field(default=64, metadata={"help": "Prompts sampled together (B·K rows per decoding step); length-sorted. LMFlow made one call per prompt. Lower it if memory runs out."})
-    gen_backend: str = field(default="fast", metadata={"help": "fast: fastgen.py (each prompt prefilled once and shared by its K samples, CUDA-graph decode steps; falls back to hf for attention it cannot run); hf: model.generate (stops at --stop strings early)."})
-    cuda_graphs: bool = field(default=True, metadata={"help": "With --gen_backend fast on a GPU: replay each decoding step as a CUDA graph (not for 8-bit or FSDP-sharded models, which run eager)."})
+    max_new_tokens: int = field(
+        default=128,
+        metadata={"help": "Longest response in tokens (paper: 128); responses cut here get no EOS in training."},
+    )
+    stop: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Strings that end a response (trimmed off). Default: none, or with --prompt_format hh the next human turn, ###Human and Human: (as the paper)."
+        },
+    )
+    gen_batch_size: int = field(
+        default=64,
+        metadata={
+            "help": "Prompts sampled together (B·K rows per decoding step); length-sorted. LMFlow made one call per prompt. Lower it if memory runs out."
+        },
+    )
+    gen_backend: str = field(
+        default="fast",
+        metadata={
+            "help": "fast: fastgen.py (each prompt prefilled once and shared by its K samples, CUDA-graph decode steps; falls back to hf for attention it cannot run); hf: model.generate (stops at --stop strings early)."
+        },
+    )
+    cuda_graphs: bool = field(
+        default=True,
+        metadata={
+            "help": "With --gen_backend fast on a GPU: replay each decoding step as a CUDA graph (not for 8-bit or FSDP-sharded models, which run eager)."
+        },
+    )
     # ---- step 2: rank
-    ranking: str = field(default="local", metadata={"help": "local: best per prompt (paper); global: top b of all b·K (paper appendix); random: one random response per prompt (control)."})
-    kl_beta: float = field(default=0.0, metadata={"help": "β in r − β·(log p_θ − log p_0) with p_0 the stage-0 model (paper Table 7: 0 best for reward); > 0 keeps a copy of p_0."})
-    discard_regex: Optional[str] = field(default=None, metadata={"help": "Responses matching this regex are never kept (paper: '#' against a #-loving reward model)."})
-    eval_kl: bool = field(default=False, metadata={"help": "Report the KL to the stage-0 model (kl_to_start, eval_kl_to_start) even when --kl_beta is 0; keeps p_0 like --kl_beta does."})
-    generator_model: Optional[str] = field(default=None, metadata={"help": "Another causal LM (any tokenizer) that generates the K samples while --model trains on the kept ones (paper Table 8: a stronger generator); None: the policy generates."})
-    finetune_from: str = field(default="current", metadata={"help": "current: each stage fine-tunes the current model (paper); base: each stage restarts from the stage-0 weights, trained on the current model's kept samples (ReST-EM)."})
+    ranking: str = field(
+        default="local",
+        metadata={
+            "help": "local: best per prompt (paper); global: top b of all b·K (paper appendix); random: one random response per prompt (control)."
+        },
+    )
+    kl_beta: float = field(
+        default=0.0,
+        metadata={
+            "help": "β in r − β·(log p_θ − log p_0) with p_0 the stage-0 model (paper Table 7: 0 best for reward); > 0 keeps a copy of p_0."
+        },
+    )
+    discard_regex: Optional[str] = field(
+        default=None,
+        metadata={"help": "Responses matching this regex are never kept (paper: '#' against a #-loving reward model)."},
+    )
+    eval_kl: bool = field(
+        default=False,
+        metadata={
+            "help": "Report the KL to the stage-0 model (kl_to_start, eval_kl_to_start) even when --kl_beta is 0; keeps p_0 like --kl_beta does."
+        },
+    )
+    generator_model: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Another causal LM (any tokenizer) that generates the K samples while --model trains on the kept ones (paper Table 8: a stronger generator); None: the policy generates."
+        },
+    )
+    finetune_from: str = field(
+        default="current",
+        metadata={
+            "help": "current: each stage fine-tunes the current model (paper); base: each stage restarts from the stage-0 weights, trained on the current model's kept samples (ReST-EM)."
+        },
+    )
     # ---- step 3: fine-tune
-    lr: float = field(default=2e-5, metadata={"help": "AdamW peak learning rate, decayed linearly to 0 within each stage (paper: 2e-5). The optimizer is reset every stage."})
+    lr: float = field(
+        default=2e-5,
+        metadata={
+            "help": "AdamW peak learning rate, decayed linearly to 0 within each stage (paper: 2e-5). The optimizer is reset every stage."
+        },
+    )
     epochs: int = field(default=2, metadata={"help": "SFT epochs over each stage's kept set (paper: 2)."})
-    train_batch_size: int = field(default=32, metadata={"help": "Global SFT batch in samples (not stated in the paper); reached by gradient accumulation."})
-    micro_batch_size: int = field(default=8, metadata={"help": "Samples per forward pass on one process; lower it if memory runs out."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (a common SFT default; not stated in the paper)."})
+    train_batch_size: int = field(
+        default=32,
+        metadata={"help": "Global SFT batch in samples (not stated in the paper); reached by gradient accumulation."},
+    )
+    micro_batch_size: int = field(
+        default=8, metadata={"help": "Samples per forward pass on one process; lower it if memory runs out."}
+    )
+    max_grad_norm: float = field(
+        default=1.0, metadata={"help": "Gradient clipping norm (a common SFT default; not stated in the paper)."}
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (0, as in LMFlow's SFT)."})
     # ---- memory: small GPUs (LoRA, 8-bit) and full precision
-    bf16: bool = field(default=False, metadata={"help": "Compute in bf16 (autocast). Full fine-tuning keeps fp32 master weights and fp32 AdamW states: pure-bf16 AdamW rounds away most updates at lr 2e-5. With LoRA the frozen base is stored in bf16."})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank (0 = full fine-tuning). Only the adapters train and are saved each stage (the paper's diffusion runs used LoRA; its LLM runs were full)."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha (peft; 2× a rank of 16 is a common choice)."})
+    bf16: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute in bf16 (autocast). Full fine-tuning keeps fp32 master weights and fp32 AdamW states: pure-bf16 AdamW rounds away most updates at lr 2e-5. With LoRA the frozen base is stored in bf16."
+        },
+    )
+    lora_r: int = field(
+        default=0,
+        metadata={
+            "help": "LoRA rank (0 = full fine-tuning). Only the adapters train and are saved each stage (the paper's diffusion runs used LoRA; its LLM runs were full)."
+        },
+    )
+    lora_alpha: int = field(
+        default=32, metadata={"help": "LoRA scaling alpha (peft; 2× a rank of 16 is a common choice)."}
+    )
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path (a common peft default)."})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "Comma-separated module names for adapters, or all-linear (every attention and MLP projection, not the LM head)."})
-    load_in_8bit: bool = field(default=False, metadata={"help": "Load the policy's frozen base in 8-bit (bitsandbytes LLM.int8); needs --lora_r > 0. Fits a 7B run in ≈24 GB; 8-bit generation is slow."})
-    gen_dequantized: bool = field(default=False, metadata={"help": "With --load_in_8bit: sample from a temporary copy of the policy, int8 weights dequantized and the current adapters merged (bf16 on a GPU), freed after sampling. int8 generation is slow (reported ≈5× slower than bf16); this costs ≈2 bytes per parameter more while sampling (≈13.5 GB for 7B). Same weights up to LLM.int8's outlier handling."})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in the backward pass: less memory, ≈30% more SFT time."})
-    merge_lora: bool = field(default=False, metadata={"help": "At the end, also save the base with the last adapters merged in to out_dir/merged (loadable without peft)."})
+    lora_target_modules: str = field(
+        default="all-linear",
+        metadata={
+            "help": "Comma-separated module names for adapters, or all-linear (every attention and MLP projection, not the LM head)."
+        },
+    )
+    load_in_8bit: bool = field(
+        default=False,
+        metadata={
+            "help": "Load the policy's frozen base in 8-bit (bitsandbytes LLM.int8); needs --lora_r > 0. Fits a 7B run in ≈24 GB; 8-bit generation is slow."
+        },
+    )
+    gen_dequantized: bool = field(
+        default=False,
+        metadata={
+            "help": "With --load_in_8bit: sample from a temporary copy of the policy, int8 weights dequantized and the current adapters merged (bf16 on a GPU), freed after sampling. int8 generation is slow (reported ≈5× slower than bf16); this costs ≈2 bytes per parameter more while sampling (≈13.5 GB for 7B). Same weights up to LLM.int8's outlier handling."
+        },
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in the backward pass: less memory, ≈30% more SFT time."}
+    )
+    merge_lora: bool = field(
+        default=False,
+        metadata={
+            "help": "At the end, also save the base with the last adapters merged in to out_dir/merged (loadable without peft)."
+        },
+    )
     # ---- loop and output
-    iterations: int = field(default=10, metadata={"help": "Number of RAFT stages (paper: ≈10–18, until the reward stops rising)."})
-    seed: int = field(default=42, metadata={"help": "Seeds prompt order, sampling, selection and SFT order; a CPU run repeats exactly."})
-    out_dir: Optional[str] = field(default=None, metadata={"help": "Run directory: config.json, metrics.jsonl, iter_XXXX/ (model, selected.jsonl), reward_curve.png. Default runs/raft (runs/demo for the demo)."})
-    resume: bool = field(default=False, metadata={"help": "Continue from the last completed stage in --out_dir (a stage cut off midway is redone)."})
-    resume_force: bool = field(default=False, metadata={"help": "With --resume: accept a config that differs from the saved one (the differences are printed)."})
-    keep_last: int = field(default=0, metadata={"help": "Keep the model files of only the last N stages (0 = all); older ones are deleted after the new one is complete."})
-    report_to: str = field(default="none", metadata={"help": "none, tensorboard or wandb (those packages are optional)."})
+    iterations: int = field(
+        default=10, metadata={"help": "Number of RAFT stages (paper: ≈10–18, until the reward stops rising)."}
+    )
+    seed: int = field(
+        default=42,
+        metadata={"help": "Seeds prompt order, sampling, selection and SFT order; a CPU run repeats exactly."},
+    )
+    out_dir: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Run directory: config.json, metrics.jsonl, iter_XXXX/ (model, selected.jsonl), reward_curve.png. Default runs/raft (runs/demo for the demo)."
+        },
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Continue from the last completed stage in --out_dir (a stage cut off midway is redone)."},
+    )
+    resume_force: bool = field(
+        default=False,
+        metadata={
+            "help": "With --resume: accept a config that differs from the saved one (the differences are printed)."
+        },
+    )
+    keep_last: int = field(
+        default=0,
+        metadata={
+            "help": "Keep the model files of only the last N stages (0 = all); older ones are deleted after the new one is complete."
+        },
+    )
+    report_to: str = field(
+        default="none", metadata={"help": "none, tensorboard or wandb (those packages are optional)."}
+    )
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model repos to run their own Python code (off: safer)."})
-    dry_run: bool = field(default=False, metadata={"help": "Check the options and print the resolved configuration as JSON, then exit without loading anything (run_a40.sh DRY_RUN=1)."})
-    demo_dir: str = field(default="runs/demo_model", metadata={"help": "Demo only: where the tiny pretrained review model and its prompts are built once and reused."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow model repos to run their own Python code (off: safer)."}
+    )
+    dry_run: bool = field(
+        default=False,
+        metadata={
+            "help": "Check the options and print the resolved configuration as JSON, then exit without loading anything (run_a40.sh DRY_RUN=1)."
+        },
+    )
+    demo_dir: str = field(
+        default="runs/demo_model",
+        metadata={
+            "help": "Demo only: where the tiny pretrained review model and its prompts are built once and reused."
+        },
+    )
     # ---- the SFT starting point
-    sft_only: bool = field(default=False, metadata={"help": "Only SFT --model on (prompt, --sft_field) pairs for --epochs with the stage fine-tune code and save it to --out_dir: the paper's start (LLaMA-7B, 1 epoch on chosen)."})
-    sft_field: str = field(default="chosen", metadata={"help": "With --sft_only: the field of the response to learn (paper: HH-RLHF chosen)."})
+    sft_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Only SFT --model on (prompt, --sft_field) pairs for --epochs with the stage fine-tune code and save it to --out_dir: the paper's start (LLaMA-7B, 1 epoch on chosen)."
+        },
+    )
+    sft_field: str = field(
+        default="chosen",
+        metadata={"help": "With --sft_only: the field of the response to learn (paper: HH-RLHF chosen)."},
+    )
 
 
 # The demo: values for fields left at their paper defaults when no --model is given (a 2-core CPU, ≈1-2 min).
-DEMO = dict(prompts_per_iter=64, K=8, max_new_tokens=32, eval_prompts=128, lr=1e-4, train_batch_size=16,
-            micro_batch_size=16, iterations=6, out_dir="runs/demo")
+DEMO = dict(
+    prompts_per_iter=64,
+    K=8,
+    max_new_tokens=32,
+    eval_prompts=128,
+    lr=1e-4,
+    train_batch_size=16,
+    micro_batch_size=16,
+    iterations=6,
+    out_dir="runs/demo",
+)
 RANKINGS = ("local", "global", "random")
 
 
@@ -151,7 +393,7 @@ def bar(iterable, desc, total=None):
 def shard(items: list) -> list:
     """This rank's contiguous share of a global list."""
     n = len(items)
-    return items[RANK * n // WORLD:(RANK + 1) * n // WORLD]
+    return items[RANK * n // WORLD : (RANK + 1) * n // WORLD]
 
 
 def gather(items: list) -> list:
@@ -183,41 +425,63 @@ def pick_device(cfg: Config) -> torch.device:
 
 def validate(cfg: Config):
     """Every check that needs no model, with the fix in the message."""
+
     def need(ok, msg):
         if not ok:
             raise SystemExit(f"config error: {msg}")
+
     need(cfg.K >= 1, f"--K {cfg.K}: need at least 1 response per prompt")
     need(cfg.prompts_per_iter >= 1, "--prompts_per_iter must be ≥ 1")
-    need(cfg.prompts_per_iter % WORLD == 0, f"--prompts_per_iter {cfg.prompts_per_iter} is not divisible by the "
-         f"{WORLD} processes; use a multiple of {WORLD}")
-    need(cfg.train_batch_size % (cfg.micro_batch_size * WORLD) == 0, f"--train_batch_size {cfg.train_batch_size} "
-         f"must be a multiple of --micro_batch_size × processes = {cfg.micro_batch_size * WORLD}")
+    need(
+        cfg.prompts_per_iter % WORLD == 0,
+        f"--prompts_per_iter {cfg.prompts_per_iter} is not divisible by the "
+        f"{WORLD} processes; use a multiple of {WORLD}",
+    )
+    need(
+        cfg.train_batch_size % (cfg.micro_batch_size * WORLD) == 0,
+        f"--train_batch_size {cfg.train_batch_size} "
+        f"must be a multiple of --micro_batch_size × processes = {cfg.micro_batch_size * WORLD}",
+    )
     need(cfg.gen_backend in ("fast", "hf"), f"--gen_backend {cfg.gen_backend!r}: fast or hf")
     need(cfg.gen_batch_size >= 1, "--gen_batch_size must be ≥ 1")
     need(cfg.ranking in RANKINGS, f"--ranking {cfg.ranking!r}: choose one of {RANKINGS}")
     need(cfg.temperature >= 0, "--temperature must be ≥ 0 (0 = greedy)")
     need(0 < cfg.top_p <= 1, "--top_p must be in (0, 1]")
-    need(cfg.top_k >= 0 and cfg.max_new_tokens >= 1 and cfg.eval_prompts >= 0, "--top_k, --eval_prompts ≥ 0 and "
-         "--max_new_tokens ≥ 1")
+    need(
+        cfg.top_k >= 0 and cfg.max_new_tokens >= 1 and cfg.eval_prompts >= 0,
+        "--top_k, --eval_prompts ≥ 0 and --max_new_tokens ≥ 1",
+    )
     need(cfg.kl_beta >= 0, "--kl_beta must be ≥ 0")
     need(cfg.finetune_from in ("current", "base"), f"--finetune_from {cfg.finetune_from!r}: current or base")
-    need(cfg.lora_r > 0 or not cfg.load_in_8bit, "--load_in_8bit trains adapters on a frozen 8-bit base; full "
-         "fine-tuning of 8-bit weights is not possible: add --lora_r 16 (or drop --load_in_8bit)")
+    need(
+        cfg.lora_r > 0 or not cfg.load_in_8bit,
+        "--load_in_8bit trains adapters on a frozen 8-bit base; full "
+        "fine-tuning of 8-bit weights is not possible: add --lora_r 16 (or drop --load_in_8bit)",
+    )
     need(cfg.lora_r > 0 or not cfg.merge_lora, "--merge_lora needs --lora_r > 0")
-    need(cfg.load_in_8bit or not cfg.gen_dequantized, "--gen_dequantized dequantizes an 8-bit base for sampling: "
-         "add --load_in_8bit (or drop --gen_dequantized)")
-    need(not (cfg.reward_load_in_8bit and cfg.offload_reward), "--reward_load_in_8bit keeps the 8-bit reward model "
-         "where it loads; drop --offload_reward (or load it in bf16)")
+    need(
+        cfg.load_in_8bit or not cfg.gen_dequantized,
+        "--gen_dequantized dequantizes an 8-bit base for sampling: add --load_in_8bit (or drop --gen_dequantized)",
+    )
+    need(
+        not (cfg.reward_load_in_8bit and cfg.offload_reward),
+        "--reward_load_in_8bit keeps the 8-bit reward model where it loads; drop --offload_reward (or load it in bf16)",
+    )
     need(cfg.keep_last >= 0, "--keep_last must be ≥ 0 (0 keeps every stage's model)")
     need(cfg.lr > 0 and cfg.epochs >= 1 and cfg.iterations >= 1, "--lr > 0, --epochs ≥ 1, --iterations ≥ 1")
     need(cfg.report_to in ("none", "tensorboard", "wandb"), "--report_to: none, tensorboard or wandb")
     need(cfg.prompt_format in FORMATS, f"--prompt_format {cfg.prompt_format!r}: choose one of {FORMATS}")
     need(not cfg.sft_only or (cfg.model and not cfg.resume), "--sft_only needs --model and --dataset, and no --resume")
-    need(cfg.reward or cfg.sft_only, "--reward is required with --model (file.py:function, module:function or a "
-         "reward model)")
+    need(
+        cfg.reward or cfg.sft_only,
+        "--reward is required with --model (file.py:function, module:function or a reward model)",
+    )
     need(cfg.dataset is not None, "--dataset is required with --model (a .jsonl file or an HF dataset name)")
-    need(not (cfg.eval_split and str(cfg.dataset).endswith(".jsonl")), "--eval_split: a .jsonl file is one split; "
-         "use a directory of <split>.jsonl files or an HF dataset, or drop --eval_split")
+    need(
+        not (cfg.eval_split and str(cfg.dataset).endswith(".jsonl")),
+        "--eval_split: a .jsonl file is one split; "
+        "use a directory of <split>.jsonl files or an HF dataset, or drop --eval_split",
+    )
     parse_weights(cfg.reward_weights, len(cfg.reward))
     if cfg.discard_regex:
         try:
@@ -243,7 +507,7 @@ def _pad(tok):
 
 
 # ---- step 1: sample ----------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _bos_prefix(tok) -> tuple:
     """(BOS,) when the tokenizer puts BOS in front of a text, else (): asked once per tokenizer, not per prompt."""
     lead = tok("", add_special_tokens=True)["input_ids"]
@@ -260,7 +524,7 @@ def encode_pair(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
     the response gets the tokens a model would generate after this prompt (SentencePiece adds a word-start piece to
     a text encoded on its own); if a token merged across the boundary, the response is encoded on its own."""
     p, both = encode_prompt(tok, prompt), encode_prompt(tok, prompt + response)
-    return (p, both[len(p):]) if both[:len(p)] == p else (p, tok(response, add_special_tokens=False)["input_ids"])
+    return (p, both[len(p) :]) if both[: len(p)] == p else (p, tok(response, add_special_tokens=False)["input_ids"])
 
 
 def cut_response(ids: list[int], tok, eos_ids: set, stop: list[str]) -> dict:
@@ -299,11 +563,21 @@ def generate(model, tok, prompts: list[str], K: int, cfg: Config, desc="sample")
     with full_weights(model):  # an FSDP2 policy is gathered once for the whole phase
         if cfg.gen_backend == "fast" and not getattr(policy, "_fastgen_refused", False):
             try:
-                new = fastgen.sample(model, enc, K, max_new_tokens=cfg.max_new_tokens, eos_ids=eos_ids,
-                                     pad_id=_pad(tok), temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                     batch_prompts=cfg.gen_batch_size, cuda_graphs=cfg.cuda_graphs,
-                                     autocast_dtype=torch.bfloat16 if cfg.bf16 else None,
-                                     progress=lambda it: bar(it, desc))
+                new = fastgen.sample(
+                    model,
+                    enc,
+                    K,
+                    max_new_tokens=cfg.max_new_tokens,
+                    eos_ids=eos_ids,
+                    pad_id=_pad(tok),
+                    temperature=cfg.temperature,
+                    top_k=cfg.top_k,
+                    top_p=cfg.top_p,
+                    batch_prompts=cfg.gen_batch_size,
+                    cuda_graphs=cfg.cuda_graphs,
+                    autocast_dtype=torch.bfloat16 if cfg.bf16 else None,
+                    progress=lambda it: bar(it, desc),
+                )
             except fastgen.Unsupported as e:  # decided at the first prefill, before any sample is drawn
                 print0(f"--gen_backend fast: {e}; generating with model.generate instead")
                 policy._fastgen_refused = True  # asked once per policy (not per dequantized copy), not every phase
@@ -315,25 +589,35 @@ def generate(model, tok, prompts: list[str], K: int, cfg: Config, desc="sample")
 def _hf_generate(model, tok, enc: list[list[int]], K: int, cfg: Config, eos_ids: set, desc: str) -> list:
     """--gen_backend hf: model.generate on --gen_batch_size prompts × K rows per call -> [prompt][K] new token ids."""
     pad = _pad(tok)
-    gc = GenerationConfig(do_sample=cfg.temperature > 0, temperature=cfg.temperature or None, top_k=cfg.top_k,
-                          top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                          pad_token_id=pad, eos_token_id=sorted(eos_ids), stop_strings=cfg.stop or None)
+    gc = GenerationConfig(
+        do_sample=cfg.temperature > 0,
+        temperature=cfg.temperature or None,
+        top_k=cfg.top_k,
+        top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens,
+        pad_token_id=pad,
+        eos_token_id=sorted(eos_ids),
+        stop_strings=cfg.stop or None,
+    )
     order = sorted(range(len(enc)), key=lambda i: len(enc[i]))
     out = [None] * len(enc)
     device = next(model.parameters()).device
     for s in bar(range(0, len(order), cfg.gen_batch_size), desc):
-        idx = order[s:s + cfg.gen_batch_size]
+        idx = order[s : s + cfg.gen_batch_size]
         L = max(len(enc[i]) for i in idx)
         input_ids, valid = fastgen.left_pad([enc[i] for i in idx], L, pad)
         mask = valid.long()
         # K copies of each row (HF's num_return_sequences refuses K > 1 when greedy): [len(idx)·K, L + new]
         with amp(model, cfg.bf16):
-            seqs = model.generate(input_ids=input_ids.repeat_interleave(K, 0).to(device), generation_config=gc,
-                                  attention_mask=mask.repeat_interleave(K, 0).to(device),
-                                  tokenizer=tok if cfg.stop else None)
+            seqs = model.generate(
+                input_ids=input_ids.repeat_interleave(K, 0).to(device),
+                generation_config=gc,
+                attention_mask=mask.repeat_interleave(K, 0).to(device),
+                tokenizer=tok if cfg.stop else None,
+            )
         new = seqs[:, L:].tolist()
         for r, i in enumerate(idx):
-            out[i] = new[r * K:(r + 1) * K]
+            out[i] = new[r * K : (r + 1) * K]
     return out
 
 
@@ -385,9 +669,9 @@ def example_logprobs(model, examples, bf16=False):
         for i in row:
             x, y = examples[i]
             n = len(x)
-            ids[r, off:off + n], seg[r, off:off + n] = torch.tensor(x), i
-            pos[r, off:off + n] = torch.arange(n)
-            tgt[r, off:off + n - 1] = torch.tensor(y[1:], dtype=torch.long)  # position j predicts token j + 1
+            ids[r, off : off + n], seg[r, off : off + n] = torch.tensor(x), i
+            pos[r, off : off + n] = torch.arange(n)
+            tgt[r, off : off + n - 1] = torch.tensor(y[1:], dtype=torch.long)  # position j predicts token j + 1
             off += n
         pos[r, off:] = torch.arange(C - off)
     keep = (tgt.flatten() != -100).nonzero().flatten()  # [n]: the positions that carry a loss
@@ -413,7 +697,7 @@ def sequence_logprobs(model, examples, batch_size: int, bf16=False) -> list[floa
     out = []
     with full_weights(model):  # ranks score different numbers of batches: no collectives inside
         for s in range(0, len(examples), batch_size):
-            out += example_logprobs(model, examples[s:s + batch_size], bf16)[0].tolist()
+            out += example_logprobs(model, examples[s : s + batch_size], bf16)[0].tolist()
     return out
 
 
@@ -441,7 +725,7 @@ def select(scores: torch.Tensor, valid: torch.Tensor, mode: str, gen: torch.Gene
     has = valid.any(1)
     if mode == "global":
         flat = scores.masked_fill(~valid, -math.inf).flatten()
-        order = torch.sort(flat, descending=True, stable=True).indices[:min(b, int(valid.sum()))]
+        order = torch.sort(flat, descending=True, stable=True).indices[: min(b, int(valid.sum()))]
         return sorted((int(i) // K, int(i) % K) for i in order)
     rows = has.nonzero().flatten()
     if mode == "local":
@@ -458,8 +742,9 @@ def rank(prompts, samples, cfg: Config, gen):
     flat = [s for row in samples for s in row]
     rewards = torch.tensor([s["reward"] for s in flat]).view(b, K)
     empty = torch.tensor([not s["ids"] for s in flat]).view(b, K)
-    discard = torch.tensor([bool(cfg.discard_regex and re.search(cfg.discard_regex, s["text"]))
-                            for s in flat]).view(b, K)
+    discard = torch.tensor([bool(cfg.discard_regex and re.search(cfg.discard_regex, s["text"])) for s in flat]).view(
+        b, K
+    )
     valid = ~rewards.isnan() & ~empty & ~discard
     scores, m = rewards, {}
     if "log_ratio" in flat[0]:  # r − β·(log p_θ(y|x) − log p_0(y|x)), the sequence-level KL penalty of paper Table 7
@@ -467,13 +752,29 @@ def rank(prompts, samples, cfg: Config, gen):
         scores = rewards - cfg.kl_beta * log_ratio
         m["kl_to_start"] = log_ratio.mean().item()
     keep = select(scores.masked_fill(~valid, 0.0), valid, cfg.ranking, gen)
-    rows = [{"prompt": prompts[i], "response": samples[i][j]["text"], "reward": rewards[i, j].item(),
-             "rewards": rewards[i].tolist(), "ended": samples[i][j]["end_id"] is not None} for i, j in keep]
+    rows = [
+        {
+            "prompt": prompts[i],
+            "response": samples[i][j]["text"],
+            "reward": rewards[i, j].item(),
+            "rewards": rewards[i].tolist(),
+            "ended": samples[i][j]["end_id"] is not None,
+        }
+        for i, j in keep
+    ]
     kept = torch.tensor([r["reward"] for r in rows]) if rows else torch.tensor([math.nan])
-    m.update({"reward_mean": rewards.nanmean().item(), "selected_reward_mean": kept.mean().item(),
-              "n_selected": len(keep), "prompts_skipped": int((~valid.any(1)).sum()),
-              "samples_nan_reward": int(rewards.isnan().sum()), "samples_empty": int(empty.sum()),
-              "samples_discarded": int(discard.sum()), "samples_truncated": sum(s["end_id"] is None for s in flat)})
+    m.update(
+        {
+            "reward_mean": rewards.nanmean().item(),
+            "selected_reward_mean": kept.mean().item(),
+            "n_selected": len(keep),
+            "prompts_skipped": int((~valid.any(1)).sum()),
+            "samples_nan_reward": int(rewards.isnan().sum()),
+            "samples_empty": int(empty.sum()),
+            "samples_discarded": int(discard.sum()),
+            "samples_truncated": sum(s["end_id"] is None for s in flat),
+        }
+    )
     return rows, [(prompts[i], samples[i][j]) for i, j in keep], m
 
 
@@ -485,9 +786,11 @@ def make_kl(cfg: Config, model, device):
         return None
     lp = lambda m, ex: sequence_logprobs(m, ex, cfg.micro_batch_size, cfg.bf16)
     if cfg.lora_r:
+
         def with_base(ex):
             with model.disable_adapter():
                 return lp(model, ex)
+
         return lambda ex: (lp(model, ex), with_base(ex))
     ref = load_policy(dataclasses.replace(cfg, gradient_checkpointing=False), device, frozen=True)[0]
     ref.requires_grad_(False)
@@ -519,20 +822,20 @@ def finetune(model, examples, cfg: Config, seed: int, stage: int = 0) -> float:
         perm = torch.randperm(len(examples), generator=gen).tolist()
         loss_sum = torch.zeros(2, device=device)  # this rank's summed token loss and token count, this epoch
         for s in range(0, len(perm), cfg.train_batch_size):
-            batch = sorted((examples[i] for i in perm[s:s + cfg.train_batch_size]), key=lambda e: len(e[0]))
+            batch = sorted((examples[i] for i in perm[s : s + cfg.train_batch_size]), key=lambda e: len(e[0]))
             n_tok = sum(sum(t != -100 for t in y[1:]) for _, y in batch)  # the loss is a mean over these tokens
             rows = batch[RANK::WORLD]  # sorted by length, so every rank gets a similar share of tokens
             # every rank runs the same number of micro-steps (DDP and FSDP2 sync in the backward); a rank with
             # fewer rows repeats a row with weight 0
             steps = math.ceil(math.ceil(len(batch) / WORLD) / cfg.micro_batch_size)
             for m in range(steps):
-                part, weight = rows[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size], 1.0
+                part, weight = rows[m * cfg.micro_batch_size : (m + 1) * cfg.micro_batch_size], 1.0
                 if not part:
                     part, weight = batch[:1], 0.0
                 sync = m == steps - 1 or not DIST  # gradients are reduced once, after the last micro-step
                 if fsdp:
                     model.set_requires_gradient_sync(sync)
-                with (contextlib.nullcontext() if sync or fsdp else net.no_sync()):
+                with contextlib.nullcontext() if sync or fsdp else net.no_sync():
                     lp, n = example_logprobs(net, part, cfg.bf16)
                     (-lp.sum() * weight * WORLD / max(n_tok, 1)).backward()  # × WORLD: DDP averages over ranks
                 loss_sum += torch.stack([-lp.detach().sum(), n.sum().float()]) * weight
@@ -567,8 +870,9 @@ def stage_prompts(n: int, b: int, t: int, seed: int) -> tuple[list[int], bool]:
 def usable_prompts(cfg: Config, tok, context: int, split: str, responses=()) -> tuple[list[dict], str]:
     """Records of `split` (data.load_prompts), without duplicate prompts, whose prompt fits in --max_prompt_tokens
     and in the model's context with --max_new_tokens to spare (both counted); the resolved --prompt_format."""
-    records, fmt, skipped = load_prompts(cfg.dataset, split, cfg.prompt_field, cfg.prompt_format, tok,
-                                         cfg.chat_template, responses)
+    records, fmt, skipped = load_prompts(
+        cfg.dataset, split, cfg.prompt_field, cfg.prompt_format, tok, cfg.chat_template, responses
+    )
     if skipped:
         print0(f"{cfg.dataset} {split}: skipped {skipped} rows with no human text or an empty response")
     unique = list({r["prompt"]: r for r in records}.values())
@@ -577,8 +881,10 @@ def usable_prompts(cfg: Config, tok, context: int, split: str, responses=()) -> 
     limit = min(cfg.max_prompt_tokens, context - cfg.max_new_tokens)
     kept = [r for r in unique if len(encode_prompt(tok, r["prompt"])) <= limit]
     if len(kept) < len(unique):
-        print0(f"dropped {len(unique) - len(kept)} of {len(unique)} prompts longer than {limit} tokens "
-               f"(--max_prompt_tokens, or the model's context minus --max_new_tokens)")
+        print0(
+            f"dropped {len(unique) - len(kept)} of {len(unique)} prompts longer than {limit} tokens "
+            f"(--max_prompt_tokens, or the model's context minus --max_new_tokens)"
+        )
     return kept, fmt
 
 
@@ -587,14 +893,18 @@ def split_prompts(cfg: Config, tok, context: int):
     out of the training prompts. Returns (train, eval, resolved prompt format)."""
     kept, fmt = usable_prompts(cfg, tok, context, cfg.dataset_split)
     held = usable_prompts(cfg, tok, context, cfg.eval_split)[0] if cfg.eval_split else kept
-    if len(held) < cfg.eval_prompts + (0 if cfg.eval_split else cfg.prompts_per_iter) or \
-            len(kept) < cfg.prompts_per_iter:
-        raise SystemExit(f"--dataset has {len(kept)} usable prompts after dropping duplicates and over-long ones "
-                         f"({len(held)} held-out), too few for --eval_prompts {cfg.eval_prompts} and "
-                         f"--prompts_per_iter {cfg.prompts_per_iter}; lower them or add prompts")
+    if (
+        len(held) < cfg.eval_prompts + (0 if cfg.eval_split else cfg.prompts_per_iter)
+        or len(kept) < cfg.prompts_per_iter
+    ):
+        raise SystemExit(
+            f"--dataset has {len(kept)} usable prompts after dropping duplicates and over-long ones "
+            f"({len(held)} held-out), too few for --eval_prompts {cfg.eval_prompts} and "
+            f"--prompts_per_iter {cfg.prompts_per_iter}; lower them or add prompts"
+        )
     order = torch.randperm(len(held), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-    eval_r = [held[i] for i in order[:cfg.eval_prompts]]
-    train_r = kept if cfg.eval_split else [held[i] for i in order[cfg.eval_prompts:]]
+    eval_r = [held[i] for i in order[: cfg.eval_prompts]]
+    train_r = kept if cfg.eval_split else [held[i] for i in order[cfg.eval_prompts :]]
     return train_r, eval_r, fmt
 
 
@@ -605,8 +915,12 @@ def evaluate(model, tok, prompts, reward_fn, cfg: Config, seed: int, kl=None) ->
     mine = shard(prompts)
     samples = generate(model, tok, mine, 1, cfg, desc="eval")
     stats = score_samples(tok, mine, samples, reward_fn, kl)
-    rows = gather([{"prompt": p, "response": s["text"], "reward": s["reward"], **({"log_ratio": s["log_ratio"]}
-                    if kl else {})} for p, (s,) in zip(mine, samples)])
+    rows = gather(
+        [
+            {"prompt": p, "response": s["text"], "reward": s["reward"], **({"log_ratio": s["log_ratio"]} if kl else {})}
+            for p, (s,) in zip(mine, samples)
+        ]
+    )
     rewards = torch.tensor([r["reward"] for r in rows])
     m = {"eval_reward_mean": rewards.nanmean().item(), "eval_reward_std": _nanstd(rewards)}
     m.update({f"eval_{k}": v for k, v in stats.items()})  # per-reward means, reward-model truncations
@@ -637,9 +951,11 @@ def make_logger(cfg: Config):
         return lambda m, step: None
     if cfg.report_to == "tensorboard":
         from torch.utils.tensorboard import SummaryWriter
+
         w = SummaryWriter(os.path.join(cfg.out_dir, "tensorboard"))
         return lambda m, step: [w.add_scalar(k, v, step) for k, v in m.items() if isinstance(v, (int, float))]
     import wandb
+
     wandb.init(project="raft", config=dataclasses.asdict(cfg), dir=cfg.out_dir)
     return lambda m, step: wandb.log(m, step=step)
 
@@ -661,11 +977,15 @@ def phase(name: str, m: dict, device):
 def stage_line(m):
     s = f"stage {m['iteration']:>3} | eval reward {m['eval_reward_mean']:+.3f} distinct-2 {m['eval_distinct_2']:.3f}"
     if m["iteration"] > 0:
-        s += (f" | samples {m['reward_mean']:+.3f} kept {m['selected_reward_mean']:+.3f} | sft loss "
-              f"{m['sft_loss'] or math.nan:.3f} | s: gen {m['time_sample']:.0f} rank {m['time_rank']:.0f} "
-              f"train {m['time_train']:.0f} eval {m['time_eval']:.0f}")
+        s += (
+            f" | samples {m['reward_mean']:+.3f} kept {m['selected_reward_mean']:+.3f} | sft loss "
+            f"{m['sft_loss'] or math.nan:.3f} | s: gen {m['time_sample']:.0f} rank {m['time_rank']:.0f} "
+            f"train {m['time_train']:.0f} eval {m['time_eval']:.0f}"
+        )
         if "peak_gib_sample" in m:
-            s += " | peak GiB: gen {peak_gib_sample:.1f} rank {peak_gib_rank:.1f} train {peak_gib_train:.1f}".format(**m)
+            s += " | peak GiB: gen {peak_gib_sample:.1f} rank {peak_gib_rank:.1f} train {peak_gib_train:.1f}".format(
+                **m
+            )
     return s
 
 
@@ -678,21 +998,41 @@ def run(cfg: Config):
     eval_p, train_p = [r["prompt"] for r in eval_r], [r["prompt"] for r in train_r]
     cfg = dataclasses.replace(cfg, stop=stop_strings(fmt, cfg.stop))  # HH: the next human turn ends a response
     view = {r["prompt"]: r["reward_prompt"] for r in train_r + eval_r}  # rewards score the ###Human text
-    reward_fn = load_rewards(cfg.reward, cfg.reward_weights, cfg.reward_template, cfg.reward_batch_size, device,
-                             cfg.trust_remote_code, cfg.offload_reward, view, cfg.reward_load_in_8bit)
-    model, tok = load_policy(cfg, device, checkpoint=os.path.join(cfg.out_dir, f"iter_{start:04d}") if start else None,
-                             shard=DIST)
+    reward_fn = load_rewards(
+        cfg.reward,
+        cfg.reward_weights,
+        cfg.reward_template,
+        cfg.reward_batch_size,
+        device,
+        cfg.trust_remote_code,
+        cfg.offload_reward,
+        view,
+        cfg.reward_load_in_8bit,
+    )
+    model, tok = load_policy(
+        cfg, device, checkpoint=os.path.join(cfg.out_dir, f"iter_{start:04d}") if start else None, shard=DIST
+    )
     kl = make_kl(cfg, model, device)
-    gen_model, gen_tok = (model, tok) if not cfg.generator_model else load_policy(dataclasses.replace(
-        cfg, model=cfg.generator_model, lora_r=0, load_in_8bit=False, gradient_checkpointing=False), device,
-        frozen=True)
+    gen_model, gen_tok = (
+        (model, tok)
+        if not cfg.generator_model
+        else load_policy(
+            dataclasses.replace(
+                cfg, model=cfg.generator_model, lora_r=0, load_in_8bit=False, gradient_checkpointing=False
+            ),
+            device,
+            frozen=True,
+        )
+    )
     initial = None
     if cfg.finetune_from == "base":  # the stage-0 values of what trains (all weights, or the seeded LoRA init)
         initial = trainable_state(load_policy(cfg, device, shard=DIST)[0] if start else model)
     log = make_logger(cfg)
-    print0(f"RAFT: {len(train_p)} training prompts, {len(eval_p)} eval prompts, b={cfg.prompts_per_iter}, "
-           f"K={cfg.K}, λ={cfg.temperature}, ranking={cfg.ranking}, {cfg.iterations} stages on {device}; "
-           f"out_dir {cfg.out_dir}" + (f" (resuming after stage {start})" if start is not None else ""))
+    print0(
+        f"RAFT: {len(train_p)} training prompts, {len(eval_p)} eval prompts, b={cfg.prompts_per_iter}, "
+        f"K={cfg.K}, λ={cfg.temperature}, ranking={cfg.ranking}, {cfg.iterations} stages on {device}; "
+        f"out_dir {cfg.out_dir}" + (f" (resuming after stage {start})" if start is not None else "")
+    )
 
     if start is None:
         times = {}
@@ -742,8 +1082,17 @@ def run(cfg: Config):
         m = {"iteration": t, **m, **em, **times}
         state = full_state_dict(model)  # FSDP2: gathered to rank 0 (every rank takes part)
         if MASTER:
-            save_stage(cfg.out_dir, t, m, rows, eval_rows, model, tok, after_model=lambda: crash_point("save", t),
-                       state_dict=state)
+            save_stage(
+                cfg.out_dir,
+                t,
+                m,
+                rows,
+                eval_rows,
+                model,
+                tok,
+                after_model=lambda: crash_point("save", t),
+                state_dict=state,
+            )
             prune_models(cfg.out_dir, cfg.keep_last)
             write_metrics(cfg.out_dir, completed_stages(cfg.out_dir))
         barrier()
@@ -777,10 +1126,21 @@ def sft(cfg: Config) -> float:
     loss = finetune(model, fit, cfg, seed=cfg.seed)
     state = full_state_dict(model)  # FSDP2: gathered to rank 0 (every rank takes part)
     if MASTER:  # out_dir is empty (checked above)
-        save_model_dir(cfg.out_dir, model, tok, state, {"sft.json": json.dumps(
-            {"sft_loss": loss, "n_examples": len(fit), "config": dataclasses.asdict(cfg)}, indent=1)})
-    print0(f"SFT: last-epoch loss {loss:.3f} ({time.time() - t0:.0f}s); model saved to {cfg.out_dir} "
-           f"(start RAFT from it with --model {cfg.out_dir})")
+        save_model_dir(
+            cfg.out_dir,
+            model,
+            tok,
+            state,
+            {
+                "sft.json": json.dumps(
+                    {"sft_loss": loss, "n_examples": len(fit), "config": dataclasses.asdict(cfg)}, indent=1
+                )
+            },
+        )
+    print0(
+        f"SFT: last-epoch loss {loss:.3f} ({time.time() - t0:.0f}s); model saved to {cfg.out_dir} "
+        f"(start RAFT from it with --model {cfg.out_dir})"
+    )
     return loss
 
 
@@ -788,6 +1148,7 @@ def prepare_demo(cfg: Config):
     """Build once (cached in --demo_dir) the demo's tiny Llama, pretrained with `finetune` on synthetic reviews of
     mixed sentiment, and its prompt file. Returns (model path, prompts file)."""
     from transformers import LlamaConfig, LlamaForCausalLM
+
     model_dir, prompts_file = os.path.join(cfg.demo_dir, "model"), os.path.join(cfg.demo_dir, "prompts.jsonl")
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         t0 = time.time()
@@ -795,13 +1156,26 @@ def prepare_demo(cfg: Config):
         torch.manual_seed(0)
         reviews = demo_reviews(6000, seed=0)
         tok = train_demo_tokenizer(reviews)
-        model = LlamaForCausalLM(LlamaConfig(
-            vocab_size=len(tok), hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=4, max_position_embeddings=128, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True))
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=len(tok),
+                hidden_size=128,
+                intermediate_size=384,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                max_position_embeddings=128,
+                bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+                tie_word_embeddings=True,
+            )
+        )
         # the same SFT code as a RAFT stage, on whole reviews (the prompt is just BOS)
-        examples = [build_example(encode_prompt(tok, ""), tok(r, add_special_tokens=False)["input_ids"],
-                                  tok.eos_token_id) for r in reviews]
+        examples = [
+            build_example(encode_prompt(tok, ""), tok(r, add_special_tokens=False)["input_ids"], tok.eos_token_id)
+            for r in reviews
+        ]
         pre = dataclasses.replace(cfg, lr=3e-3, epochs=3, train_batch_size=32, micro_batch_size=32)
         loss = finetune(model, examples, pre, seed=0)
         save_model_dir(model_dir, model, tok)
@@ -828,8 +1202,12 @@ def parse(argv=None) -> Config:
 def main(argv=None):
     cfg = parse(argv)
     if cfg.dry_run:  # the options passed validate(); nothing is loaded
-        print0(json.dumps({**dataclasses.asdict(cfg), "world_size": WORLD,
-                           "prompts_per_rank": cfg.prompts_per_iter // WORLD}, indent=1))
+        print0(
+            json.dumps(
+                {**dataclasses.asdict(cfg), "world_size": WORLD, "prompts_per_rank": cfg.prompts_per_iter // WORLD},
+                indent=1,
+            )
+        )
         return None
     own_group = DIST and not torch.distributed.is_initialized()
     if own_group:  # torchrun: NCCL between GPUs, gloo on CPU
@@ -852,8 +1230,10 @@ def main(argv=None):
     rows, _ = run(cfg)
     if demo and MASTER:
         first, last = rows[0], rows[-1]
-        print0(f"\ndemo: held-out VADER reward {first['eval_reward_mean']:+.3f} -> {last['eval_reward_mean']:+.3f}, "
-               f"distinct-2 {first['eval_distinct_2']:.3f} -> {last['eval_distinct_2']:.3f} ({time.time() - t0:.0f}s)")
+        print0(
+            f"\ndemo: held-out VADER reward {first['eval_reward_mean']:+.3f} -> {last['eval_reward_mean']:+.3f}, "
+            f"distinct-2 {first['eval_distinct_2']:.3f} -> {last['eval_distinct_2']:.3f} ({time.time() - t0:.0f}s)"
+        )
         for t in (first["iteration"], last["iteration"]):
             with open(os.path.join(cfg.out_dir, f"iter_{t:04d}", "eval_samples.jsonl")) as f:
                 samples = [json.loads(line) for line in f][:4]

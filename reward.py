@@ -26,6 +26,7 @@ when the policy sees a chat template; see data.py).
 `score(fn, prompts, responses)` calls a reward and checks what comes back: a callable that raises or returns the
 wrong number of values is a one-line error; NaN/inf values come back as NaN and the caller excludes those samples.
 """
+
 import importlib
 import importlib.util
 import math
@@ -41,6 +42,7 @@ def vader_sentiment(prompts: list[str], responses: list[str]) -> list[float]:
     global _vader
     if _vader is None:
         from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
         _vader = SentimentIntensityAnalyzer()
     return [_vader.polarity_scores(r)["compound"] for r in responses]
 
@@ -64,22 +66,35 @@ def _load_callable(spec: str):
     return fn
 
 
-def _load_model_reward(path: str, template: str, batch_size: int, device, dtype=None, trust_remote_code=False,
-                       offload=False, load_in_8bit=False):
+def _load_model_reward(
+    path: str,
+    template: str,
+    batch_size: int,
+    device,
+    dtype=None,
+    trust_remote_code=False,
+    offload=False,
+    load_in_8bit=False,
+):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
     device = torch.device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)  # bf16 halves memory and time
     kw = {}
     if load_in_8bit:  # int8 linear layers (bitsandbytes): about half of bf16's memory; placed on `device` for good
         from transformers import BitsAndBytesConfig
+
         kw = {"quantization_config": BitsAndBytesConfig(load_in_8bit=True), "device_map": {"": device}}
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
-                                                                   trust_remote_code=trust_remote_code, **kw)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, **kw
+        )
     except (OSError, ValueError) as e:
-        raise SystemExit(f"--reward {path!r}: not file.py:function or module:function, and cannot load a "
-                         f"sequence-classification model ({str(e).splitlines()[0]})")
+        raise SystemExit(
+            f"--reward {path!r}: not file.py:function or module:function, and cannot load a "
+            f"sequence-classification model ({str(e).splitlines()[0]})"
+        )
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id  # Llama RMs have no pad; masked
     model.config.pad_token_id = pad
     if not load_in_8bit:
@@ -93,11 +108,14 @@ def _load_model_reward(path: str, template: str, batch_size: int, device, dtype=
         texts = [template.format(prompt=p, response=r.strip()) for p, r in zip(prompts, responses)]
         enc = tok(texts)["input_ids"]
         cut = [len(ids) > max_len for ids in enc]
-        enc = [ids[:lead] + ids[len(ids) - max_len + lead:] if c else ids for ids, c in zip(enc, cut)]
+        enc = [ids[:lead] + ids[len(ids) - max_len + lead :] if c else ids for ids, c in zip(enc, cut)]
         reward_model.truncated = sum(cut)
         if reward_model.truncated:
-            print(f"reward model {path}: {sum(cut)} of {len(texts)} texts were longer than {max_len} tokens and were "
-                  f"cut from the left (the response is kept whole)", flush=True)
+            print(
+                f"reward model {path}: {sum(cut)} of {len(texts)} texts were longer than {max_len} tokens and were "
+                f"cut from the left (the response is kept whole)",
+                flush=True,
+            )
         if offload:
             model.to(device)
         out = score_ids(model, enc, batch_size, pad)
@@ -121,20 +139,28 @@ def score_ids(model, enc: list[list[int]], batch_size: int, pad: int) -> list[fl
     order = sorted(range(len(enc)), key=lambda i: -len(enc[i]))
     out = [0.0] * len(enc)
     for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
+        idx = order[s : s + batch_size]
         L = len(enc[idx[0]])
         ids = torch.full((len(idx), L), pad, dtype=torch.long)
         mask = torch.zeros((len(idx), L), dtype=torch.long)
         for r, i in enumerate(idx):
-            ids[r, :len(enc[i])], mask[r, :len(enc[i])] = torch.tensor(enc[i]), 1
+            ids[r, : len(enc[i])], mask[r, : len(enc[i])] = torch.tensor(enc[i]), 1
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, 0].float().tolist()
         for i, v in zip(idx, logits):
             out[i] = v
     return out
 
 
-def load_reward(spec: str, template: str = "{prompt} {response}", batch_size: int = 32, device="cpu",
-                dtype=None, trust_remote_code: bool = False, offload: bool = False, load_in_8bit: bool = False):
+def load_reward(
+    spec: str,
+    template: str = "{prompt} {response}",
+    batch_size: int = 32,
+    device="cpu",
+    dtype=None,
+    trust_remote_code: bool = False,
+    offload: bool = False,
+    load_in_8bit: bool = False,
+):
     """A reward callable from `file.py:function`, `module:function`, or a sequence-classification model."""
     if ":" in spec and not os.path.isdir(spec):
         return _load_callable(spec)
@@ -154,13 +180,31 @@ def parse_weights(weights: str, n: int) -> list[float]:
     return w
 
 
-def load_rewards(specs: list[str], weights: str = "", template: str = "{prompt} {response}", batch_size: int = 32,
-                 device="cpu", trust_remote_code: bool = False, offload: bool = False, prompt_view=None,
-                 load_in_8bit: bool = False):
+def load_rewards(
+    specs: list[str],
+    weights: str = "",
+    template: str = "{prompt} {response}",
+    batch_size: int = 32,
+    device="cpu",
+    trust_remote_code: bool = False,
+    offload: bool = False,
+    prompt_view=None,
+    load_in_8bit: bool = False,
+):
     """One reward r = Σ w_i r_i over the --reward specs; fn.stats holds the last call's per-reward means."""
     w = parse_weights(weights, len(specs))
-    fns = [load_reward(s, template, batch_size, device, trust_remote_code=trust_remote_code, offload=offload,
-                       load_in_8bit=load_in_8bit) for s in specs]
+    fns = [
+        load_reward(
+            s,
+            template,
+            batch_size,
+            device,
+            trust_remote_code=trust_remote_code,
+            offload=offload,
+            load_in_8bit=load_in_8bit,
+        )
+        for s in specs
+    ]
 
     def combined(prompts, responses):
         if prompt_view is not None:
@@ -186,8 +230,10 @@ def score(fn, prompts: list[str], responses: list[str], name: str = "") -> list[
     except Exception as e:
         raise SystemExit(f"{flag} raised {type(e).__name__}: {e} (on {len(prompts)} samples); fix the reward")
     if len(values) != len(prompts):
-        raise SystemExit(f"{flag} returned {len(values)} values for {len(prompts)} samples; it must return one "
-                         f"float per (prompt, response)")
+        raise SystemExit(
+            f"{flag} returned {len(values)} values for {len(prompts)} samples; it must return one "
+            f"float per (prompt, response)"
+        )
     out = []
     for v in values:
         try:

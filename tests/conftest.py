@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny random Llama with the byte-level ByT5 tokenizer (no files, no hub), prompt files in
 the `prompt` schema, and scripted rewards in tests/rewards.py. Everything is offline."""
+
 import json
 import os
 import sys
@@ -16,11 +17,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def make_tiny_lm(path, seed=0, layers=2, hidden=32):
     from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
+
     tok = ByT5Tokenizer()
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+    )
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(path)
     tok.save_pretrained(path)
@@ -34,12 +45,17 @@ def tiny_lm(tmp_path_factory):
 
 def write_prompts(path, n, seed=0):
     import random
+
     rng = random.Random(seed)
     words = ["the", "movie", "cat", "sat", "on", "a", "mat", "why", "is", "sky", "blue", "tell", "me", "story"]
     with open(path, "w") as f:
         for i in range(n):
-            f.write(json.dumps({"prompt": f"Q{i}: " + " ".join(rng.choice(words) for _ in range(rng.randint(2, 6)))
-                                + " A:"}) + "\n")
+            f.write(
+                json.dumps(
+                    {"prompt": f"Q{i}: " + " ".join(rng.choice(words) for _ in range(rng.randint(2, 6))) + " A:"}
+                )
+                + "\n"
+            )
     return str(path)
 
 
@@ -50,20 +66,54 @@ def prompts_file(tmp_path_factory):
 
 def tiny_args(model, dataset, out_dir, *extra):
     """Command-line args of a small, fast RAFT run (CPU, seconds per stage)."""
-    return ["--model", model, "--dataset", dataset, "--out_dir", str(out_dir), "--reward",
-            os.path.join(os.path.dirname(__file__), "rewards.py") + ":letters", "--prompts_per_iter", "8", "--K", "4",
-            "--max_new_tokens", "12", "--eval_prompts", "8", "--train_batch_size", "8", "--micro_batch_size", "4",
-            "--lr", "1e-3", "--device", "cpu", *extra]
+    return [
+        "--model",
+        model,
+        "--dataset",
+        dataset,
+        "--out_dir",
+        str(out_dir),
+        "--reward",
+        os.path.join(os.path.dirname(__file__), "rewards.py") + ":letters",
+        "--prompts_per_iter",
+        "8",
+        "--K",
+        "4",
+        "--max_new_tokens",
+        "12",
+        "--eval_prompts",
+        "8",
+        "--train_batch_size",
+        "8",
+        "--micro_batch_size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def make_tiny_rm(path, max_positions=64, seed=0):
     """A random 2-layer Llama sequence-classification reward model with the ByT5 tokenizer (one byte per token)."""
     from transformers import ByT5Tokenizer, LlamaConfig, LlamaForSequenceClassification
+
     tok = ByT5Tokenizer()
     torch.manual_seed(seed)
-    rm = LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id, max_position_embeddings=max_positions))
+    rm = LlamaForSequenceClassification(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            num_labels=1,
+            pad_token_id=tok.pad_token_id,
+            max_position_embeddings=max_positions,
+        )
+    )
     rm.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)

@@ -1,6 +1,7 @@
 """Launched by tests/test_torchrun.py under `torchrun --nproc_per_node N`: a RAFT run through raft.run, then each
 rank saves the weights it holds in memory (rank<R>.pt in --out_dir) so the test can compare the ranks, and which
 engine trained them (rank<R>.mode.pt: FSDP2-sharded or not, how many DistributedDataParallel wrappers were made)."""
+
 import os
 import sys
 
@@ -23,7 +24,11 @@ torch.distributed.init_process_group("gloo")
 cfg = raft.parse(sys.argv[1:])
 rows, model = raft.run(cfg)
 # full tensors on every rank: DDP's replicas as they are, FSDP2's shards gathered (a collective)
-full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in model.state_dict().items()}
+full = {
+    k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone() for k, v in model.state_dict().items()
+}
 torch.save(full, os.path.join(cfg.out_dir, f"rank{raft.RANK}.pt"))
-torch.save({"fsdp": bool(raft.fsdp_modules(model)), "ddp": len(made)}, os.path.join(cfg.out_dir, f"rank{raft.RANK}.mode.pt"))
+torch.save(
+    {"fsdp": bool(raft.fsdp_modules(model)), "ddp": len(made)}, os.path.join(cfg.out_dir, f"rank{raft.RANK}.mode.pt")
+)
 torch.distributed.destroy_process_group()

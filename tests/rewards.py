@@ -22,6 +22,7 @@ def letters_logged(prompts, responses):
     """`letters`, and a record of which prompts this rank scored (RAFT_TEST_LOG/rank<RANK>.jsonl)."""
     import json
     import os
+
     with open(os.path.join(os.environ["RAFT_TEST_LOG"], f"rank{os.environ.get('RANK', '0')}.jsonl"), "a") as f:
         f.write(json.dumps(prompts) + "\n")
     return letters(prompts, responses)

@@ -1,5 +1,6 @@
 """bench.py --shape tiny runs on the CPU in seconds (as a user runs it, a subprocess) and reports every phase: the
 kit's generation does the same work as the baselines, its greedy tokens equal model.generate's, a stage runs."""
+
 import json
 import os
 import subprocess
@@ -10,8 +11,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_bench(tmp_path, *args, launcher=()):
     out = tmp_path / "rows.jsonl"
-    p = subprocess.run([sys.executable, *launcher, "bench.py", "--shape", "tiny", "--json", str(out), *args], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run(
+        [sys.executable, *launcher, "bench.py", "--shape", "tiny", "--json", str(out), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout, [json.loads(line) for line in open(out)]
 
@@ -39,9 +46,18 @@ def test_bench_tiny_stage(tmp_path):
 def test_bench_tiny_stage_with_a_reward_model_and_raft_options_under_torchrun(tmp_path):
     """The commands BENCHMARKS.md lists for the memory modes (#4) and the world-size-1 engines (#5), tiny: a
     reward model of --reward_shape, --raft_args passed to raft.py, and a run under torchrun."""
-    _, rows = run_bench(tmp_path, "--phase", "stage", "--prompts", "8", "--reward_shape", "tiny", "--raft_args",
-                        "--lora_r 4 --gradient_checkpointing", launcher=["-m", "torch.distributed.run",
-                                                                        "--standalone", "--nproc_per_node", "1"])
+    _, rows = run_bench(
+        tmp_path,
+        "--phase",
+        "stage",
+        "--prompts",
+        "8",
+        "--reward_shape",
+        "tiny",
+        "--raft_args",
+        "--lora_r 4 --gradient_checkpointing",
+        launcher=["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"],
+    )
     (row,) = rows
     assert row["variant"] == "b=8 K=8 reward tiny --lora_r 4 --gradient_checkpointing (torchrun)"
     assert row["time_sample"] > 0 and row["time_train"] > 0
@@ -60,17 +76,26 @@ def test_memory_counts_are_those_of_the_real_models(tmp_path):
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
     import bench
+
     counts = bench.param_counts("tiny")
     LlamaForCausalLM(LlamaConfig(**bench.SHAPES["tiny"], pad_token_id=0)).save_pretrained(tmp_path / "m")
-    q = LlamaForCausalLM.from_pretrained(tmp_path / "m", quantization_config=BitsAndBytesConfig(load_in_8bit=True),
-                                         device_map={"": "cpu"}, dtype=torch.float32)
+    q = LlamaForCausalLM.from_pretrained(
+        tmp_path / "m",
+        quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+        device_map={"": "cpu"},
+        dtype=torch.float32,
+    )
     q = prepare_model_for_kbit_training(q, use_gradient_checkpointing=False)
     assert counts["total"] == sum(p.numel() for p in q.parameters())
-    scales = sum(m.weight.SCB.numel() * 4 for m in q.modules() if getattr(getattr(m, "weight", None), "SCB", None)
-                 is not None)
-    assert counts["linear"] + 4 * counts["int8_scales"] + 4 * counts["rest"] == \
-        sum(p.numel() * p.element_size() for p in q.parameters()) + scales
+    scales = sum(
+        m.weight.SCB.numel() * 4 for m in q.modules() if getattr(getattr(m, "weight", None), "SCB", None) is not None
+    )
+    assert (
+        counts["linear"] + 4 * counts["int8_scales"] + 4 * counts["rest"]
+        == sum(p.numel() * p.element_size() for p in q.parameters()) + scales
+    )
     lora = get_peft_model(q, LoraConfig(r=16, target_modules="all-linear"))
     assert counts["lora"] == sum(p.numel() for p in lora.parameters() if p.requires_grad)
     stdout, rows = run_bench(tmp_path, "--phase", "memory", "--gen_batch_size", "8")

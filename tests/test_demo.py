@@ -1,5 +1,6 @@
 """The offline demo, run as a user runs it (`python raft.py`, a subprocess), meets the issue's bar: held-out VADER
 reward up by ≥ 0.3, distinct-2 ≥ 70% of its stage-0 value, samples and outputs printed, the curve written."""
+
 import json
 import os
 import subprocess
@@ -10,8 +11,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_demo_learns_offline(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    out = subprocess.run([sys.executable, "raft.py", "--demo_dir", str(tmp_path / "demo_model"), "--out_dir",
-                          str(tmp_path / "demo")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "raft.py", "--demo_dir", str(tmp_path / "demo_model"), "--out_dir", str(tmp_path / "demo")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / "demo" / "metrics.jsonl")]
     first, last = rows[0], rows[-1]
@@ -22,18 +29,35 @@ def test_demo_learns_offline(tmp_path):
     assert f"outputs: {tmp_path / 'demo'}" in out.stdout
     assert (tmp_path / "demo" / "reward_curve.png").stat().st_size > 1000
     # a second run reuses the prepared model instead of pretraining again
-    again = subprocess.run([sys.executable, "raft.py", "--demo_dir", str(tmp_path / "demo_model"), "--out_dir",
-                            str(tmp_path / "demo2"), "--iterations", "1"], cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=600)
+    again = subprocess.run(
+        [
+            sys.executable,
+            "raft.py",
+            "--demo_dir",
+            str(tmp_path / "demo_model"),
+            "--out_dir",
+            str(tmp_path / "demo2"),
+            "--iterations",
+            "1",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert again.returncode == 0 and "building the starting model" not in again.stdout
-    assert json.loads(open(tmp_path / "demo2" / "metrics.jsonl").readline()) == {**first, "time_eval": json.loads(
-        open(tmp_path / "demo2" / "metrics.jsonl").readline())["time_eval"]}
+    assert json.loads(open(tmp_path / "demo2" / "metrics.jsonl").readline()) == {
+        **first,
+        "time_eval": json.loads(open(tmp_path / "demo2" / "metrics.jsonl").readline())["time_eval"],
+    }
 
 
 def test_eval_cli_text_metrics(tmp_path):
     f = tmp_path / "r.jsonl"
     f.write_text("\n".join(json.dumps({"response": r}) for r in ["a b c", "a b d"]) + "\n")
-    out = subprocess.run([sys.executable, "eval.py", "--responses", str(f)], cwd=ROOT, capture_output=True,
-                         text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "eval.py", "--responses", str(f)], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     m = json.loads(out.stdout)
     assert m["distinct_2"] == 0.75 and m["unique_1"] == 2 and m["mean_length"] == 3

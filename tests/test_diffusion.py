@@ -3,6 +3,7 @@ encoder and ByT5 tokenizer built from configs, pretrained a few seconds on synth
 two stages raise the brightness reward, train only the LoRA adapters and write every image and grid; the saved
 adapters load with diffusers' own loader and give the same images; ranking keeps the right images; the offline, CLIP
 and callable rewards score what they should; bad input stops with a one-line error before any model is built."""
+
 import json
 import os
 from types import SimpleNamespace
@@ -20,8 +21,10 @@ HERE = os.path.abspath(__file__)
 
 def redness(prompts, images):
     """A callable image reward in the f(prompts, images) convention: mean red minus mean blue, in [-1, 1]."""
-    return [float((np.asarray(im, dtype=np.float32)[..., 0] - np.asarray(im, dtype=np.float32)[..., 2]).mean() / 255)
-            for im in images]
+    return [
+        float((np.asarray(im, dtype=np.float32)[..., 0] - np.asarray(im, dtype=np.float32)[..., 2]).mean() / 255)
+        for im in images
+    ]
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +53,7 @@ def test_two_stages_raise_the_reward_and_write_images(two_stages):
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     ev = [r["eval_reward_mean"] for r in rows]
     assert ev[2] >= ev[0] + 0.03 and ev[1] > ev[0], ev  # measured +0.07, +0.05 (brightness in [0, 1])
-    assert rows[2]["reward_mean"] > rows[1]["reward_mean"] + 0.03       # the stage's own samples got brighter too
+    assert rows[2]["reward_mean"] > rows[1]["reward_mean"] + 0.03  # the stage's own samples got brighter too
     assert all(r["selected_reward_mean"] > r["reward_mean"] + 0.1 for r in rows[1:])  # the best of K=8 is kept
     assert {"config.json", "metrics.jsonl", "reward_curve.png"} <= set(os.listdir(out))
     assert json.loads((out / "config.json").read_text())["K"] == 8
@@ -67,9 +70,11 @@ def test_two_stages_raise_the_reward_and_write_images(two_stages):
 
 def test_only_the_lora_weights_change(two_stages, demo_model):
     _, _, sd, init, out = two_stages
-    for part, model, file in [("unet", sd.unet, "diffusion_pytorch_model.safetensors"),
-                              ("vae", sd.vae, "diffusion_pytorch_model.safetensors"),
-                              ("text_encoder", sd.text, "model.safetensors")]:
+    for part, model, file in [
+        ("unet", sd.unet, "diffusion_pytorch_model.safetensors"),
+        ("vae", sd.vae, "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", sd.text, "model.safetensors"),
+    ]:
         saved = load_file(os.path.join(demo_model, part, file))
         now = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora" not in k}
         assert set(now) == set(saved) and all(torch.equal(now[k], saved[k]) for k in saved), part
@@ -83,6 +88,7 @@ def test_only_the_lora_weights_change(two_stages, demo_model):
 def test_saved_adapters_load_in_diffusers_and_give_the_same_images(two_stages, demo_model):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
+
     cfg, _, sd, _, out = two_stages
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_pretrained(demo_model, subfolder="vae"),
@@ -90,16 +96,29 @@ def test_saved_adapters_load_in_diffusers_and_give_the_same_images(two_stages, d
         tokenizer=AutoTokenizer.from_pretrained(demo_model, subfolder="tokenizer"),
         unet=UNet2DConditionModel.from_pretrained(demo_model, subfolder="unet"),
         scheduler=DDIMScheduler.from_pretrained(demo_model, subfolder="scheduler"),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.load_lora_weights(str(out / "iter_0002"))
     assert pipe.unet.peft_config["default_0"].lora_alpha == cfg.lora_alpha
-    other = SimpleNamespace(tok=pipe.tokenizer, text=pipe.text_encoder, vae=pipe.vae, unet=pipe.unet.eval(),
-                              sched=pipe.scheduler, factor=sd.factor, device=sd.device, amp=sd.amp)
+    other = SimpleNamespace(
+        tok=pipe.tokenizer,
+        text=pipe.text_encoder,
+        vae=pipe.vae,
+        unet=pipe.unet.eval(),
+        sched=pipe.scheduler,
+        factor=sd.factor,
+        device=sd.device,
+        amp=sd.amp,
+    )
     prompts, seeds = ["cat", "ship", "frog"], [1, 2, 3]
     mine, theirs = D.sample(sd, prompts, seeds, cfg), D.sample(other, prompts, seeds, cfg)
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(mine, theirs))
     pipe.unet.disable_adapters()  # and the adapters matter: without them the images differ
-    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(mine, D.sample(other, prompts, seeds, cfg)))
+    assert any(
+        not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(mine, D.sample(other, prompts, seeds, cfg))
+    )
 
 
 def test_sampling_repeats_from_the_seed_in_any_batch(two_stages):
@@ -114,16 +133,18 @@ def test_ranking_keeps_the_right_images():
     nan = float("nan")
     r = torch.tensor([[0.1, 0.9, 0.2], [0.3, nan, 0.35], [0.95, 0.92, 0.0], [nan, nan, nan]])
     gen = torch.Generator().manual_seed(0)
-    assert D.rank(r, "local", gen) == [1, 5, 6]           # the best of each prompt; the all-NaN prompt keeps none
-    assert D.rank(r, "global", gen) == [1, 5, 6, 7]       # the top b = 4 of all 12: prompt 2 gives two
-    for _ in range(20):                                   # random: one valid image per prompt that has one
+    assert D.rank(r, "local", gen) == [1, 5, 6]  # the best of each prompt; the all-NaN prompt keeps none
+    assert D.rank(r, "global", gen) == [1, 5, 6, 7]  # the top b = 4 of all 12: prompt 2 gives two
+    for _ in range(20):  # random: one valid image per prompt that has one
         picks = D.rank(r, "random", gen)
         assert [i // 3 for i in picks] == [0, 1, 2] and 4 not in picks
 
 
 def test_offline_and_callable_rewards(tmp_path):
-    flat, noisy = Image.new("RGB", (64, 64), (200, 40, 40)), Image.fromarray(
-        np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    flat, noisy = (
+        Image.new("RGB", (64, 64), (200, 40, 40)),
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)),
+    )
     assert D.brightness(None, [Image.new("RGB", (8, 8), "white"), Image.new("RGB", (8, 8), "black")]) == [1.0, 0.0]
     small, big = D.jpeg_incompressibility(None, [flat, noisy])
     assert 0 < small < big and D.jpeg_compressibility(None, [flat, noisy]) == [-small, -big]
@@ -136,13 +157,31 @@ def test_offline_and_callable_rewards(tmp_path):
 
 def tiny_clip(path):
     from transformers import ByT5Tokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+
     torch.manual_seed(0)
     tok = ByT5Tokenizer()
-    CLIPModel(CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=32, eos_token_id=tok.eos_token_id),
-        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8), projection_dim=8)).save_pretrained(path)
+    CLIPModel(
+        CLIPConfig(
+            text_config=dict(
+                vocab_size=len(tok),
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                max_position_embeddings=32,
+                eos_token_id=tok.eos_token_id,
+            ),
+            vision_config=dict(
+                hidden_size=16,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=32,
+                patch_size=8,
+            ),
+            projection_dim=8,
+        )
+    ).save_pretrained(path)
     tok.save_pretrained(path)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
     return str(path)
@@ -150,23 +189,33 @@ def tiny_clip(path):
 
 def test_aesthetic_head_linear_and_mlp_and_clip_score(tmp_path):
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
+
     clip = tiny_clip(tmp_path / "clip")
-    images = [Image.new("RGB", (40, 48), c) for c in ["red", "navy", "white"]] + [Image.fromarray(
-        np.random.default_rng(1).integers(0, 256, (48, 40, 3), dtype=np.uint8))]
+    images = [Image.new("RGB", (40, 48), c) for c in ["red", "navy", "white"]] + [
+        Image.fromarray(np.random.default_rng(1).integers(0, 256, (48, 40, 3), dtype=np.uint8))
+    ]
     model = CLIPModel.from_pretrained(clip).eval()
     px = AutoImageProcessor.from_pretrained(clip)(images=images, return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        emb = torch.nn.functional.normalize(model.visual_projection(model.vision_model(pixel_values=px).pooler_output), dim=-1)
+        emb = torch.nn.functional.normalize(
+            model.visual_projection(model.vision_model(pixel_values=px).pooler_output), dim=-1
+        )
     torch.manual_seed(1)
     linear = torch.nn.Linear(8, 1)  # sa_0_4_vit_l_14_linear.pth's format (768 inputs there)
     torch.save(linear.state_dict(), tmp_path / "linear.pth")
-    mlp = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Dropout(0.2), torch.nn.Linear(6, 4), torch.nn.Dropout(0.1),
-                              torch.nn.Linear(4, 1)).eval()  # the improved predictor's shape, smaller
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(8, 6),
+        torch.nn.Dropout(0.2),
+        torch.nn.Linear(6, 4),
+        torch.nn.Dropout(0.1),
+        torch.nn.Linear(4, 1),
+    ).eval()  # the improved predictor's shape, smaller
     torch.save({f"layers.{k}": v for k, v in mlp.state_dict().items()}, tmp_path / "mlp.pth")
     with torch.no_grad():
         for head, net in [("linear.pth", linear), ("mlp.pth", mlp)]:
-            cfg = D.DiffusionConfig(reward=["aesthetic"], clip_model=clip, aesthetic_head=str(tmp_path / head),
-                                    reward_batch_size=3)
+            cfg = D.DiffusionConfig(
+                reward=["aesthetic"], clip_model=clip, aesthetic_head=str(tmp_path / head), reward_batch_size=3
+            )
             got = D.load_image_rewards(cfg, "cpu")(["x"] * 4, images)
             assert got == pytest.approx(net(emb).flatten().tolist(), abs=1e-5), head
         cfg = D.DiffusionConfig(reward=["clip_score"], clip_model=clip, reward_batch_size=3)
@@ -182,8 +231,22 @@ def test_aesthetic_head_linear_and_mlp_and_clip_score(tmp_path):
 
 def test_bf16_stores_the_frozen_weights_in_bf16_and_trains_fp32_adapters(demo_model, tmp_path):
     from safetensors import safe_open
-    cfg = demo_cfg(demo_model, tmp_path / "b", "--iterations", "1", "--bf16", "--prompts_per_iter", "4", "--K", "2",
-                   "--eval_images", "1", "--lora_alpha", "16")
+
+    cfg = demo_cfg(
+        demo_model,
+        tmp_path / "b",
+        "--iterations",
+        "1",
+        "--bf16",
+        "--prompts_per_iter",
+        "4",
+        "--K",
+        "2",
+        "--eval_images",
+        "1",
+        "--lora_alpha",
+        "16",
+    )
     rows, sd = D.run(cfg)
     with safe_open(str(tmp_path / "b" / "iter_0001" / "pytorch_lora_weights.safetensors"), "pt") as f:
         meta = json.loads(f.metadata()["lora_adapter_metadata"])  # alpha ≠ rank survives into the LoRA file
@@ -210,18 +273,35 @@ def test_bad_input_stops_before_any_model_is_built(tmp_path):
     fails(base + ["--reward", "aesthetic"], "--aesthetic_head")
     fails(base + ["--ranking", "best"], "--ranking")
     fails(base + ["--resolution", "30"], "--resolution", "multiple of 8")
-    fails(base + ["--reward", "brightness", "--reward", "jpeg_compressibility", "--reward_weights", "1"],
-          "--reward_weights")
+    fails(
+        base + ["--reward", "brightness", "--reward", "jpeg_compressibility", "--reward_weights", "1"],
+        "--reward_weights",
+    )
     fails(base + ["--prompts", str(tmp_path / "missing.txt")], "--prompts", "no such file")
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
     fails(["--demo_dir", str(demo), "--out_dir", str(tmp_path / "full")], "not empty")
     assert not demo.exists()  # every check ran before the demo model was built
     (tmp_path / "empty.txt").write_text("\n  \n")
-    fails(["--model", str(tmp_path / "no_model"), "--prompts", str(tmp_path / "empty.txt"), "--reward", "brightness",
-           "--out_dir", str(tmp_path / "e")], "--prompts", "no prompts")
-    fails(["--model", str(tmp_path / "no_model"), "--reward", "brightness", "--out_dir", str(tmp_path / "m")],
-          "--model", "no_model")
+    fails(
+        [
+            "--model",
+            str(tmp_path / "no_model"),
+            "--prompts",
+            str(tmp_path / "empty.txt"),
+            "--reward",
+            "brightness",
+            "--out_dir",
+            str(tmp_path / "e"),
+        ],
+        "--prompts",
+        "no prompts",
+    )
+    fails(
+        ["--model", str(tmp_path / "no_model"), "--reward", "brightness", "--out_dir", str(tmp_path / "m")],
+        "--model",
+        "no_model",
+    )
     assert not (tmp_path / "e").exists() and not (tmp_path / "m").exists()  # no half-made run directory to clear
 
 

@@ -1,12 +1,19 @@
 """fastgen.py, the fast sampler of step 1: greedy tokens equal model.generate's (Llama with GQA, Qwen2 with biases,
 LoRA, and seven more families), sampling follows HF's warpers exactly in distribution, raft.generate gives the same responses with either
 backend, and a model the fast path cannot run falls back to model.generate."""
+
 import pytest
 import torch
-from transformers import (GenerationConfig, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM)
-from transformers.generation.logits_process import (TemperatureLogitsWarper, TopKLogitsWarper,
-                                                    TopPLogitsWarper)
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 import fastgen
 import raft
@@ -16,15 +23,27 @@ EOS, PAD = 3, 0
 
 def tiny(cls=LlamaForCausalLM, config=LlamaConfig, vocab=97, seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=1, **kw)
+    cfg = config(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        eos_token_id=EOS,
+        pad_token_id=PAD,
+        bos_token_id=1,
+        **kw,
+    )
     return cls(cfg).eval()
 
 
 def prompts(n=7, vocab=97, seed=1):
     g = torch.Generator().manual_seed(seed)
-    return [[1] + torch.randint(4, vocab, (int(torch.randint(0, 13, (1,), generator=g)),), generator=g).tolist()
-            for _ in range(n)]
+    return [
+        [1] + torch.randint(4, vocab, (int(torch.randint(0, 13, (1,), generator=g)),), generator=g).tolist()
+        for _ in range(n)
+    ]
 
 
 def hf_greedy(model, ps, new, eos):
@@ -34,9 +53,12 @@ def hf_greedy(model, ps, new, eos):
     mask = (ids != PAD).long()
     mask[:, -1] = 1
     for r, p in enumerate(ps):
-        mask[r, L - len(p):] = 1
-    out = model.generate(input_ids=ids, attention_mask=mask, generation_config=GenerationConfig(
-        do_sample=False, max_new_tokens=new, eos_token_id=eos, pad_token_id=PAD))
+        mask[r, L - len(p) :] = 1
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        generation_config=GenerationConfig(do_sample=False, max_new_tokens=new, eos_token_id=eos, pad_token_id=PAD),
+    )
     return [fastgen._until_eos(row, eos) for row in out[:, L:].tolist()]
 
 
@@ -55,6 +77,7 @@ def test_greedy_tokens_equal_model_generate(arch):
         model = tiny()
     if arch == "lora":
         from peft import LoraConfig, get_peft_model
+
         model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)).eval()
     ps = prompts()
     eos = a_frequent_token(model, ps)
@@ -63,17 +86,29 @@ def test_greedy_tokens_equal_model_generate(arch):
     # several batches (and a last short one), all in one, and the CUDA-graph layout (prompt lengths rounded up to
     # a bucket, the last batch padded with copies) run eagerly here
     for batch, static in ((3, False), (64, False), (3, True)):
-        out = fastgen.sample(model, ps, 2, max_new_tokens=16, eos_ids={eos}, pad_id=PAD, temperature=0,
-                             batch_prompts=batch, static_shapes=static, bucket=8)
+        out = fastgen.sample(
+            model,
+            ps,
+            2,
+            max_new_tokens=16,
+            eos_ids={eos},
+            pad_id=PAD,
+            temperature=0,
+            batch_prompts=batch,
+            static_shapes=static,
+            bucket=8,
+        )
         assert [o[0] for o in out] == ref and [o[1] for o in out] == ref
 
 
 FAMILIES = {  # what each adds: q/k norms, fused qkv, a head_dim and scaling of its own, interleaved sliding-window
     # layers (windows longer than the sequence), partial rotary, learned positions with Conv1D, learned offset positions
-    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", {}), "phi3": ("Phi3ForCausalLM", "Phi3Config", {}),
+    "qwen3": ("Qwen3ForCausalLM", "Qwen3Config", {}),
+    "phi3": ("Phi3ForCausalLM", "Phi3Config", {}),
     "gemma": ("GemmaForCausalLM", "GemmaConfig", {"head_dim": 16}),
     "gemma3": ("Gemma3ForCausalLM", "Gemma3TextConfig", {"head_dim": 16}),
-    "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", {}), "gpt2": ("GPT2LMHeadModel", "GPT2Config", {}),
+    "gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXConfig", {}),
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", {}),
     "opt": ("OPTForCausalLM", "OPTConfig", {}),
 }
 
@@ -81,6 +116,7 @@ FAMILIES = {  # what each adds: q/k norms, fused qkv, a head_dim and scaling of 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_greedy_tokens_equal_model_generate_across_model_families(family):
     import transformers
+
     cls, config, kw = FAMILIES[family]
     model = tiny(getattr(transformers, cls), getattr(transformers, config), **kw)
     ps = prompts()
@@ -112,8 +148,18 @@ def test_sampling_follows_hf_warpers(temperature, top_k, top_p):
     p = [1, 7, 9, 4]
     n = 20000
     torch.manual_seed(0)
-    out = fastgen.sample(model, [p], n, max_new_tokens=2, eos_ids=set(), pad_id=PAD, temperature=temperature,
-                         top_k=top_k, top_p=top_p, batch_prompts=1)[0]
+    out = fastgen.sample(
+        model,
+        [p],
+        n,
+        max_new_tokens=2,
+        eos_ids=set(),
+        pad_id=PAD,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        batch_prompts=1,
+    )[0]
     with torch.no_grad():
         first = _target(model(torch.tensor([p])).logits[0, -1], temperature, top_k, top_p)
         nxt = model(torch.tensor([p + [a] for a in range(V)])).logits[:, -1]
@@ -147,6 +193,7 @@ def test_unsupported_attention_raises_before_sampling():
 
 def test_raft_generate_same_responses_with_either_backend(tiny_lm):
     from transformers import AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(tiny_lm)
     model = LlamaForCausalLM.from_pretrained(tiny_lm).eval()
     ps = ["Q1: why is the sky", "Q2: tell me a story about a cat A:", "Q3:"]
@@ -160,6 +207,7 @@ def test_raft_generate_same_responses_with_either_backend(tiny_lm):
 
 def test_soft_capping_is_refused_before_any_sample():
     import transformers
+
     model = tiny(transformers.Gemma2ForCausalLM, transformers.Gemma2Config, head_dim=16)
     with pytest.raises(fastgen.Unsupported, match="soft-capping"):
         fastgen.sample(model, prompts(), 2, max_new_tokens=4, eos_ids=set(), pad_id=PAD)
@@ -167,6 +215,7 @@ def test_soft_capping_is_refused_before_any_sample():
 
 def test_raft_generate_falls_back_to_hf(capsys):
     from transformers import ByT5Tokenizer
+
     tok = ByT5Tokenizer()
     model = tiny(MistralForCausalLM, MistralConfig, vocab=len(tok), sliding_window=4)
     model.generation_config.eos_token_id = tok.eos_token_id

@@ -1,6 +1,7 @@
 """The paper's pipeline: HH-RLHF rows in the Dahoas schema (tests/fixtures/hh_rlhf.jsonl: multi-turn, too long, an
 empty conversation, odd spacing), prompt formats, stopping at the next human turn, the SFT starting point, reward
 models and weighted rewards, eval.py's metrics and table; and SFT -> RAFT -> eval end to end, offline."""
+
 import json
 import math
 import os
@@ -8,11 +9,11 @@ import re
 
 import pytest
 import torch
+from conftest import make_tiny_rm
 from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer
 
 import eval as ev
 import raft
-from conftest import make_tiny_rm
 from data import format_prompts, load_rows, stop_strings, train_demo_tokenizer
 from raft import cut_response, encode_pair, encode_prompt
 from reward import load_reward, load_rewards
@@ -20,8 +21,10 @@ from reward import load_reward, load_rewards
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "fixtures", "hh_rlhf.jsonl")
 LETTERS, LENGTH = f"{HERE}/rewards.py:letters", f"{HERE}/rewards.py:length"
-CHAT = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}" \
-       "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+CHAT = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 SMALL = ["--max_new_tokens", "16", "--train_batch_size", "4", "--micro_batch_size", "4", "--device", "cpu"]
 
 
@@ -33,9 +36,9 @@ def paper_text(prompt):
 def test_hh_rows_become_the_papers_text():
     rows = load_rows(FIXTURE)
     records, fmt = format_prompts(rows, responses=("chosen",))
-    assert fmt == "hh"                                    # auto: the rows carry chosen and rejected
+    assert fmt == "hh"  # auto: the rows carry chosen and rejected
     by_row = {r["row"]: r for r in records}
-    for i in (0, 1, 2, 8, 11):                            # ordinary rows, single- and multi-turn
+    for i in (0, 1, 2, 8, 11):  # ordinary rows, single- and multi-turn
         assert by_row[i]["prompt"] == by_row[i]["reward_prompt"] == paper_text(rows[i]["prompt"])
     assert by_row[2]["prompt"].count("###Human: ") == 3 and by_row[2]["prompt"].endswith("2?###Assistant:")
     assert by_row[3]["prompt"] == "###Human: What is   a good name for a cat?###Assistant:"  # spacing normalised
@@ -51,10 +54,13 @@ def test_chat_template_for_the_policy_paper_text_for_the_reward():
     tok.chat_template = CHAT
     records, _ = format_prompts(load_rows(FIXTURE), tok=tok, chat_template=True, responses=("chosen",))
     r = next(r for r in records if r["row"] == 1)
-    assert r["prompt"] == ("<|user|>How do I boil an egg?\n<|assistant|>Put it in boiling water.\n"
-                           "<|user|>For how long?\n<|assistant|>")
-    assert r["reward_prompt"] == "###Human: How do I boil an egg?###Assistant: Put it in boiling water." \
-                                 "###Human: For how long?###Assistant:"
+    assert r["prompt"] == (
+        "<|user|>How do I boil an egg?\n<|assistant|>Put it in boiling water.\n<|user|>For how long?\n<|assistant|>"
+    )
+    assert (
+        r["reward_prompt"] == "###Human: How do I boil an egg?###Assistant: Put it in boiling water."
+        "###Human: For how long?###Assistant:"
+    )
     assert r["chosen"] == "About nine minutes for a hard-boiled egg."
     with pytest.raises(SystemExit, match="--chat_template"):
         format_prompts(load_rows(FIXTURE), tok=ByT5Tokenizer(), chat_template=True)
@@ -74,7 +80,7 @@ def test_responses_stop_at_the_next_human_turn():
     enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
     stop = stop_strings("hh", [])
     r = cut_response(enc(" Nine minutes.###Human: thanks###Assistant: you"), tok, {1}, stop)
-    assert r["text"] == " Nine minutes." and r["end_id"] == 1   # ended by itself: EOS is trained
+    assert r["text"] == " Nine minutes." and r["end_id"] == 1  # ended by itself: EOS is trained
     r = cut_response(enc(" Sure.\n\nHuman: and more"), tok, {1}, stop)
     assert r["text"] == " Sure.\n\n"
     assert stop_strings("raw", []) == [] and stop_strings("hh", ["END"]) == ["END"]
@@ -84,7 +90,7 @@ def test_encode_pair_gives_the_tokens_a_model_generates_after_the_prompt():
     tok = train_demo_tokenizer(["i watched this movie and the acting was great"] * 50)
     p, r = encode_pair(tok, "i watched this", " movie and")
     assert p == encode_prompt(tok, "i watched this") and p + r == encode_prompt(tok, "i watched this movie and")
-    p, r = encode_pair(tok, "the act", "ing was great")    # "acting" is one token: the boundary falls inside it
+    p, r = encode_pair(tok, "the act", "ing was great")  # "acting" is one token: the boundary falls inside it
     assert p == encode_prompt(tok, "the act") and tok.decode(r) == "ing was great"
 
 
@@ -104,7 +110,7 @@ def test_text_metrics_by_hand():
 
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tiny_lm):
     model = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
-    torch.nn.init.zeros_(model.lm_head.weight)            # every next token has probability 1/V
+    torch.nn.init.zeros_(model.lm_head.weight)  # every next token has probability 1/V
     tok = AutoTokenizer.from_pretrained(tiny_lm)
     ppl = ev.perplexity(model, tok, ["###Human: hi###Assistant:", "x"], [" hello", " a longer one"])
     assert ppl == pytest.approx(model.config.vocab_size, rel=1e-4)
@@ -116,10 +122,10 @@ def test_reward_model_sorted_batches_truncation_and_offload(tmp_path):
     prompts = ["###Human: hi###Assistant:", "###Human: a much longer question here?###Assistant:", "q", "long " * 20]
     responses = [" hello", " short", " a response that is rather long", " x"]
     batched = fn(prompts, responses)
-    assert fn.truncated == 1                              # the 100+ byte text, cut to 64 tokens
+    assert fn.truncated == 1  # the 100+ byte text, cut to 64 tokens
     alone = [fn([p], [r])[0] for p, r in zip(prompts, responses)]
     assert batched == pytest.approx(alone, abs=1e-5) and len({round(v, 5) for v in batched}) == 4
-    assert fn(prompts[:1], ["  hello  "]) == pytest.approx(batched[:1])    # the template decides the spacing
+    assert fn(prompts[:1], ["  hello  "]) == pytest.approx(batched[:1])  # the template decides the spacing
     # cut from the left: texts that differ only far before their end score the same; the response counts
     head = [c * 40 + "-" * 60 + "###Human: q###Assistant:" for c in "ab"]  # the last 64 bytes are equal
     same = fn(head, [" yes", " yes"])
@@ -141,16 +147,32 @@ def test_several_rewards_are_weighted_and_each_logged():
 
 def test_sft_only_learns_the_chosen_responses(tiny_lm, tmp_path):
     out = tmp_path / "sft"
-    args = ["--sft_only", "--model", tiny_lm, "--dataset", FIXTURE, "--out_dir", str(out), "--epochs", "3", "--lr",
-            "3e-3", *SMALL]
+    args = [
+        "--sft_only",
+        "--model",
+        tiny_lm,
+        "--dataset",
+        FIXTURE,
+        "--out_dir",
+        str(out),
+        "--epochs",
+        "3",
+        "--lr",
+        "3e-3",
+        *SMALL,
+    ]
     loss = raft.main(args)
-    assert sorted(os.listdir(tmp_path)) == ["sft"]      # written aside and renamed: no .tmp left
+    assert sorted(os.listdir(tmp_path)) == ["sft"]  # written aside and renamed: no .tmp left
     info = json.loads((out / "sft.json").read_text())
     assert info["n_examples"] == 10 and info["sft_loss"] == pytest.approx(loss)  # 12 rows - empty - too long
     records = [r for r in format_prompts(load_rows(FIXTURE), responses=("chosen",))[0] if r["row"] != 4]
     tok = AutoTokenizer.from_pretrained(out)
-    ppl = [ev.perplexity(AutoModelForCausalLM.from_pretrained(m), tok, [r["prompt"] for r in records],
-                         [r["chosen"] for r in records]) for m in (tiny_lm, out)]
+    ppl = [
+        ev.perplexity(
+            AutoModelForCausalLM.from_pretrained(m), tok, [r["prompt"] for r in records], [r["chosen"] for r in records]
+        )
+        for m in (tiny_lm, out)
+    ]
     assert ppl[1] < 0.7 * ppl[0], ppl
     with pytest.raises(SystemExit, match="not empty"):
         raft.main(args)
@@ -161,9 +183,29 @@ def test_eval_split_from_a_directory_of_splits(tiny_lm, tmp_path):
     (tmp_path / "hh").mkdir()
     for name, part in [("train", rows[:9]), ("test", rows[9:])]:
         (tmp_path / "hh" / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    raft.main(["--model", tiny_lm, "--dataset", str(tmp_path / "hh"), "--eval_split", "test", "--eval_prompts", "3",
-               "--reward", LETTERS, "--prompts_per_iter", "4", "--K", "2", "--iterations", "1", "--out_dir",
-               str(tmp_path / "run"), *SMALL])
+    raft.main(
+        [
+            "--model",
+            tiny_lm,
+            "--dataset",
+            str(tmp_path / "hh"),
+            "--eval_split",
+            "test",
+            "--eval_prompts",
+            "3",
+            "--reward",
+            LETTERS,
+            "--prompts_per_iter",
+            "4",
+            "--K",
+            "2",
+            "--iterations",
+            "1",
+            "--out_dir",
+            str(tmp_path / "run"),
+            *SMALL,
+        ]
+    )
     ev_prompts = {json.loads(line)["prompt"] for line in open(tmp_path / "run" / "iter_0001" / "eval_samples.jsonl")}
     kept = {json.loads(line)["prompt"] for line in open(tmp_path / "run" / "iter_0001" / "selected.jsonl")}
     assert ev_prompts == {r["prompt"] for r in format_prompts(rows[9:])[0]}
@@ -176,37 +218,94 @@ def test_pipeline_sft_raft_eval_table(tiny_lm, tmp_path, monkeypatch):
     """SFT from chosen -> RAFT 2 stages (a reward model + a callable, weighted) -> eval.py of base, SFT, RAFT."""
     rm = make_tiny_rm(tmp_path / "rm", max_positions=100)
     sft, run, out = tmp_path / "sft", tmp_path / "raft", tmp_path / "eval"
-    raft.main(["--sft_only", "--model", tiny_lm, "--dataset", FIXTURE, "--out_dir", str(sft), "--epochs", "3",
-               "--lr", "3e-3", *SMALL])
+    raft.main(
+        [
+            "--sft_only",
+            "--model",
+            tiny_lm,
+            "--dataset",
+            FIXTURE,
+            "--out_dir",
+            str(sft),
+            "--epochs",
+            "3",
+            "--lr",
+            "3e-3",
+            *SMALL,
+        ]
+    )
     stops, generate = [], raft.generate
     monkeypatch.setattr(raft, "generate", lambda *a, **k: stops.append(a[4].stop) or generate(*a, **k))
     rewards = ["--reward", rm, "--reward", LETTERS, "--reward_weights", "1,0.5"]
-    rows = raft.main(["--model", str(sft), "--dataset", FIXTURE, *rewards, "--prompts_per_iter", "4", "--K", "4",
-                      "--eval_prompts", "4", "--iterations", "2", "--lr", "1e-3", "--out_dir", str(run), *SMALL])
-    assert stops and all(s == ["###Human", "Human:"] for s in stops)     # the next human turn ends a response
+    rows = raft.main(
+        [
+            "--model",
+            str(sft),
+            "--dataset",
+            FIXTURE,
+            *rewards,
+            "--prompts_per_iter",
+            "4",
+            "--K",
+            "4",
+            "--eval_prompts",
+            "4",
+            "--iterations",
+            "2",
+            "--lr",
+            "1e-3",
+            "--out_dir",
+            str(run),
+            *SMALL,
+        ]
+    )
+    assert stops and all(s == ["###Human", "Human:"] for s in stops)  # the next human turn ends a response
     assert [r["iteration"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:
         assert r["reward_mean"] == pytest.approx(r["reward_0_mean"] + 0.5 * r["reward_1_mean"], abs=1e-5)
         assert "eval_reward_1_mean" in r and "reward_truncated" in r
-    assert sum(r["eval_reward_truncated"] for r in rows) > 0            # texts over 100 bytes are cut and counted
+    assert sum(r["eval_reward_truncated"] for r in rows) > 0  # texts over 100 bytes are cut and counted
     readme = open(os.path.join(os.path.dirname(HERE), "README.md")).read()
     keys = {re.sub(r"_\d+_", "_<i>_", k) for r in rows for k in r}
     assert not [k for k in keys if f"`{k}`" not in readme], "metrics not in the README"
 
-    table = ev.main(["--model", tiny_lm, "--model", str(sft), "--model", str(run / "iter_0002"), "--dataset",
-                     FIXTURE, "--dataset_split", "train", *rewards, "--eval_prompts", "4", "--out_dir", str(out),
-                     "--max_new_tokens", "16", "--micro_batch_size", "4", "--device", "cpu"])
+    table = ev.main(
+        [
+            "--model",
+            tiny_lm,
+            "--model",
+            str(sft),
+            "--model",
+            str(run / "iter_0002"),
+            "--dataset",
+            FIXTURE,
+            "--dataset_split",
+            "train",
+            *rewards,
+            "--eval_prompts",
+            "4",
+            "--out_dir",
+            str(out),
+            "--max_new_tokens",
+            "16",
+            "--micro_batch_size",
+            "4",
+            "--device",
+            "cpu",
+        ]
+    )
     saved = json.loads((out / "table.json").read_text())["rows"]
     names = [tiny_lm, str(sft), str(run / "iter_0002"), "dataset chosen", "dataset rejected"]
     assert [r["model"] for r in saved] == [r["model"] for r in table] == names
     assert (out / "table.md").read_text().count("\n") == 2 + len(names)
     base, tuned = saved[0]["perplexity"], saved[1]["perplexity"]
     assert all(math.isfinite(r["perplexity"]) for r in saved[:3]) and saved[3]["perplexity"] is None
-    assert tuned < base                                                  # SFT on chosen lowers their perplexity
+    assert tuned < base  # SFT on chosen lowers their perplexity
     assert all(r["n"] == 4 and 0 < r["distinct_1"] <= 1 and r["mean_length"] > 0 for r in saved)
     samples = [json.loads(line) for line in open(out / "samples.jsonl")]
     assert len(samples) == 20 and saved[2]["reward_mean"] == pytest.approx(
-        sum(s["reward"] for s in samples if s["model"] == names[2]) / 4)
+        sum(s["reward"] for s in samples if s["model"] == names[2]) / 4
+    )
     # same held-out prompts and random numbers as raft.py's per-stage eval: the stage-2 model scores the same
     assert saved[2]["reward_mean"] == pytest.approx(rows[2]["eval_reward_mean"], abs=1e-5)
     assert saved[2]["distinct_2"] == pytest.approx(rows[2]["eval_distinct_2"])

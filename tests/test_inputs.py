@@ -1,14 +1,15 @@
 """Bad input gets a one-line error that names the input and the fix (SystemExit, before models load where possible),
 or a counted skip; and the reward loaders (callables, a sequence-classification model)."""
+
 import json
 import os
 
 import pytest
 import torch
+from conftest import tiny_args
 from safetensors.torch import load_file
 
 import raft
-from conftest import tiny_args
 from reward import load_reward, score
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -48,8 +49,10 @@ def test_out_dir_is_never_overwritten_and_resume_checks_config(tiny_lm, prompts_
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
 
 
-@pytest.mark.parametrize("fn,needle", [("wrong_length", "returned 9 values for 8"), ("raises", "reward server down"),
-                                       ("not_numbers", "not a number")])
+@pytest.mark.parametrize(
+    "fn,needle",
+    [("wrong_length", "returned 9 values for 8"), ("raises", "reward server down"), ("not_numbers", "not a number")],
+)
 def test_bad_reward_callables(tiny_lm, prompts_file, tmp_path, fn, needle):
     fails(tiny_args(tiny_lm, prompts_file, tmp_path / "a", "--reward", f"{HERE}/rewards.py:{fn}"), needle)
 
@@ -64,20 +67,34 @@ def test_reward_spec_errors():
 
 
 def test_nan_rewards_are_skipped_and_counted(tiny_lm, prompts_file, tmp_path):
-    rows = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "a", "--iterations", "1", "--reward",
-                               f"{HERE}/rewards.py:nan_for_odd"))
+    rows = raft.main(
+        tiny_args(
+            tiny_lm, prompts_file, tmp_path / "a", "--iterations", "1", "--reward", f"{HERE}/rewards.py:nan_for_odd"
+        )
+    )
     assert rows[1]["samples_nan_reward"] == 16 and rows[1]["n_selected"] == 8
     v = score(lambda p, r: [1, float("inf"), "2"], ["a"] * 3, ["b"] * 3)
-    assert v[0] == 1.0 and v[1] != v[1] and v[2] == 2.0    # inf comes back as NaN
+    assert v[0] == 1.0 and v[1] != v[1] and v[2] == 2.0  # inf comes back as NaN
 
 
 def test_reward_model_batched_equals_one_at_a_time(tmp_path):
     from transformers import ByT5Tokenizer, LlamaConfig, LlamaForSequenceClassification
+
     tok = ByT5Tokenizer()
     torch.manual_seed(0)
-    rm = LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id, max_position_embeddings=64))
+    rm = LlamaForSequenceClassification(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            num_labels=1,
+            pad_token_id=tok.pad_token_id,
+            max_position_embeddings=64,
+        )
+    )
     rm.save_pretrained(tmp_path / "rm")
     tok.save_pretrained(tmp_path / "rm")
     prompts = ["###Human: hi ###Assistant:", "###Human: a much longer question here ###Assistant:", "x"]
@@ -86,11 +103,12 @@ def test_reward_model_batched_equals_one_at_a_time(tmp_path):
     batched = fn(prompts, responses)
     alone = [fn([p], [r])[0] for p, r in zip(prompts, responses)]
     assert batched == pytest.approx(alone, abs=1e-5)
-    assert len(set(round(v, 6) for v in batched)) == 3    # real, distinct scores in the input order
+    assert len(set(round(v, 6) for v in batched)) == 3  # real, distinct scores in the input order
 
 
 def test_readme_documents_every_option_and_metric(tiny_lm, prompts_file, tmp_path):
     import dataclasses
+
     readme = open(os.path.join(os.path.dirname(HERE), "README.md")).read()
     missing = [f.name for f in dataclasses.fields(raft.Config) if f"`--{f.name}`" not in readme]
     assert not missing, f"options not in the README: {missing}"
@@ -108,15 +126,28 @@ def write_jsonl(path, prompts):
 
 def test_duplicates_and_too_long_prompts_are_dropped_and_counted(tiny_lm, tmp_path, capsys):
     prompts = [f"prompt number {i}" for i in range(40)] + ["prompt number 1"] * 5 + ["x" * 300] * 2
-    raft.main(tiny_args(tiny_lm, write_jsonl(tmp_path / "d.jsonl", prompts), tmp_path / "r", "--iterations", "1",
-                        "--max_prompt_tokens", "100"))
+    raft.main(
+        tiny_args(
+            tiny_lm,
+            write_jsonl(tmp_path / "d.jsonl", prompts),
+            tmp_path / "r",
+            "--iterations",
+            "1",
+            "--max_prompt_tokens",
+            "100",
+        )
+    )
     out = capsys.readouterr().out
     assert "dropped 6 duplicate prompts" in out and "dropped 1 of 41 prompts longer than 100 tokens" in out
 
 
 def test_dataset_empty_after_filtering(tiny_lm, prompts_file, tmp_path):
-    fails(tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--max_prompt_tokens", "2"), "usable prompts",
-          "after dropping", "--eval_prompts")
+    fails(
+        tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--max_prompt_tokens", "2"),
+        "usable prompts",
+        "after dropping",
+        "--eval_prompts",
+    )
 
 
 def test_every_sample_discarded_is_a_logged_skip(tiny_lm, prompts_file, tmp_path, capsys):
@@ -125,17 +156,27 @@ def test_every_sample_discarded_is_a_logged_skip(tiny_lm, prompts_file, tmp_path
     assert "every sample was discarded" in capsys.readouterr().out
     w0 = load_file(os.path.join(tiny_lm, "model.safetensors"))
     w1 = load_file(tmp_path / "r" / "iter_0001" / "model.safetensors")
-    assert all(torch.equal(w0[k], w1[k]) for k in w0)   # nothing trained, nothing changed
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)  # nothing trained, nothing changed
 
 
 def test_tokenizer_without_pad_token(tmp_path, prompts_file):
     from transformers import LlamaConfig, LlamaForCausalLM
+
     from data import train_demo_tokenizer
+
     tok = train_demo_tokenizer(["some text to learn a few merges from"] * 4, vocab_size=300)
     tok.pad_token = None
     assert tok.pad_token_id is None
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "m")
+    LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    ).save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     rows = raft.main(tiny_args(str(tmp_path / "m"), prompts_file, tmp_path / "r", "--iterations", "1"))
     assert rows[1]["n_selected"] == 8
@@ -143,8 +184,10 @@ def test_tokenizer_without_pad_token(tmp_path, prompts_file):
 
 def test_non_causal_model_is_refused(tmp_path, prompts_file):
     from transformers import ByT5Tokenizer, T5Config, T5ForConditionalGeneration
-    T5ForConditionalGeneration(T5Config(vocab_size=384, d_model=16, d_ff=32, num_layers=1, num_heads=2,
-                                        d_kv=8)).save_pretrained(tmp_path / "t5")
+
+    T5ForConditionalGeneration(
+        T5Config(vocab_size=384, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)
+    ).save_pretrained(tmp_path / "t5")
     ByT5Tokenizer().save_pretrained(tmp_path / "t5")
     fails(tiny_args(str(tmp_path / "t5"), prompts_file, tmp_path / "r"), "--model", "causal LM")
 

@@ -1,15 +1,16 @@
 """Memory modes on CPU with tiny models: LoRA, 8-bit base + LoRA (bitsandbytes runs on CPU here), bf16, gradient
 checkpointing. Each finishes a stage and changes exactly what it should."""
+
 import dataclasses
 import os
 
 import pytest
 import torch
+from conftest import tiny_args
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import raft
-from conftest import tiny_args
 
 GREEDY = raft.Config(temperature=0, max_new_tokens=10)
 PROMPTS = ["Q1: why is the sky blue A:", "Q2: tell me a story A:"]
@@ -25,22 +26,27 @@ def state(model):
 
 def test_lora_trains_only_adapters_the_policy_samples_with_them_and_merge_matches(tiny_lm, prompts_file, tmp_path):
     out = tmp_path / "lora"
-    cfg = raft.parse(tiny_args(tiny_lm, prompts_file, out, "--iterations", "2", "--lora_r", "8", "--lr", "1e-2",
-                               "--merge_lora"))
+    cfg = raft.parse(
+        tiny_args(tiny_lm, prompts_file, out, "--iterations", "2", "--lora_r", "8", "--lr", "1e-2", "--merge_lora")
+    )
     rows, model = raft.run(cfg)
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out / "iter_0001"))
-    assert not (out / "iter_0001" / "model.safetensors").exists()       # only the adapters are saved per stage
+    assert not (out / "iter_0001" / "model.safetensors").exists()  # only the adapters are saved per stage
     base = load_file(os.path.join(tiny_lm, "model.safetensors"))
-    trained = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in state(model).items()
-               if "lora_" not in k}
+    trained = {
+        k.replace("base_model.model.", "").replace(".base_layer", ""): v
+        for k, v in state(model).items()
+        if "lora_" not in k
+    }
     assert all(torch.equal(base[k], trained[k]) for k in base if k in trained) and len(trained) >= len(base) - 1
     a1 = load_file(out / "iter_0001" / "adapter_model.safetensors")
     a2 = load_file(out / "iter_0002" / "adapter_model.safetensors")
-    assert any(not torch.equal(a1[k], a2[k]) for k in a1)                  # stage 2 trained the adapters further
+    assert any(not torch.equal(a1[k], a2[k]) for k in a1)  # stage 2 trained the adapters further
 
     # the policy that samples is the trained one: the in-memory model = base + the last saved adapters != base
     tok = AutoTokenizer.from_pretrained(tiny_lm)
     from peft import PeftModel
+
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), out / "iter_0002").eval()
     plain = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
     assert greedy(model, tok) == greedy(reloaded, tok) != greedy(plain, tok)
@@ -61,8 +67,21 @@ def test_lora_resume_continues_from_the_adapters(tiny_lm, prompts_file, tmp_path
 
 def test_8bit_base_loads_int8_layers_and_trains_adapters(tiny_lm, prompts_file, tmp_path):
     import bitsandbytes as bnb
-    cfg = raft.parse(tiny_args(tiny_lm, prompts_file, tmp_path / "q", "--iterations", "1", "--load_in_8bit",
-                               "--lora_r", "4", "--lr", "1e-2"))
+
+    cfg = raft.parse(
+        tiny_args(
+            tiny_lm,
+            prompts_file,
+            tmp_path / "q",
+            "--iterations",
+            "1",
+            "--load_in_8bit",
+            "--lora_r",
+            "4",
+            "--lr",
+            "1e-2",
+        )
+    )
     model, _ = raft.load_policy(cfg, torch.device("cpu"))
     assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())
     before = {k: v.clone() for k, v in state(model).items()}
@@ -76,8 +95,22 @@ def test_gen_dequantized_copy_matches_the_8bit_policy(tiny_lm, prompts_file, tmp
     """--gen_dequantized: the plain copy (int8 dequantized, adapters merged) computes what the 8-bit model with its
     adapters computes, its greedy samples match, and a stage samples from it and trains the adapters."""
     import bitsandbytes as bnb
-    cfg = raft.parse(tiny_args(tiny_lm, prompts_file, tmp_path / "q", "--iterations", "1", "--load_in_8bit",
-                               "--lora_r", "4", "--lr", "1e-2", "--gen_dequantized"))
+
+    cfg = raft.parse(
+        tiny_args(
+            tiny_lm,
+            prompts_file,
+            tmp_path / "q",
+            "--iterations",
+            "1",
+            "--load_in_8bit",
+            "--lora_r",
+            "4",
+            "--lr",
+            "1e-2",
+            "--gen_dequantized",
+        )
+    )
     model, tok = raft.load_policy(cfg, torch.device("cpu"))
     with torch.no_grad():  # non-zero adapters, so that the merge matters
         for n, p in model.named_parameters():
@@ -95,7 +128,8 @@ def test_gen_dequantized_copy_matches_the_8bit_policy(tiny_lm, prompts_file, tmp
     greedy = dataclasses.replace(cfg, temperature=0, max_new_tokens=8)
     ps = ["why is the sky", "tell me a story"]
     assert raft.generate(model, tok, ps, 1, greedy) == raft.generate(
-        model, tok, ps, 1, dataclasses.replace(greedy, gen_dequantized=False))
+        model, tok, ps, 1, dataclasses.replace(greedy, gen_dequantized=False)
+    )
     rows, _ = raft.run(cfg)
     assert rows[1]["sft_loss"] == rows[1]["sft_loss"]
 
@@ -108,7 +142,7 @@ def test_8bit_full_finetuning_is_refused(tiny_lm, prompts_file, tmp_path):
 @pytest.mark.parametrize("extra", [["--bf16"], ["--bf16", "--lora_r", "4"], ["--gradient_checkpointing"]])
 def test_bf16_and_checkpointing_stages_finish_and_learn(tiny_lm, prompts_file, tmp_path, extra):
     rows, model = raft.run(raft.parse(tiny_args(tiny_lm, prompts_file, tmp_path / "m", "--iterations", "1", *extra)))
-    assert rows[1]["sft_loss"] == rows[1]["sft_loss"]             # finite, not NaN
+    assert rows[1]["sft_loss"] == rows[1]["sft_loss"]  # finite, not NaN
     params = dict(model.named_parameters())
     trainable = [p for p in params.values() if p.requires_grad]
     # full fine-tuning keeps fp32 master weights under --bf16; LoRA keeps the frozen base in bf16
@@ -121,15 +155,28 @@ def test_reward_model_in_8bit_scores_like_full_precision(tmp_path):
     """--reward_load_in_8bit: int8 linear layers, scores close to the fp32 model's (same order of the samples)."""
     import bitsandbytes as bnb
     from transformers import ByT5Tokenizer, LlamaConfig, LlamaForSequenceClassification
+
     from reward import load_reward
+
     tok = ByT5Tokenizer()
     torch.manual_seed(0)
-    LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, num_labels=1, pad_token_id=tok.pad_token_id)).save_pretrained(tmp_path / "rm")
+    LlamaForSequenceClassification(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            num_labels=1,
+            pad_token_id=tok.pad_token_id,
+        )
+    ).save_pretrained(tmp_path / "rm")
     tok.save_pretrained(tmp_path / "rm")
-    prompts, responses = ["a", "bb", "question?", "x y z"] * 2, ["yes", "no", "maybe so", "a long answer", "", "?",
-                                                                  "ok then", "z"]
+    prompts, responses = (
+        ["a", "bb", "question?", "x y z"] * 2,
+        ["yes", "no", "maybe so", "a long answer", "", "?", "ok then", "z"],
+    )
     full = load_reward(str(tmp_path / "rm"))(prompts, responses)
     fn = load_reward(str(tmp_path / "rm"), load_in_8bit=True)
     assert sum(isinstance(m, bnb.nn.Linear8bitLt) for m in fn.model.modules()) == 2 * 7  # q k v o gate up down
@@ -146,6 +193,7 @@ def test_frozen_reference_is_stored_in_bf16_under_bf16(tiny_lm, prompts_file, tm
     policy, _ = raft.load_policy(cfg, torch.device("cpu"))
     assert {p.dtype for p in ref.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in policy.parameters()} == {torch.float32}
-    rows = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--iterations", "1", "--bf16", "--kl_beta",
-                               "0.1"))
-    assert abs(rows[0]["eval_kl_to_start"]) < 0.05    # bf16 p_0 against the fp32 policy under bf16 autocast: ≈ 0
+    rows = raft.main(
+        tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--iterations", "1", "--bf16", "--kl_beta", "0.1")
+    )
+    assert abs(rows[0]["eval_kl_to_start"]) < 0.05  # bf16 p_0 against the fp32 policy under bf16 autocast: ≈ 0

@@ -1,5 +1,6 @@
 """Crash safety: a real subprocess killed with SIGKILL at several points (while sampling, scoring, training and
 saving), then resumed, ends with the same metrics.jsonl rows and the same final weights as an uninterrupted run."""
+
 import json
 import os
 import signal
@@ -7,10 +8,10 @@ import subprocess
 import sys
 
 import torch
+from conftest import tiny_args
 from safetensors.torch import load_file
 
 import raft
-from conftest import tiny_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,8 +21,9 @@ def launch(args, crash_at=None):
     env.pop("RAFT_CRASH_AT", None)
     if crash_at:
         env["RAFT_CRASH_AT"] = crash_at
-    return subprocess.run([sys.executable, "raft.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, "raft.py", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def strip(path):
@@ -37,7 +39,7 @@ def test_killed_anywhere_then_resumed_equals_uninterrupted(tiny_lm, prompts_file
         out = launch(args + ([] if first else ["--resume"]), crash_at=point)
         assert out.returncode == -signal.SIGKILL, (point, out.stderr[-2000:])
         first = False
-        if point == "save@2":   # killed after writing the model, before the rename: stage 2 is not complete
+        if point == "save@2":  # killed after writing the model, before the rename: stage 2 is not complete
             assert (tmp_path / "run" / "iter_0002.tmp").exists() and not (tmp_path / "run" / "iter_0002").exists()
     done = launch(args + ["--resume"])
     assert done.returncode == 0, done.stderr[-2000:]
@@ -50,7 +52,10 @@ def test_killed_anywhere_then_resumed_equals_uninterrupted(tiny_lm, prompts_file
 def test_keep_last_deletes_old_models_only_after_the_new_one(tiny_lm, prompts_file, tmp_path):
     out = tmp_path / "k"
     raft.main(tiny_args(tiny_lm, prompts_file, out, "--iterations", "3", "--keep_last", "1"))
-    assert not (out / "iter_0001" / "model.safetensors").exists() and not (out / "iter_0002" / "model.safetensors").exists()
+    assert (
+        not (out / "iter_0001" / "model.safetensors").exists()
+        and not (out / "iter_0002" / "model.safetensors").exists()
+    )
     assert (out / "iter_0003" / "model.safetensors").exists()
     assert all((out / f"iter_{t:04d}" / "selected.jsonl").exists() for t in (1, 2, 3))
     rows = raft.main(tiny_args(tiny_lm, prompts_file, out, "--iterations", "4", "--keep_last", "1", "--resume"))

@@ -1,13 +1,14 @@
 """End-to-end tier: tiny RAFT runs in-process through raft.main, exactly as the command line runs them."""
+
 import json
 import os
 
 import pytest
 import torch
+from conftest import tiny_args
 from safetensors.torch import load_file
 
 import raft
-from conftest import tiny_args
 from raft import build_example, encode_prompt, sequence_logprobs
 
 TIME_KEYS = {"time_sample", "time_rank", "time_train", "time_eval"}
@@ -21,8 +22,16 @@ def test_two_stages_write_every_artifact_and_learn_the_kept_set(tiny_lm, prompts
     out = tmp_path / "run"
     rows = raft.main(tiny_args(tiny_lm, prompts_file, out, "--iterations", "2"))
     assert [r["iteration"] for r in rows] == [0, 1, 2]
-    for key in ["reward_mean", "selected_reward_mean", "eval_reward_mean", "eval_distinct_2", "sft_loss",
-                "n_selected", "prompts_skipped", *TIME_KEYS]:
+    for key in [
+        "reward_mean",
+        "selected_reward_mean",
+        "eval_reward_mean",
+        "eval_distinct_2",
+        "sft_loss",
+        "n_selected",
+        "prompts_skipped",
+        *TIME_KEYS,
+    ]:
         assert all(key in r for r in rows[1:]), key
     assert "eval_reward_mean" in rows[0] and "sft_loss" not in rows[0]
     assert (out / "metrics.jsonl").read_text().count("\n") == 3
@@ -32,7 +41,7 @@ def test_two_stages_write_every_artifact_and_learn_the_kept_set(tiny_lm, prompts
         sel = [json.loads(line) for line in open(out / f"iter_{t:04d}" / "selected.jsonl")]
         assert len(sel) == 8 == rows[t]["n_selected"]
         assert all(set(s) >= {"prompt", "response", "reward", "rewards"} and len(s["rewards"]) == 4 for s in sel)
-        assert all(s["reward"] == max(s["rewards"]) for s in sel)         # local ranking keeps the best
+        assert all(s["reward"] == max(s["rewards"]) for s in sel)  # local ranking keeps the best
         assert rows[t]["selected_reward_mean"] == pytest.approx(sum(s["reward"] for s in sel) / 8)
         assert (out / f"iter_{t:04d}" / "model.safetensors").exists()
     w0, w1 = weights(tiny_lm), weights(out / "iter_0001")
@@ -40,17 +49,35 @@ def test_two_stages_write_every_artifact_and_learn_the_kept_set(tiny_lm, prompts
 
     # fine-tuning on the kept set raised its likelihood: compare the starting model with the stage-1 model
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(tiny_lm)
     sel = [json.loads(line) for line in open(out / "iter_0001" / "selected.jsonl")]
-    ex = [build_example(encode_prompt(tok, s["prompt"]), tok(s["response"], add_special_tokens=False)["input_ids"],
-                        None) for s in sel]
-    lp = [sum(sequence_logprobs(AutoModelForCausalLM.from_pretrained(p), ex, 8)) for p in
-          (tiny_lm, out / "iter_0001")]
+    ex = [
+        build_example(encode_prompt(tok, s["prompt"]), tok(s["response"], add_special_tokens=False)["input_ids"], None)
+        for s in sel
+    ]
+    lp = [sum(sequence_logprobs(AutoModelForCausalLM.from_pretrained(p), ex, 8)) for p in (tiny_lm, out / "iter_0001")]
     assert lp[1] > lp[0] + 1.0
 
 
-LEARN = ["--iterations", "4", "--lr", "1e-2", "--K", "8", "--prompts_per_iter", "16", "--eval_prompts", "16",
-         "--train_batch_size", "4", "--micro_batch_size", "4", "--epochs", "3"]
+LEARN = [
+    "--iterations",
+    "4",
+    "--lr",
+    "1e-2",
+    "--K",
+    "8",
+    "--prompts_per_iter",
+    "16",
+    "--eval_prompts",
+    "16",
+    "--train_batch_size",
+    "4",
+    "--micro_batch_size",
+    "4",
+    "--epochs",
+    "3",
+]
 
 
 def test_reward_rises_over_stages_and_ranking_beats_random(tiny_lm, prompts_file, tmp_path):
@@ -73,8 +100,10 @@ def test_resume_gives_the_same_metrics_and_weights(tiny_lm, prompts_file, tmp_pa
 
 
 def test_same_seed_repeats_exactly_and_other_seed_differs(tiny_lm, prompts_file, tmp_path):
-    runs = [raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / n, "--iterations", "1", "--seed", s))
-            for n, s in [("a", "1"), ("b", "1"), ("c", "2")]]
+    runs = [
+        raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / n, "--iterations", "1", "--seed", s))
+        for n, s in [("a", "1"), ("b", "1"), ("c", "2")]
+    ]
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rows]
     assert strip(runs[0]) == strip(runs[1]) != strip(runs[2])
 
@@ -84,16 +113,29 @@ def test_other_rankings_run(tiny_lm, prompts_file, tmp_path, ranking):
     rows = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--iterations", "1", "--ranking", ranking))
     sel = [json.loads(line) for line in open(tmp_path / "r" / "iter_0001" / "selected.jsonl")]
     assert len(sel) == rows[1]["n_selected"] == 8
-    if ranking == "global":   # the top 8 of all 32 samples
+    if ranking == "global":  # the top 8 of all 32 samples
         everything = sorted((v for s in {x["prompt"]: x for x in sel}.values() for v in s["rewards"]), reverse=True)
         assert min(s["reward"] for s in sel) >= everything[min(7, len(everything) - 1)] - 1e-9
 
 
 def test_kl_beta_and_stop_strings_run(tiny_lm, prompts_file, tmp_path):
-    rows = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--iterations", "1", "--kl_beta", "0.1",
-                               "--stop", "e", "--discard_regex", "^$"))
+    rows = raft.main(
+        tiny_args(
+            tiny_lm,
+            prompts_file,
+            tmp_path / "r",
+            "--iterations",
+            "1",
+            "--kl_beta",
+            "0.1",
+            "--stop",
+            "e",
+            "--discard_regex",
+            "^$",
+        )
+    )
     assert "kl_to_start" in rows[1] and "eval_kl_to_start" in rows[1]
-    assert rows[0]["eval_kl_to_start"] == pytest.approx(0.0, abs=1e-4)   # stage 0: the policy is p_0
+    assert rows[0]["eval_kl_to_start"] == pytest.approx(0.0, abs=1e-4)  # stage 0: the policy is p_0
     sel = [json.loads(line) for line in open(tmp_path / "r" / "iter_0001" / "selected.jsonl")]
     assert all("e" not in s["response"] for s in sel)
 
@@ -101,15 +143,35 @@ def test_kl_beta_and_stop_strings_run(tiny_lm, prompts_file, tmp_path):
 def test_generator_model_generates_and_policy_trains(tiny_lm, prompts_file, tmp_path):
     """Distillation (paper Table 8): samples come from another model; the policy trains on the kept ones."""
     from conftest import make_tiny_lm
+
     teacher = make_tiny_lm(tmp_path / "teacher", seed=7, layers=1, hidden=48)
-    rows = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "d", "--iterations", "1", "--generator_model",
-                               teacher, "--temperature", "0", "--K", "1"))
+    rows = raft.main(
+        tiny_args(
+            tiny_lm,
+            prompts_file,
+            tmp_path / "d",
+            "--iterations",
+            "1",
+            "--generator_model",
+            teacher,
+            "--temperature",
+            "0",
+            "--K",
+            "1",
+        )
+    )
     sel = [json.loads(line) for line in open(tmp_path / "d" / "iter_0001" / "selected.jsonl")]
     # greedy K=1 samples of the teacher are exactly what the teacher generates for those prompts
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(teacher)
-    got = raft.generate(AutoModelForCausalLM.from_pretrained(teacher).eval(), tok, [s["prompt"] for s in sel], 1,
-                        raft.Config(temperature=0, max_new_tokens=12))
+    got = raft.generate(
+        AutoModelForCausalLM.from_pretrained(teacher).eval(),
+        tok,
+        [s["prompt"] for s in sel],
+        1,
+        raft.Config(temperature=0, max_new_tokens=12),
+    )
     assert [g[0]["text"] for g in got] == [s["response"] for s in sel]
     w0, w1 = weights(tiny_lm), weights(tmp_path / "d" / "iter_0001")
     assert any(not torch.equal(w0[k], w1[k]) for k in w0) and rows[1]["n_selected"] == len(sel) > 0
@@ -123,6 +185,7 @@ def test_finetune_from_base_restarts_each_stage(tiny_lm, prompts_file, tmp_path,
     def spy(model, examples, *a, **kw):
         seen.append({k: v.clone() for k, v in model.state_dict().items()})
         return real(model, examples, *a, **kw)
+
     monkeypatch.setattr(raft, "finetune", spy)
     raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "b", "--iterations", "2", "--finetune_from", "base"))
     w0 = weights(tiny_lm)

@@ -1,21 +1,27 @@
 """torchrun tier: two CPU processes over gloo, launched by subprocess as a user would launch them."""
+
 import json
 import os
 import subprocess
 import sys
 
 import torch
+from conftest import tiny_args
 
 import raft
-from conftest import tiny_args
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def torchrun(args, env_extra=None, script=os.path.join(HERE, "ddp_probe.py"), ok=True, nproc=2):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", **(env_extra or {})}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                          str(nproc), script, *args], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), script, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert (out.returncode == 0) == ok, out.stdout[-2000:] + out.stderr[-4000:]
     return out
 
@@ -27,7 +33,7 @@ def check_ranks(out_dir, log_dir, b):
     stage1 = {r: set(calls[r][1]) for r in (0, 1)}
     selected = {json.loads(line)["prompt"] for line in open(out_dir / "iter_0001" / "selected.jsonl")}
     assert not stage1[0] & stage1[1] and len(stage1[0]) == len(stage1[1]) == b // 2
-    assert stage1[0] | stage1[1] == selected          # local ranking kept one response for every prompt
+    assert stage1[0] | stage1[1] == selected  # local ranking kept one response for every prompt
     w0, w1 = (torch.load(out_dir / f"rank{r}.pt") for r in (0, 1))
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)  # identical after the stage
 
@@ -36,20 +42,36 @@ def test_fsdp_full_and_ddp_lora_two_ranks_then_resume_on_one(tiny_lm, prompts_fi
     for mode, extra in [("full", []), ("lora", ["--lora_r", "4"])]:
         out, log = tmp_path / mode, tmp_path / f"log_{mode}"
         log.mkdir()
-        torchrun(tiny_args(tiny_lm, prompts_file, out, "--iterations", "1", "--reward",
-                           f"{HERE}/rewards.py:letters_logged", *extra), {"RAFT_TEST_LOG": str(log)})
+        torchrun(
+            tiny_args(
+                tiny_lm, prompts_file, out, "--iterations", "1", "--reward", f"{HERE}/rewards.py:letters_logged", *extra
+            ),
+            {"RAFT_TEST_LOG": str(log)},
+        )
         check_ranks(out, log, 8)
         # full fine-tuning is sharded with FSDP2, LoRA replicated under DDP (one wrapper per fine-tune call)
         engines = [torch.load(out / f"rank{r}.mode.pt") for r in (0, 1)]
         assert engines == [{"fsdp": mode == "full", "ddp": 0 if mode == "full" else 1}] * 2
-        if mode == "full":   # a 2-rank checkpoint resumes on 1 process
-            rows = raft.main(tiny_args(tiny_lm, prompts_file, out, "--iterations", "2", "--reward",
-                                       f"{HERE}/rewards.py:letters", "--resume", "--resume_force"))
+        if mode == "full":  # a 2-rank checkpoint resumes on 1 process
+            rows = raft.main(
+                tiny_args(
+                    tiny_lm,
+                    prompts_file,
+                    out,
+                    "--iterations",
+                    "2",
+                    "--reward",
+                    f"{HERE}/rewards.py:letters",
+                    "--resume",
+                    "--resume_force",
+                )
+            )
             assert [r["iteration"] for r in rows] == [0, 1, 2]
 
 
 def saved_weights(stage_dir):
     from safetensors.torch import load_file
+
     files = [f for f in os.listdir(stage_dir) if f.endswith(".safetensors")]
     assert len(files) == 1, files
     return load_file(os.path.join(stage_dir, files[0]))
@@ -62,8 +84,10 @@ def test_torchrun_with_one_process_uses_the_engines_and_matches_a_plain_run(tiny
     for mode, extra in [("full", []), ("lora", ["--lora_r", "4"])]:
         args = ["--iterations", "1", *extra]
         torchrun(tiny_args(tiny_lm, prompts_file, tmp_path / f"tr_{mode}", *args), nproc=1)
-        assert torch.load(tmp_path / f"tr_{mode}" / "rank0.mode.pt") == {"fsdp": mode == "full",
-                                                                         "ddp": 0 if mode == "full" else 1}
+        assert torch.load(tmp_path / f"tr_{mode}" / "rank0.mode.pt") == {
+            "fsdp": mode == "full",
+            "ddp": 0 if mode == "full" else 1,
+        }
         raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / f"plain_{mode}", *args))
         sel = [open(tmp_path / f"{d}_{mode}" / "iter_0001" / "selected.jsonl").read() for d in ("tr", "plain")]
         assert sel[0] == sel[1]
@@ -75,20 +99,29 @@ def test_torchrun_with_one_process_uses_the_engines_and_matches_a_plain_run(tiny
 
 def test_global_ranking_sees_the_whole_batch(tiny_lm, prompts_file, tmp_path):
     # greedy samples and a reward of the prompt alone: the top b of b·K is the same set on 1 and on 2 processes
-    args = ["--iterations", "1", "--ranking", "global", "--temperature", "0", "--reward",
-            f"{HERE}/rewards.py:prompt_length"]
+    args = [
+        "--iterations",
+        "1",
+        "--ranking",
+        "global",
+        "--temperature",
+        "0",
+        "--reward",
+        f"{HERE}/rewards.py:prompt_length",
+    ]
     torchrun(tiny_args(tiny_lm, prompts_file, tmp_path / "two", *args))
     raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "one", *args))
     sel = [[json.loads(line) for line in open(tmp_path / d / "iter_0001" / "selected.jsonl")] for d in ("one", "two")]
-    assert sel[0] == sel[1] and len({s["prompt"] for s in sel[0]}) < 8   # global: several from the best prompts
+    assert sel[0] == sel[1] and len({s["prompt"] for s in sel[0]}) < 8  # global: several from the best prompts
 
 
 def test_a_rank_dying_ends_the_job_and_resume_continues(tiny_lm, prompts_file, tmp_path):
     """Rank 1 is SIGKILLed while training stage 2: torchrun ends the whole job (no hang, the timeout would fail the
     test) and reports the failure; --resume under torchrun continues from stage 1, the last completed one."""
     args = tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--iterations", "2")
-    out = torchrun(args, {"RAFT_CRASH_AT": "train@2:1"}, script=os.path.join(os.path.dirname(HERE), "raft.py"),
-                   ok=False)
+    out = torchrun(
+        args, {"RAFT_CRASH_AT": "train@2:1"}, script=os.path.join(os.path.dirname(HERE), "raft.py"), ok=False
+    )
     assert "Signal 9" in out.stderr or "SIGKILL" in out.stderr
     assert raft.completed_stages(tmp_path / "r") == [0, 1]
     out = torchrun(args + ["--resume"], script=os.path.join(os.path.dirname(HERE), "raft.py"))
@@ -98,18 +131,35 @@ def test_a_rank_dying_ends_the_job_and_resume_continues(tiny_lm, prompts_file, t
 
 
 def run_a40(**env):
-    return subprocess.run(["bash", "run_a40.sh"], cwd=os.path.dirname(HERE), capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "DRY_RUN": "1", "MODEL": "my/llama-7b-sft", **env})
+    return subprocess.run(
+        ["bash", "run_a40.sh"],
+        cwd=os.path.dirname(HERE),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "DRY_RUN": "1", "MODEL": "my/llama-7b-sft", **env},
+    )
 
 
 def test_run_a40_dry_run_resolves_the_paper_config():
     out = run_a40(K="32")
     assert out.returncode == 0, out.stderr[-2000:]
     cfg = json.loads(out.stdout)
-    assert (cfg["model"], cfg["dataset"], cfg["reward"]) == ("my/llama-7b-sft", "Dahoas/full-hh-rlhf",
-                                                            ["weqweasdas/hh_rlhf_rm_open_llama_3b"])
-    assert (cfg["K"], cfg["prompts_per_iter"], cfg["temperature"], cfg["lr"], cfg["epochs"], cfg["max_new_tokens"],
-            cfg["top_k"], cfg["top_p"]) == (32, 2048, 1.0, 2e-5, 2, 128, 0, 1.0)
+    assert (cfg["model"], cfg["dataset"], cfg["reward"]) == (
+        "my/llama-7b-sft",
+        "Dahoas/full-hh-rlhf",
+        ["weqweasdas/hh_rlhf_rm_open_llama_3b"],
+    )
+    assert (
+        cfg["K"],
+        cfg["prompts_per_iter"],
+        cfg["temperature"],
+        cfg["lr"],
+        cfg["epochs"],
+        cfg["max_new_tokens"],
+        cfg["top_k"],
+        cfg["top_p"],
+    ) == (32, 2048, 1.0, 2e-5, 2, 128, 0, 1.0)
     assert cfg["bf16"] and cfg["lora_r"] == 0 and cfg["world_size"] == 8 and cfg["prompts_per_rank"] == 256
     small = json.loads(run_a40(MODE="8bit", NPROC="4").stdout)
     assert small["load_in_8bit"] and small["lora_r"] == 16 and small["gradient_checkpointing"] and small["bf16"]
@@ -122,10 +172,30 @@ def test_run_a40_dry_run_resolves_the_paper_config():
 def test_sft_only_under_torchrun_saves_a_full_model(tiny_lm, tmp_path):
     """--sft_only on 2 ranks (FSDP2): the saved model is a whole HF model that loads in one process."""
     fixture = os.path.join(HERE, "fixtures", "hh_rlhf.jsonl")
-    torchrun(["--sft_only", "--model", tiny_lm, "--dataset", fixture, "--out_dir", str(tmp_path / "sft"), "--epochs",
-              "1", "--lr", "1e-3", "--train_batch_size", "4", "--micro_batch_size", "2", "--device", "cpu"],
-             script=os.path.join(os.path.dirname(HERE), "raft.py"))
+    torchrun(
+        [
+            "--sft_only",
+            "--model",
+            tiny_lm,
+            "--dataset",
+            fixture,
+            "--out_dir",
+            str(tmp_path / "sft"),
+            "--epochs",
+            "1",
+            "--lr",
+            "1e-3",
+            "--train_batch_size",
+            "4",
+            "--micro_batch_size",
+            "2",
+            "--device",
+            "cpu",
+        ],
+        script=os.path.join(os.path.dirname(HERE), "raft.py"),
+    )
     from transformers import AutoModelForCausalLM
+
     sft = AutoModelForCausalLM.from_pretrained(tmp_path / "sft")
     base = AutoModelForCausalLM.from_pretrained(tiny_lm)
     assert sft.state_dict().keys() == base.state_dict().keys()

@@ -1,4 +1,5 @@
 """Unit tier: selection, the SFT batch (masks, EOS), response cutting and slicing, prompt order, text metrics."""
+
 import math
 
 import pytest
@@ -9,9 +10,7 @@ import raft
 from eval import distinct_n, msttr, text_metrics, tokenize, unique_n
 from raft import Config, build_example, cut_response, select, stage_prompts
 
-S = torch.tensor([[0.1, 0.9, 0.5],
-                  [0.7, 0.2, 0.3],
-                  [0.6, 0.8, 0.0]])
+S = torch.tensor([[0.1, 0.9, 0.5], [0.7, 0.2, 0.3], [0.6, 0.8, 0.0]])
 ALL = torch.ones(3, 3, dtype=torch.bool)
 
 
@@ -28,8 +27,8 @@ def test_global_keeps_top_b_of_all_samples():
 
 def test_invalid_samples_are_never_kept_and_empty_prompts_skipped():
     valid = ALL.clone()
-    valid[0, 1] = False          # the best of prompt 0 is invalid -> next best 0.5
-    valid[1] = False             # nothing left for prompt 1 -> skipped
+    valid[0, 1] = False  # the best of prompt 0 is invalid -> next best 0.5
+    valid[1] = False  # nothing left for prompt 1 -> skipped
     assert select(S, valid, "local", torch.Generator()) == [(0, 2), (2, 1)]
     assert select(S, valid, "global", torch.Generator()) == [(0, 2), (2, 0), (2, 1)]
     for seed in range(20):
@@ -46,21 +45,38 @@ def test_random_is_uniform_over_valid_samples():
 
 def _samples(texts, rewards, log_ratios=None):
     tok = ByT5Tokenizer()
-    return [[{"ids": tok(t, add_special_tokens=False)["input_ids"], "text": t, "end_id": tok.eos_token_id,
-              "reward": float(r), **({"log_ratio": log_ratios[i][j]} if log_ratios else {})}
-             for j, (t, r) in enumerate(zip(row, rrow))] for i, (row, rrow) in enumerate(zip(texts, rewards))]
+    return [
+        [
+            {
+                "ids": tok(t, add_special_tokens=False)["input_ids"],
+                "text": t,
+                "end_id": tok.eos_token_id,
+                "reward": float(r),
+                **({"log_ratio": log_ratios[i][j]} if log_ratios else {}),
+            }
+            for j, (t, r) in enumerate(zip(row, rrow))
+        ]
+        for i, (row, rrow) in enumerate(zip(texts, rewards))
+    ]
 
 
 def _rank(texts, rewards, log_ratios=None, **cfg_kw):
     cfg = Config(K=len(texts[0]), **cfg_kw)
-    rows, kept, m = raft.rank([f"p{i}" for i in range(len(texts))], _samples(texts, rewards, log_ratios), cfg,
-                              torch.Generator().manual_seed(0))
+    rows, kept, m = raft.rank(
+        [f"p{i}" for i in range(len(texts))],
+        _samples(texts, rewards, log_ratios),
+        cfg,
+        torch.Generator().manual_seed(0),
+    )
     return rows, kept, m
 
 
 def test_discard_regex_and_empty_responses():
-    rows, kept, m = _rank([["a # hack", "fine", ""], ["## x", "#", "ok"], ["", "#", "#"]],
-                          [[9, 1, 5], [9, 9, 2], [5, 5, 5]], discard_regex="#")
+    rows, kept, m = _rank(
+        [["a # hack", "fine", ""], ["## x", "#", "ok"], ["", "#", "#"]],
+        [[9, 1, 5], [9, 9, 2], [5, 5, 5]],
+        discard_regex="#",
+    )
     assert [(r["prompt"], r["response"]) for r in rows] == [("p0", "fine"), ("p1", "ok")]
     assert m["prompts_skipped"] == 1 and m["samples_discarded"] == 5 and m["samples_empty"] == 2
     assert rows[0]["rewards"] == [9, 1, 5] and rows[0]["reward"] == 1
@@ -69,8 +85,10 @@ def test_discard_regex_and_empty_responses():
 
 def test_nan_reward_excluded():
     tok = ByT5Tokenizer()
-    samples = [[{"ids": [5], "text": "a", "end_id": 1}, {"ids": [6], "text": "b", "end_id": 1}],
-               [{"ids": [7], "text": "c", "end_id": 1}, {"ids": [8], "text": "d", "end_id": 1}]]
+    samples = [
+        [{"ids": [5], "text": "a", "end_id": 1}, {"ids": [6], "text": "b", "end_id": 1}],
+        [{"ids": [7], "text": "c", "end_id": 1}, {"ids": [8], "text": "d", "end_id": 1}],
+    ]
     raft.score_samples(tok, ["p0", "p1"], samples, lambda p, r: [math.nan, 0.1, 0.5, math.inf])
     rows, _, m = raft.rank(["p0", "p1"], samples, Config(K=2), torch.Generator())
     assert [r["response"] for r in rows] == ["b", "c"] and m["samples_nan_reward"] == 2
@@ -99,14 +117,16 @@ def test_score_samples_computes_the_log_ratio():
 def test_sft_example_masks_prompt_and_trains_eos_only_when_ended():
     x, y = build_example([5, 6, 7], [8, 9], end_id=1)
     assert x == [5, 6, 7, 8, 9, 1] and y == [-100, -100, -100, 8, 9, 1]
-    x, y = build_example([5, 6, 7], [8, 9], end_id=None)   # cut at max_new_tokens: no EOS
+    x, y = build_example([5, 6, 7], [8, 9], end_id=None)  # cut at max_new_tokens: no EOS
     assert x == [5, 6, 7, 8, 9] and y == [-100, -100, -100, 8, 9]
 
 
 def _tiny_model():
-    from conftest import make_tiny_lm
     import tempfile
+
+    from conftest import make_tiny_lm
     from transformers import AutoModelForCausalLM
+
     with tempfile.TemporaryDirectory() as d:
         return AutoModelForCausalLM.from_pretrained(make_tiny_lm(d)).eval()
 
@@ -122,8 +142,12 @@ def test_packed_logprobs_equal_each_example_alone():
     """Packing several examples in one row leaks nothing between them: each one's sum equals its value alone,
     including an example with an empty prompt right after another (its first token is never a target)."""
     model = _tiny_model()
-    exs = [build_example([5, 9], [6, 7], 1), build_example([5] * 6, [6], 1), build_example([], [8, 9, 10], None),
-           build_example([4, 4, 4], [11, 12, 13, 14], 1)]
+    exs = [
+        build_example([5, 9], [6, 7], 1),
+        build_example([5] * 6, [6], 1),
+        build_example([], [8, 9, 10], None),
+        build_example([4, 4, 4], [11, 12, 13, 14], 1),
+    ]
     with torch.no_grad():
         packed, n = raft.example_logprobs(model, exs)
     assert n.tolist() == [3, 2, 2, 5]  # labelled positions after the shift (no EOS for the cut third one)
@@ -138,8 +162,12 @@ def test_pack_fills_rows_no_longer_than_the_longest_example():
     assert all(sum(len(exs[i][0]) for i in r) <= C for r in rows)
     assert len(rows) == 4 and [0, 2] in rows  # 7 | 7 | 4+3 | 2+1: fewer rows than padding's 6
     # the logprob test below packs two examples into one row, so leakage between them would show
-    assert any(len(r) > 1 for r in raft.pack([build_example([5, 9], [6, 7], 1), build_example([5] * 6, [6], 1),
-                                              build_example([], [8, 9, 10], None)])[0])
+    assert any(
+        len(r) > 1
+        for r in raft.pack(
+            [build_example([5, 9], [6, 7], 1), build_example([5] * 6, [6], 1), build_example([], [8, 9, 10], None)]
+        )[0]
+    )
 
 
 def test_pad_equal_to_eos_still_trains_the_real_eos():
@@ -181,13 +209,14 @@ def test_cut_response_eos_stop_and_truncation():
 
 
 def test_prompt_encoding_never_ends_with_eos():
-    tok = ByT5Tokenizer()   # T5-style tokenizers append </s> to every text by default
+    tok = ByT5Tokenizer()  # T5-style tokenizers append </s> to every text by default
     assert raft.encode_prompt(tok, "ab") == [ord("a") + 3, ord("b") + 3]
 
 
 def test_generation_slices_exactly_the_new_tokens(tiny_lm):
     """Left-padded batched greedy decoding returns, per prompt, the tokens of an unpadded one-prompt generate."""
     from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
     tok = ByT5Tokenizer()
     prompts = ["a", "a much longer prompt here", "mid size"]
@@ -195,15 +224,16 @@ def test_generation_slices_exactly_the_new_tokens(tiny_lm):
     got = raft.generate(model, tok, prompts, 1, cfg)
     for p, (s,) in zip(prompts, got):
         ids = torch.tensor([raft.encode_prompt(tok, p)])
-        ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
-                             pad_token_id=0, eos_token_id=1)[0, ids.shape[1]:].tolist()
-        ref = ref[:ref.index(1)] if 1 in ref else ref
+        ref = model.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8, pad_token_id=0, eos_token_id=1
+        )[0, ids.shape[1] :].tolist()
+        ref = ref[: ref.index(1)] if 1 in ref else ref
         assert s["ids"] == ref
 
 
 def test_stage_prompts_without_replacement_then_reshuffle():
     seen = []
-    for t in range(1, 4):                      # 3 stages of 4 over 10 prompts: pass 0 ends inside stage 3
+    for t in range(1, 4):  # 3 stages of 4 over 10 prompts: pass 0 ends inside stage 3
         idx, new_pass = stage_prompts(10, 4, t, seed=3)
         assert new_pass == (t == 3)
         seen += idx
@@ -226,6 +256,7 @@ def test_text_metrics_by_hand():
 
 def test_phase_records_seconds_and_gpu_memory_only_on_a_gpu():
     import time
+
     m = {}
     with raft.phase("sample", m, torch.device("cpu")):
         time.sleep(0.05)
