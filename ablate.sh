@@ -38,9 +38,9 @@ ablation() {
     ranking)       # local (paper), global (appendix), random (the control: same budget, no ranking)
       run ranking local --ranking local; run ranking global --ranking global; run ranking random --ranking random ;;
     distill)       # paper Table 8: a stronger model generates, the policy trains on the kept samples
-      run distill teacher --iterations 12 --lr 2e-4
+      run distill teacher --stages 12 --lr 2e-4
       local teacher
-      teacher=$(ls -d "$OUT"/distill/teacher__s"${SEEDS%% *}"/iter_0012)
+      teacher=$(ls -d "$OUT"/distill/teacher__s"${SEEDS%% *}"/stage_0012)
       run distill self-generated
       run distill teacher-generated --generator_model "$teacher" ;;
     finetune_from) # fine-tune the current model each stage (paper) or restart from the base (ReST-EM)

@@ -17,7 +17,7 @@ forward pass, 6·params for training), the speed-up over each baseline and the p
 - generate: b prompts of --prompt_len random tokens, K samples each, forced to exactly --new_tokens new tokens
   (no EOS) at temperature 1, top_k 0, top_p 1 (the paper's sampling). Baselines: `hf-1`, model.generate with one
   prompt (K rows) per call, as the authors' LMFlow code did (timed on --hf1_prompts prompts: it is slow); `hf-B`,
-  model.generate with --gen_batch_size prompts × K rows per call (the best plain-HF figure in NOTES.md). The kit:
+  model.generate with --gen_batch_size prompts × K rows per call (the best plain-HF figure measured). The kit:
   fastgen.sample (raft.py --gen_backend fast), CUDA-graph captures included in its time. Also a greedy check:
   the share of identical tokens between fastgen and model.generate on the same prompts (1.0 on CPU in fp32).
 - score: b·K texts of --prompt_len + a random response length, scored by a sequence-classification model of
@@ -52,6 +52,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaF
 
 import fastgen
 import raft
+from models import amp, build_example
 from reward import score_ids
 
 SHAPES = {  # Llama shapes: the paper's LLaMA-7B, its 3B reward model (Open-LLaMA-3B), Llama-3.2-1B, and a toy
@@ -312,7 +313,7 @@ def train_rows(a, rate: float) -> list[dict]:
         r = torch.randint(
             3, V, (int(torch.randint(a.new_tokens // 8, a.new_tokens + 1, (1,), generator=g)),), generator=g
         ).tolist()
-        examples.append(raft.build_example(p, r, 2))
+        examples.append(build_example(p, r, 2))
     tokens = sum(len(x) for x, _ in examples)
     cfg = raft.Config(
         epochs=1,
@@ -329,7 +330,7 @@ def train_rows(a, rate: float) -> list[dict]:
             batch = examples[s : s + cfg.train_batch_size]
             for m in range(0, len(batch), cfg.micro_batch_size):
                 ids, mask, labels = [t.to(DEV) for t in collate(batch[m : m + cfg.micro_batch_size], 0)]
-                with raft.amp(model, cfg.bf16):
+                with amp(model, cfg.bf16):
                     model(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -413,7 +414,7 @@ def stage_rows(a) -> list[dict]:
                 os.path.join(d, "p.jsonl"),
                 "--reward",
                 reward,
-                "--prompts_per_iter",
+                "--prompts_per_stage",
                 str(a.prompts),
                 "--K",
                 str(a.K),
@@ -421,7 +422,7 @@ def stage_rows(a) -> list[dict]:
                 str(a.new_tokens),
                 "--eval_prompts",
                 "16",
-                "--iterations",
+                "--stages",
                 "1",
                 "--epochs",
                 "2",
@@ -524,14 +525,14 @@ def diffusion_rows(a) -> list[dict]:
                 os.path.join(d, "sd"),
                 "--reward",
                 "brightness",
-                "--iterations",
+                "--stages",
                 "1",
                 "--out_dir",
                 os.path.join(d, "run"),
                 "--K",
                 str(a.K),
             ]
-            + (["--resolution", "32", "--steps", "4", "--prompts_per_iter", "4", "--eval_images", "1"] if tiny else [])
+            + (["--resolution", "32", "--steps", "4", "--prompts_per_stage", "4", "--eval_images", "1"] if tiny else [])
             + (["--bf16"] if DEV.type == "cuda" else [])
         )
         m = diffusion.main(args)[-1]

@@ -1,47 +1,27 @@
-"""Prompts for RAFT (plain prompt files and HH-RLHF conversations), the offline demo's synthetic reviews, and the
-run directory's files.
+"""Data in and out: prompts from files and datasets, text to token ids, the held-out split, and the run directory.
 
-- `load_rows(dataset, split)` reads a `.jsonl` file (one split: all its rows), a `.json` file (a list of objects,
-  or an object of splits), or with `datasets.load_dataset` a directory of `<split>.jsonl` files or an HF dataset by
-  name (the paper's `Dahoas/full-hh-rlhf`: columns `prompt`, `response`, `chosen`, `rejected`).
-- `format_prompts(rows, ...)` turns rows into records: `prompt` (the text the policy sees), `reward_prompt` (the
-  text a reward sees) and any requested response fields (e.g. `chosen` for SFT and eval). `--prompt_format`:
-  - `raw`: the prompt as it is (plain prompt files; the demo). A missing, non-string or blank prompt is a
-    one-line error naming the row: a hand-written file with a blank prompt has a mistake to fix.
-  - `hh`: an HH-RLHF conversation "\n\nHuman: q1\n\nAssistant: a1\n\nHuman: q2\n\nAssistant:" is cut into turns
-    (at a blank line followed by `Human:` or `Assistant:`; each turn's text stripped, so odd spacing is
-    normalised) and written as the paper's text `###Human: q1###Assistant: a1###Human: q2###Assistant:`, which is
-    the dataset with "\n\nHuman"/"\n\nAssistant" replaced by "###Human"/"###Assistant", as the paper's reward
-    model was trained. Rows with no human text, or a blank requested response, are skipped and counted by the
-    caller: a public dataset of 112K rows has a few such rows, and they should not stop a run.
-  - `auto` (default): `hh` when the rows carry HH-RLHF's `chosen` and `rejected` fields, else `raw`.
-  With `--chat_template` the turns (a raw prompt is one user turn) are rendered with the tokenizer's
-  `apply_chat_template` for the policy instead; rewards still see `reward_prompt` (the `###Human` text, or the raw
-  prompt), since a reward model scores the text it was trained on, not the policy's chat markup.
-  Responses read from the data are stripped and, in the `###Human` text, start with one space, as in the dataset.
-- `stop_strings(fmt, stop)`: with `hh` and no `--stop`, a response stops at the next human turn (`HH_STOP`:
-  `###Human`, `Human:`), as in the paper.
-- `demo_reviews(n, seed)` writes `n` short reviews of mixed sentiment from a small grammar; `demo_prompts` cuts
-  the neutral openings of fresh reviews into prompts. The demo (raft.py with no `--model`) first trains a tiny
-  Llama on the reviews, then aligns it with RAFT toward positive reviews (VADER sentiment), mirroring the first
-  arXiv version of the paper (GPT-2 on IMDB toward positive reviews).
-- `train_demo_tokenizer(texts)` trains a small byte-level BPE tokenizer with `tokenizers` (a dependency of
-  transformers) and wraps it as a `PreTrainedTokenizerFast`, so it saves and loads like any HF tokenizer.
-- The run directory (raft.py's --out_dir): `check_run_dir` (writable; new, or --resume with the same config.json),
-  `save_stage` (iter_XXXX/: the model, selected.jsonl, eval_samples.jsonl, metrics.json), `completed_stages`,
-  `prune_models` (--keep_last) and `write_metrics` (metrics.jsonl and, with eval.plot_rewards, reward_curve.png).
-  Files and stage directories are written aside and renamed (`write_text`, `write_jsonl`), so a crash never leaves
-  half of one.
+- `load_rows` reads a .jsonl file (one split), a .json file (a list, or an object of splits), a directory of
+  <split>.jsonl files or a hub dataset; a malformed line is a one-line error naming the file and line.
+- `format_prompts` turns rows into records: `prompt` (what the policy sees), `reward_prompt` (what a reward sees)
+  and any response fields asked for. Formats: raw (the prompt as it is), hh (an HH-RLHF conversation written as
+  the paper's `###Human: q###Assistant:` text; rows with no human text are skipped and counted), auto (hh for rows
+  with HH-RLHF's chosen and rejected fields). --chat_template renders the turns with the tokenizer's template for
+  the policy, while rewards still see the text they were trained on.
+- `usable_prompts` and `held_out`: the prompts a run can use (no duplicates, short enough) and the held-out draw
+  that raft.py and eval.py share, so both evaluate on the same prompts.
+- The run directory: every file and stage directory is written aside, fsynced and renamed, so after a crash or a
+  power cut a stage directory that exists is complete and --resume continues after it.
+Imports no kit module.
 """
 
 import dataclasses
+import functools
 import json
 import os
-import random
 import re
 import shutil
 
-from eval import plot_rewards
+import torch
 
 FORMATS = ("auto", "hh", "raw")
 HH_STOP = ["###Human", "Human:"]  # the next human turn: the paper stopped responses there
@@ -55,12 +35,16 @@ def load_rows(dataset: str, split: str = "train"):
         with open(dataset, encoding="utf-8") as f:
             text = f.read()
         if dataset.endswith(".jsonl"):
-            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            rows = [_json_line(dataset, n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
         else:
-            rows = json.loads(text)
+            rows = _json_line(dataset, None, text)
             if isinstance(rows, dict) and split not in rows:
                 raise SystemExit(f"--dataset {dataset!r} has no split {split!r} (it has {sorted(rows)})")
             rows = rows[split] if isinstance(rows, dict) else rows
+            if not isinstance(rows, list):
+                raise SystemExit(
+                    f"{dataset}: expected a list of objects (or an object of splits), got {type(rows).__name__}"
+                )
     else:  # a directory of <split>.jsonl files loads exactly as a hub dataset does
         try:
             import datasets
@@ -72,6 +56,21 @@ def load_rows(dataset: str, split: str = "train"):
     if not len(rows):
         raise SystemExit(f"--dataset {dataset!r} has no rows")
     return rows
+
+
+def _json_line(path: str, n, text: str):
+    """One JSON value, or a one-line error naming the file, the line and what is wrong."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f"line {n}" if n else f"line {e.lineno}"
+        raise SystemExit(f"{path} {where}: not valid JSON ({e.msg}); fix or remove that line")
+
+
+def read_jsonl(path: str) -> list:
+    """The rows of a .jsonl file, with one-line errors for malformed lines."""
+    with open(path, encoding="utf-8") as f:
+        return [_json_line(path, n, line) for n, line in enumerate(f, 1) if line.strip()]
 
 
 def hh_turns(text: str) -> list[tuple[str, str]]:
@@ -144,7 +143,7 @@ def format_prompts(
         if bad:
             flag = "--prompt_field" if bad[0] == field else "--sft_field"
             raise SystemExit(
-                f"{name} row {i}: field {bad[0]!r} is missing, not a string, or empty (got "
+                f"{name} {_where(name, i)}: field {bad[0]!r} is missing, not a string, or empty (got "
                 f"{row.get(bad[0])!r}); fix the row or pass {flag}"
             )
         if fmt == "raw":
@@ -177,242 +176,128 @@ def load_prompts(
 ) -> tuple[list[dict], str, int]:
     """format_prompts(load_rows(dataset, split), ...) -> (records, resolved format, rows skipped)."""
     rows = load_rows(dataset, split)
-    records, fmt = format_prompts(rows, field, prompt_format, tok, chat_template, responses)
+    name = dataset if os.path.isfile(dataset) else f"--dataset {dataset}"
+    records, fmt = format_prompts(rows, field, prompt_format, tok, chat_template, responses, name)
     return records, fmt, len(rows) - len(records)
 
 
-# ---- the offline demo: a grammar of short movie reviews -------------------------------------------------
-# Openers are neutral, so a prompt (the opener) says nothing about the sentiment of what follows. Each review
-# leans positive or negative, but mixes in clauses of the other side, so the pretrained model is ambivalent.
-_GENRES = [
-    "comedy",
-    "drama",
-    "thriller",
-    "western",
-    "musical",
-    "horror film",
-    "war film",
-    "cartoon",
-    "romance",
-    "mystery",
-    "sequel",
-    "remake",
-    "documentary",
-    "space opera",
-    "heist movie",
-    "biopic",
-]
-_THINGS = [
-    "acting",
-    "plot",
-    "script",
-    "music",
-    "ending",
-    "camera work",
-    "dialogue",
-    "cast",
-    "story",
-    "pacing",
-    "soundtrack",
-    "lead actor",
-    "villain",
-    "editing",
-    "humor",
-    "score",
-    "set design",
-    "final act",
-]
-_WHEN = [
-    "last night",
-    "on friday",
-    "this weekend",
-    "yesterday",
-    "last week",
-    "on sunday",
-    "after work",
-    "on my birthday",
-    "on a rainy day",
-    "at midnight",
-]
-_WHO = ["my sister", "my dad", "my friend", "my wife", "my brother", "my roommate", "my mom", "my neighbor"]
-_WHERE = [
-    "at the cinema",
-    "on tv",
-    "on a plane",
-    "at home",
-    "at a festival",
-    "on my laptop",
-    "at the drive-in",
-    "in a small theater",
-]
-_TOPICS = [
-    "a small town",
-    "two brothers",
-    "a lost dog",
-    "a bank heist",
-    "a young chef",
-    "an old soldier",
-    "a haunted house",
-    "a robot",
-    "a tennis star",
-    "a family farm",
-]
-_OPENERS = [
-    "i watched this {g} {when} and",
-    "{who} and i saw the new {g} {when} and",
-    "i rented this {g} {where} and",
-    "this {g} about {topic} came out {when} and",
-    "we went to see this {g} {where} and",
-    "{who} picked this {g} {when} and",
-    "the {g} about {topic} is finally here and",
-    "i finally caught this {g} {where} and",
-    "after reading the book i saw this {g} {where} and",
-    "this is a {g} about {topic} and",
-]
-_POS_ADJ = [
-    "great",
-    "wonderful",
-    "brilliant",
-    "superb",
-    "lovely",
-    "beautiful",
-    "excellent",
-    "charming",
-    "fun",
-    "delightful",
-    "clever",
-    "amazing",
-    "fantastic",
-    "moving",
-    "sweet",
-    "strong",
-    "perfect",
-    "good",
-]
-_NEG_ADJ = [
-    "terrible",
-    "awful",
-    "boring",
-    "dull",
-    "weak",
-    "bad",
-    "horrible",
-    "stupid",
-    "painful",
-    "ugly",
-    "lame",
-    "dreadful",
-    "annoying",
-    "sad",
-    "poor",
-    "messy",
-    "silly",
-    "tedious",
-]
-_POS_CLAUSES = [
-    "the {t} was {a}",
-    "the {t} is {a} and {a2}",
-    "i loved the {t}",
-    "what a {a} {t}",
-    "the {t} made me smile",
-    "the {t} felt {a}",
-    "it was a joy to watch",
-    "i would watch it again",
-    "the {t} is really {a}",
-    "everyone enjoyed the {t}",
-    "the {t} deserves praise",
-]
-_NEG_CLAUSES = [
-    "the {t} was {a}",
-    "the {t} is {a} and {a2}",
-    "i hated the {t}",
-    "what a {a} {t}",
-    "the {t} made me cringe",
-    "the {t} felt {a}",
-    "it was a waste of time",
-    "i want my money back",
-    "the {t} is really {a}",
-    "nobody liked the {t}",
-    "the {t} is a disaster",
-]
-_NEUTRAL_CLAUSES = [
-    "it runs about two hours",
-    "the {t} reminded me of an old {g}",
-    "it was shot in the winter",
-    "the {t} changes halfway through",
-    "we had popcorn",
-    "the theater was full",
-]
-_JOINERS = [". ", ", and ", ". also ", ", but ", ". "]
+def _where(name: str, i: int) -> str:
+    """Where row i stands: its line in a .jsonl file (blank lines are skipped when reading), else its index."""
+    if name.endswith(".jsonl") and os.path.isfile(name):
+        with open(name, encoding="utf-8") as f:
+            lines = [n for n, line in enumerate(f, 1) if line.strip()]
+        return f"line {lines[i]}"
+    return f"row {i}"
 
 
-def _clause(rng, positive):
-    if rng.random() < 0.15:
-        template = rng.choice(_NEUTRAL_CLAUSES)
-    else:
-        template = rng.choice(_POS_CLAUSES if positive else _NEG_CLAUSES)
-    adjs = _POS_ADJ if positive else _NEG_ADJ
-    a, a2 = rng.sample(adjs, 2)
-    return template.format(t=rng.choice(_THINGS), a=a, a2=a2, g=rng.choice(_GENRES))
+# ---- text to token ids ---------------------------------------------------------------------------------------
+@functools.cache
+def _bos_prefix(tok) -> tuple:
+    """(BOS,) when the tokenizer puts BOS in front of a text, else (): asked once per tokenizer."""
+    lead = tok("", add_special_tokens=True)["input_ids"]
+    return (tok.bos_token_id,) if tok.bos_token_id is not None and lead[:1] == [tok.bos_token_id] else ()
 
 
-def _review(rng):
-    opener = rng.choice(_OPENERS).format(
-        g=rng.choice(_GENRES),
-        when=rng.choice(_WHEN),
-        who=rng.choice(_WHO),
-        where=rng.choice(_WHERE),
-        topic=rng.choice(_TOPICS),
+def encode_prompt(tok, text: str) -> list[int]:
+    """Prompt ids with the tokenizer's leading BOS but never a trailing EOS (T5-style tokenizers add one)."""
+    return list(_bos_prefix(tok)) + tok(text, add_special_tokens=False)["input_ids"]
+
+
+def encode_pair(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) of a pair from a dataset, encoded as one text so the response gets the tokens a
+    model would generate after this prompt; if a token merged across the boundary, the response alone."""
+    p, both = encode_prompt(tok, prompt), encode_prompt(tok, prompt + response)
+    return (p, both[len(p) :]) if both[: len(p)] == p else (p, tok(response, add_special_tokens=False)["input_ids"])
+
+
+# ---- which prompts a run uses ----------------------------------------------------------------------------------
+def usable_prompts(cfg, tok, context, split, responses=(), unique=True, log=print) -> tuple[list[dict], str]:
+    """Records of `split` whose prompt fits --max_prompt_tokens and the context with --max_new_tokens to spare;
+    without duplicate prompts for RAFT's prompt sets (unique), every row for SFT pairs. Also the resolved format."""
+    records, fmt, skipped = load_prompts(
+        cfg.dataset, split, cfg.prompt_field, cfg.prompt_format, tok, cfg.chat_template, responses
     )
-    leans_positive = rng.random() < 0.5
-    clauses = [
-        _clause(rng, leans_positive if rng.random() < 0.75 else not leans_positive) for _ in range(rng.randint(2, 3))
-    ]
-    body = clauses[0]
-    for c in clauses[1:]:
-        body += rng.choice(_JOINERS) + c
-    return opener, " " + body + "."
+    if skipped:
+        log(f"{cfg.dataset} {split}: skipped {skipped} rows with no human text or an empty response")
+    if unique:
+        n = len(records)
+        records = list({r["prompt"]: r for r in records}.values())
+        if len(records) < n:
+            log(f"dropped {n - len(records)} duplicate prompts")
+    limit = min(cfg.max_prompt_tokens, context - cfg.max_new_tokens)
+    kept = [r for r in records if len(encode_prompt(tok, r["prompt"])) <= limit]
+    if len(kept) < len(records):
+        log(
+            f"dropped {len(records) - len(kept)} of {len(records)} prompts longer than {limit} tokens "
+            f"(--max_prompt_tokens, or the model's context minus --max_new_tokens)"
+        )
+    return kept, fmt
 
 
-def demo_reviews(n: int, seed: int) -> list[str]:
-    """`n` synthetic reviews of mixed sentiment (about half lean positive, each mixes in the other side)."""
-    rng = random.Random(seed)
-    return ["".join(_review(rng)) for _ in range(n)]
+def held_out(records: list, n: int, seed: int) -> tuple[list, list]:
+    """n records drawn by seed, and the rest in the same shuffled order: raft.py's and eval.py's held-out prompts."""
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [records[i] for i in order[:n]], [records[i] for i in order[n:]]
 
 
-def demo_prompts(n: int, seed: int) -> list[str]:
-    """`n` prompts: the neutral openers of fresh reviews (a different seed than the training corpus)."""
-    rng = random.Random(seed)
-    return [_review(rng)[0] for _ in range(n)]
+def stage_prompts(n: int, b: int, t: int, seed: int) -> tuple[list[int], bool]:
+    """Indices of stage t's b prompts: positions (t-1)·b … t·b-1 of an endless stream of passes over the n prompts,
+    pass e shuffled with seed + e, and whether a new pass began. From (seed, t) alone: a resumed run needs no state."""
+    perms, idx, new_pass = {}, [], False
+    for pos in range((t - 1) * b, t * b):
+        e, k = divmod(pos, n)
+        if e not in perms:
+            perms[e] = torch.randperm(n, generator=torch.Generator().manual_seed(seed + e)).tolist()
+        new_pass |= k == 0 and pos > 0
+        idx.append(perms[e][k])
+    return idx, new_pass
 
 
-def train_demo_tokenizer(texts: list[str], vocab_size: int = 512):
-    """A byte-level BPE tokenizer trained on `texts`, with <s> (added in front of every text), </s> and <pad>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<pad>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+def split_prompts(cfg, tok, context: int, log=print):
+    """(training, held-out) records: --eval_prompts drawn by --seed from --eval_split or out of the training set;
+    and the resolved --prompt_format."""
+    train, fmt = usable_prompts(cfg, tok, context, cfg.dataset_split, log=log)
+    held = usable_prompts(cfg, tok, context, cfg.eval_split, log=log)[0] if cfg.eval_split else train
+    if len(held) < cfg.eval_prompts + (0 if cfg.eval_split else cfg.prompts_per_stage) or len(train) < 1:
+        raise SystemExit(f"--dataset has {len(train)} usable prompts after dropping duplicates and over-long ones "
+                         f"({len(held)} held-out), too few for --eval_prompts {cfg.eval_prompts} and "
+                         f"--prompts_per_stage {cfg.prompts_per_stage}; lower them or add prompts")  # fmt: skip
+    eval_r, rest = held_out(held, cfg.eval_prompts, cfg.seed)
+    return (train if cfg.eval_split else rest), eval_r, fmt
 
 
 # ---- the run directory ---------------------------------------------------------------------------------------
-# Every file and stage directory is written aside and renamed, so a crash never leaves half of one: a stage
-# directory that exists is complete, and --resume continues after the last one.
+# Everything is written aside, fsynced, renamed into place and its directory fsynced: after a crash or a power cut
+# a file or stage directory that exists is complete.
+def _fsync(path: str):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: str):
+    """Every file under path, then every directory (the names in it), deepest first."""
+    for root, _, files in os.walk(path, topdown=False):
+        for name in files:
+            _fsync(os.path.join(root, name))
+        _fsync(root)
+
+
+def _replace(tmp: str, final: str):
+    """Rename a complete, fsynced tmp into place and make the rename itself durable."""
+    os.replace(tmp, final)
+    _fsync(os.path.dirname(os.path.abspath(final)))
+
+
 def write_text(path, text: str):
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
-    os.replace(tmp, path)
+        f.flush()
+        os.fsync(f.fileno())
+    _replace(tmp, path)
 
 
 def write_jsonl(path, rows):
@@ -433,9 +318,9 @@ def check_run_dir(cfg):
     if not cfg.resume and os.listdir(cfg.out_dir):
         raise SystemExit(f"--out_dir {cfg.out_dir} is not empty; pass --resume to continue it or choose a new dir")
     if cfg.resume and os.path.exists(cfg_path):
-        with open(cfg_path) as f:
-            old = json.load(f)
-        diff = [k for k in saved if k not in ("resume", "resume_force", "iterations") and old.get(k) != saved[k]]
+        with open(cfg_path, encoding="utf-8") as f:
+            old = _json_line(cfg_path, None, f.read())
+        diff = [k for k in saved if k not in ("resume", "resume_force", "stages") and old.get(k) != saved[k]]
         if diff and not cfg.resume_force:
             raise SystemExit(
                 f"--resume: the config differs from {cfg_path} in {diff}; use the saved settings or add --resume_force"
@@ -449,10 +334,10 @@ def check_run_dir(cfg):
 
 
 def save_stage(out_dir, t, metrics, rows=None, eval_rows=None, model=None, tok=None, after_model=None, state_dict=None):
-    """Write iter_{t:04d}/ aside and rename it in place, so a directory that exists is complete. after_model() runs
+    """Write stage_{t:04d}/ aside and rename it in place, so a directory that exists is complete. after_model() runs
     once the model is written, before the rename (raft.py's crash test hook). state_dict: the full weights of a
     sharded (FSDP2) model, gathered by the caller."""
-    final = os.path.join(out_dir, f"iter_{t:04d}")
+    final = os.path.join(out_dir, f"stage_{t:04d}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -465,42 +350,48 @@ def save_stage(out_dir, t, metrics, rows=None, eval_rows=None, model=None, tok=N
         write_jsonl(os.path.join(tmp, "selected.jsonl"), rows)
     write_jsonl(os.path.join(tmp, "eval_samples.jsonl"), eval_rows or [])
     write_text(os.path.join(tmp, "metrics.json"), json.dumps(metrics))
-    os.replace(tmp, final)
+    _fsync_tree(tmp)
+    _replace(tmp, final)
 
 
 def save_model_dir(out, model, tok, state_dict=None, files=None):
-    """A model and tokenizer (plus `files`, name -> text) written to out + ".tmp" and renamed to `out`, replacing
-    what was there: a reader never sees half a model (--sft_only, --merge_lora, the demo's starting model)."""
-    tmp = out.rstrip("/") + ".tmp"
+    """A model and tokenizer (plus `files`, name -> text) written to out + ".tmp" and renamed to `out`. A model
+    already at `out` is moved aside first and deleted last, so one complete model exists at every moment."""
+    out = out.rstrip("/")
+    tmp, old = out + ".tmp", out + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, state_dict=state_dict)
     tok.save_pretrained(tmp)
     for name, text in (files or {}).items():
         write_text(os.path.join(tmp, name), text)
-    shutil.rmtree(out, ignore_errors=True)  # os.replace needs the name free
-    os.replace(tmp, out)
+    _fsync_tree(tmp)
+    if os.path.exists(out):
+        shutil.rmtree(old, ignore_errors=True)
+        _replace(out, old)  # os.replace needs the name free; the old model stays whole beside it
+    _replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def completed_stages(out_dir) -> list[int]:
-    return sorted(int(d[5:]) for d in os.listdir(out_dir) if re.fullmatch(r"iter_\d{4}", d))
+    return sorted(int(d[6:]) for d in os.listdir(out_dir) if re.fullmatch(r"stage_\d{4}", d))
 
 
 def prune_models(out_dir, keep_last: int):
     """--keep_last: delete the model files of all but the last N completed stages (metrics and kept sets stay)."""
     stages = [t for t in completed_stages(out_dir) if t > 0]
     for t in stages[:-keep_last] if keep_last else []:
-        d = os.path.join(out_dir, f"iter_{t:04d}")
+        d = os.path.join(out_dir, f"stage_{t:04d}")
         for name in os.listdir(d):
             if name not in ("metrics.json", "selected.jsonl", "eval_samples.jsonl"):
                 os.remove(os.path.join(d, name))
 
 
 def write_metrics(out_dir, stages):
-    """metrics.jsonl and reward_curve.png, rebuilt from the completed stage directories."""
+    """metrics.jsonl rebuilt from the completed stage directories; returns its rows."""
     rows = []
     for t in stages:
-        with open(os.path.join(out_dir, f"iter_{t:04d}", "metrics.json")) as f:
-            rows.append(json.load(f))
+        path = os.path.join(out_dir, f"stage_{t:04d}", "metrics.json")
+        with open(path, encoding="utf-8") as f:
+            rows.append(_json_line(path, None, f.read()))
     write_jsonl(os.path.join(out_dir, "metrics.jsonl"), rows)
-    plot_rewards(rows, os.path.join(out_dir, "reward_curve.png"))
     return rows

@@ -2,8 +2,8 @@
 diffusion model in the Stable Diffusion layout (unet/, vae/, text_encoder/, tokenizer/, scheduler/).
 
 The paper's setup: Stable Diffusion 1.5 at 256×256, the 10 CIFAR-10 class names as prompts, LAION's CLIP-based
-aesthetic predictor as the reward, LoRA fine-tuning; it reports ≈50× less time than DDPO. Each stage t = 1..iterations:
-  1. Sample    the next b = --prompts_per_iter prompts of a shuffled stream over the prompts (raft.stage_prompts; a b
+aesthetic predictor as the reward, LoRA fine-tuning; it reports ≈50× less time than DDPO. Each stage t = 1..stages:
+  1. Sample    the next b = --prompts_per_stage prompts of a shuffled stream over the prompts (raft.stage_prompts; a b
                larger than the prompt set repeats prompts within a stage); K = --K images each: DDIM (eta 0), --steps
                steps, classifier-free guidance --guidance, each image from its own initial noise seeded by (--seed,
                t, position in the batch, k), so any kept image can be made again from kept.jsonl.
@@ -47,7 +47,9 @@ from PIL import Image, ImageDraw
 from transformers import HfArgumentParser
 
 from data import completed_stages, load_prompts, write_jsonl, write_metrics, write_text
-from raft import RANKINGS, phase, pick_device, select, stage_prompts
+from dist import phase, pick_device
+from data import stage_prompts
+from raft import RANKINGS, select
 from reward import load_reward, parse_weights, score
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -92,7 +94,7 @@ class DiffusionConfig:
     )
     reward_batch_size: int = field(default=32, metadata={"help": "Images per CLIP forward pass."})
     # ---- step 1: sample
-    prompts_per_iter: int = field(
+    prompts_per_stage: int = field(
         default=10,
         metadata={
             "help": "b, prompts per stage (default: the 10 CIFAR-10 names once; the per-stage batch is not in our notes of the paper)."
@@ -159,7 +161,7 @@ class DiffusionConfig:
         },
     )
     # ---- loop and output
-    iterations: int = field(
+    stages: int = field(
         default=10, metadata={"help": "RAFT stages (the paper's LLM runs: ≈10–18, until the reward stops rising)."}
     )
     eval_images: int = field(
@@ -175,7 +177,7 @@ class DiffusionConfig:
     out_dir: Optional[str] = field(
         default=None,
         metadata={
-            "help": "Run directory, new or empty: config.json, metrics.jsonl, reward_curve.png, iter_XXXX/. Default runs/diffusion (runs/diffusion_demo for the demo)."
+            "help": "Run directory, new or empty: config.json, metrics.jsonl, reward_curve.png, stage_XXXX/. Default runs/diffusion (runs/diffusion_demo for the demo)."
         },
     )
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda."})
@@ -189,7 +191,7 @@ class DiffusionConfig:
 # epochs, rank) than the paper's defaults, so a tiny model shows the effect within 3 stages on a 2-core CPU.
 DEMO = dict(
     reward=["brightness"],
-    prompts_per_iter=20,
+    prompts_per_stage=20,
     resolution=32,
     steps=10,
     guidance=2.0,
@@ -198,7 +200,7 @@ DEMO = dict(
     lr=1e-2,
     epochs=20,
     train_batch_size=10,
-    iterations=3,
+    stages=3,
     out_dir="runs/diffusion_demo",
 )
 BUILTIN = ("aesthetic", "clip_score", "jpeg_compressibility", "jpeg_incompressibility", "brightness")
@@ -215,8 +217,8 @@ def validate(cfg: DiffusionConfig):
     need(cfg.K >= 1, f"--K {cfg.K}: need at least 1 image per prompt")
     need(
         min(
-            cfg.prompts_per_iter,
-            cfg.iterations,
+            cfg.prompts_per_stage,
+            cfg.stages,
             cfg.steps,
             cfg.epochs,
             cfg.lora_r,
@@ -225,7 +227,7 @@ def validate(cfg: DiffusionConfig):
             cfg.reward_batch_size,
         )
         >= 1,
-        "--prompts_per_iter, --iterations, --steps, --epochs, --lora_r and the batch sizes must be ≥ 1",
+        "--prompts_per_stage, --stages, --steps, --epochs, --lora_r and the batch sizes must be ≥ 1",
     )
     need(
         cfg.resolution >= 8 and cfg.resolution % 8 == 0, f"--resolution {cfg.resolution}: use a multiple of 8, e.g. 256"
@@ -544,15 +546,15 @@ def evaluate(sd, prompts, reward_fn, cfg: DiffusionConfig):
 
 
 def save_stage(out_dir, t, metrics, files: dict):
-    """iter_{t:04d}/ written aside and renamed, so a stage directory that exists is whole. files: name -> a PIL
+    """stage_{t:04d}/ written aside and renamed, so a stage directory that exists is whole. files: name -> a PIL
     image, a list of rows (.jsonl), or the UNet, whose LoRA adapters (with their rank and alpha) are written in
-    diffusers' format as pytorch_lora_weights.safetensors: `pipe.load_lora_weights(iter_dir)` loads them into a
+    diffusers' format as pytorch_lora_weights.safetensors: `pipe.load_lora_weights(stage_dir)` loads them into a
     StableDiffusionPipeline."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    final = os.path.join(out_dir, f"iter_{t:04d}")
+    final = os.path.join(out_dir, f"stage_{t:04d}")
     tmp = final + ".tmp"
     for name, obj in files.items():
         path = os.path.join(tmp, name)
@@ -573,8 +575,8 @@ def save_stage(out_dir, t, metrics, files: dict):
 
 
 def stage_line(m):
-    s = f"stage {m['iteration']:>3} | eval reward {m.get('eval_reward_mean', math.nan):+.4f}"
-    if m["iteration"] > 0:
+    s = f"stage {m['stage']:>3} | eval reward {m.get('eval_reward_mean', math.nan):+.4f}"
+    if m["stage"] > 0:
         s += (
             f" | samples {m['reward_mean']:+.4f} kept {m['selected_reward_mean']:+.4f} | loss "
             f"{m['train_loss'] or math.nan:.4f} | s: sample {m['time_sample']:.0f} rank {m['time_rank']:.0f} "
@@ -585,29 +587,29 @@ def stage_line(m):
 
 def run(cfg: DiffusionConfig):
     """The RAFT loop. Returns the metrics rows (stage 0 first) and the model's parts (sd.unet carries the LoRA)."""
-    device = pick_device(cfg)
+    device = pick_device(cfg.device)
     prompts = load_prompt_list(cfg)
     reward_fn = load_image_rewards(cfg, device)
     sd = load_sd(cfg, device)
     os.makedirs(cfg.out_dir, exist_ok=True)  # only now: a bad --model or reward leaves no half-made run directory
     write_text(os.path.join(cfg.out_dir, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=1))
     print(
-        f"RAFT diffusion: {len(prompts)} prompts, b={cfg.prompts_per_iter}, K={cfg.K}, {cfg.resolution}px, "
+        f"RAFT diffusion: {len(prompts)} prompts, b={cfg.prompts_per_stage}, K={cfg.K}, {cfg.resolution}px, "
         f"{cfg.steps} DDIM steps, guidance {cfg.guidance}, reward {'+'.join(cfg.reward)}, ranking {cfg.ranking}, "
-        f"{cfg.iterations} stages on {device}; out_dir {cfg.out_dir}",
+        f"{cfg.stages} stages on {device}; out_dir {cfg.out_dir}",
         flush=True,
     )
     times = {}
     with phase("eval", times, device):
         m, images, rows = evaluate(sd, prompts, reward_fn, cfg)
-    m = {"iteration": 0, **m, **times}
+    m = {"stage": 0, **m, **times}
     save_stage(
         cfg.out_dir, 0, m, {"eval_grid.png": grid(images, cfg.eval_images), "eval.jsonl": rows} if images else {}
     )
     print(stage_line(m), flush=True)
-    for t in range(1, cfg.iterations + 1):
+    for t in range(1, cfg.stages + 1):
         times = {}
-        batch = [prompts[i] for i in stage_prompts(len(prompts), cfg.prompts_per_iter, t, cfg.seed)[0]]
+        batch = [prompts[i] for i in stage_prompts(len(prompts), cfg.prompts_per_stage, t, cfg.seed)[0]]
         flat_p = [p for p in batch for _ in range(cfg.K)]  # b·K, prompt-major
         seeds = [noise_seed(cfg.seed, t, j, k) for j in range(len(batch)) for k in range(cfg.K)]
         with phase("sample", times, device):
@@ -630,7 +632,7 @@ def run(cfg: DiffusionConfig):
             )
         with phase("eval", times, device):
             em, eval_images, eval_rows = evaluate(sd, prompts, reward_fn, cfg)
-        m = {"iteration": t, **m, **em, **times}
+        m = {"stage": t, **m, **em, **times}
         files = {
             "grid.png": grid(images, cfg.K, framed=set(kept)),
             "pytorch_lora_weights.safetensors": sd.unet,
@@ -775,9 +777,9 @@ def main(argv=None):
     if demo:
         print(
             f"\ndemo: eval {'+'.join(cfg.reward)} {rows[0]['eval_reward_mean']:.4f} -> "
-            f"{rows[-1]['eval_reward_mean']:.4f} after {cfg.iterations} stages ({time.time() - t0:.0f}s)"
+            f"{rows[-1]['eval_reward_mean']:.4f} after {cfg.stages} stages ({time.time() - t0:.0f}s)"
         )
-    print(f"outputs: {os.path.abspath(cfg.out_dir)} (metrics.jsonl, reward_curve.png, iter_XXXX/)", flush=True)
+    print(f"outputs: {os.path.abspath(cfg.out_dir)} (metrics.jsonl, reward_curve.png, stage_XXXX/)", flush=True)
     return rows
 
 

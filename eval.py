@@ -1,83 +1,98 @@
-"""The paper's Table 3 for any set of models, and the text metrics it reports (GEM-metrics definitions).
+"""Measuring a policy: scoring samples, the held-out evaluation of every stage, the paper's text metrics, the
+reward plot, and the paper's Table 3 for any set of models.
 
-    python eval.py --model A --model B ... --dataset Dahoas/full-hh-rlhf --reward R   # the table
-    python eval.py --responses FILE.jsonl   # text metrics of a `response` field per line, as JSON (no model)
+    python eval.py --model A --model B --dataset Dahoas/full-hh-rlhf --reward R   # Table 3 on held-out prompts
+    python eval.py --responses FILE.jsonl                                        # text metrics of responses
+    python eval.py --sweep runs/ablate/k                                         # an ablate.sh sweep's table
 
-The table has one row per --model and, when the rows carry them, reference rows for the dataset's own `chosen` and
-`rejected` responses (as in the paper), all on the same held-out prompts:
-- reward: mean ± std of the reward of one sampled response per prompt. The prompts are --eval_prompts of
-  --dataset_split (default: 4,608 of the test split, as the paper; a .jsonl file is one split), those that fit
-  every model (--max_prompt_tokens and the context), picked with --seed exactly as raft.py picks its per-stage
-  held-out prompts; every model samples with the same random numbers. On the same prompts and settings, a RAFT
-  stage's model gets the stage's `eval_reward_mean` again.
-- perplexity: exp of the mean negative log-likelihood per token of the held-out `chosen` responses given their
-  prompts (the paper: perplexity on chosen responses), each response's tokens plus EOS (it ends there), in each
-  model's own tokenisation. Reference rows have none.
-- MSTTR-100, distinct-1/2, unique-1/2, mean length of the responses, as defined below.
-It prints the markdown table and writes to --out_dir `table.md`, `table.json` (rows and settings) and
-`samples.jsonl` (every response with its reward); those three files are replaced on a new run.
-
-Tokenisation of the text metrics: each response is lower-cased and split into words and single punctuation marks
-with the regex `\\w+|[^\\w\\s]` ("It's great!" -> it ' s great !). n-grams never cross from one response into the next.
-- distinct-n: distinct n-grams / all n-grams, over all responses.
-- unique-n: the number of n-grams that occur exactly once over all responses (a count, as in the paper).
-- MSTTR-100: the tokens of all responses in order, cut into consecutive 100-token segments (a shorter last
-  segment is dropped); the mean over segments of (distinct tokens / 100); 0 with fewer than 100 tokens.
-- mean_length: mean number of tokens per response.
-
-raft.py calls `text_metrics` for its per-stage evaluation, and data.py's `write_metrics` calls `plot_rewards` for
-reward_curve.png; this file reuses raft.py's generation, encoding and log-likelihood functions and data.py's loading
-(imported inside functions: raft.py and data.py import this module).
-    python eval.py --sweep runs/ablate/k       # the summary table of an ablate.sh sweep (mean ± std over seeds)
+Table 3's prompts are the held-out prompts raft.py draws (data.held_out) for the same --dataset, split, seed and
+--eval_prompts; every model samples with the same random numbers. Metric definitions: docs/metrics.md.
 """
 
 import argparse
-import dataclasses
 import json
 import math
 import os
 import re
 from collections import Counter
 
+import torch
+
+from data import FORMATS, dataset_response, encode_pair, held_out, load_rows, read_jsonl, resolve_format
+from data import stop_strings, usable_prompts, write_jsonl
+from dist import RANK, gather, pick_device, print0, shard
+from models import build_example, example, load_policy, load_tokenizer, sequence_logprobs
+from reward import load_rewards, score
+from sampling import generate
+
 _TOKEN = re.compile(r"\w+|[^\w\s]")
-# Options shared with raft.py: same names, defaults and help text (raft.Config)
-SHARED = [
-    "dataset",
-    "prompt_field",
-    "prompt_format",
-    "chat_template",
-    "eval_prompts",
-    "max_prompt_tokens",
-    "reward",
-    "reward_weights",
-    "reward_template",
-    "reward_batch_size",
-    "offload_reward",
-    "reward_load_in_8bit",
-    "temperature",
-    "top_k",
-    "top_p",
-    "max_new_tokens",
-    "stop",
-    "gen_batch_size",
-    "micro_batch_size",
-    "seed",
-    "device",
-    "trust_remote_code",
-]
-HELP = {"eval_prompts": "held-out prompts of --dataset_split to evaluate on (paper: 4,608 test prompts)"}
 COLUMNS = [
-    ("reward", "reward"),
-    ("perplexity", "perplexity"),
-    ("msttr_100", "MSTTR-100"),
-    ("distinct_1", "distinct-1"),
-    ("distinct_2", "distinct-2"),
-    ("unique_1", "unique-1"),
-    ("unique_2", "unique-2"),
-    ("mean_length", "mean length"),
-]
+    ("reward", "reward"), ("perplexity", "perplexity"), ("msttr_100", "MSTTR-100"), ("distinct_1", "distinct-1"),
+    ("distinct_2", "distinct-2"), ("unique_1", "unique-1"), ("unique_2", "unique-2"), ("mean_length", "mean length"),
+]  # fmt: skip
 
 
+# ---- scoring samples: the reward (and the KL term) of every (prompt, response) ---------------------------------
+def score_samples(tok, prompts, samples, reward_fn, kl=None) -> dict:
+    """Add "reward" (NaN for NaN/inf) and, with a KL reference, "log_ratio" = log p_θ(y|x) − log p_0(y|x) to every
+    sample of samples[len(prompts)][K], in place, with one reward call. Returns the reward's stats over all ranks."""
+    flat_p = [p for p, row in zip(prompts, samples) for _ in row]
+    flat_s = [s for row in samples for s in row]
+    for s, r in zip(flat_s, score(reward_fn, flat_p, [s["text"] for s in flat_s])):
+        s["reward"] = r
+    if kl and flat_s:
+        for s, a, b in zip(flat_s, *kl([example(tok, p, s) for p, s in zip(flat_p, flat_s)])):
+            s["log_ratio"] = a - b
+    parts = gather([dict(getattr(reward_fn, "stats", {}))])  # means are averaged over ranks, counts summed
+    return {k: sum(p[k] for p in parts) / (len(parts) if k.endswith("_mean") else 1) for k in parts[0]}
+
+
+def nanstd(x: torch.Tensor) -> float:
+    x = x[~x.isnan()]
+    return x.std().item() if len(x) > 1 else 0.0
+
+
+def evaluate(model, tok, prompts, reward_fn, cfg, seed: int, kl=None, engine=None) -> tuple[dict, list[dict]]:
+    """One response per held-out prompt at the sampling temperature (each rank its shard): mean reward, text metrics,
+    and with a KL reference a Monte-Carlo estimate of KL(π_θ || π_0) per response."""
+    torch.manual_seed(seed + 100_003 * RANK)
+    mine = shard(prompts)
+    samples = generate(model, tok, mine, 1, cfg, desc="eval", engine=engine)
+    stats = score_samples(tok, mine, samples, reward_fn, kl)
+    rows = gather(
+        [{"prompt": p, "response": s["text"], "reward": s["reward"], **({"log_ratio": s["log_ratio"]} if kl else {})}
+         for p, (s,) in zip(mine, samples)]
+    )  # fmt: skip
+    if not rows:  # --eval_prompts 0: nothing to measure
+        return {}, rows
+    rewards = torch.tensor([r["reward"] for r in rows])
+    m = {"eval_reward_mean": rewards.nanmean().item(), "eval_reward_std": nanstd(rewards)}
+    m.update({f"eval_{k}": v for k, v in stats.items()})  # per-reward means, reward-model truncations
+    m.update({f"eval_{k}": v for k, v in text_metrics([r["response"] for r in rows]).items()})
+    if kl:
+        m["eval_kl_to_start"] = sum(r.pop("log_ratio") for r in rows) / len(rows)
+    return m, rows
+
+
+def stage_line(m: dict) -> str:
+    """The line printed after every stage."""
+    s = f"stage {m['stage']:>3}"
+    if "eval_reward_mean" in m:
+        s += f" | eval reward {m['eval_reward_mean']:+.3f} distinct-2 {m['eval_distinct_2']:.3f}"
+    if m["stage"] > 0:
+        s += (
+            f" | samples {m['reward_mean']:+.3f} kept {m['selected_reward_mean']:+.3f} | sft loss "
+            f"{m['sft_loss'] or math.nan:.3f} | s: gen {m['time_sample']:.0f} rank {m['time_rank']:.0f} "
+            f"train {m['time_train']:.0f} eval {m['time_eval']:.0f}"
+        )
+        if "peak_gib_sample" in m:
+            s += " | peak GiB: gen {peak_gib_sample:.1f} rank {peak_gib_rank:.1f} train {peak_gib_train:.1f}".format(
+                **m
+            )
+    return s
+
+
+# ---- the paper's text metrics (GEM-metrics definitions) --------------------------------------------------------
 def tokenize(text: str) -> list[str]:
     return _TOKEN.findall(text.lower())
 
@@ -124,8 +139,7 @@ def sweep_table(root: str) -> str:
     for d in sorted(os.listdir(root)):
         path = os.path.join(root, d, "metrics.jsonl")
         if "__s" in d and os.path.exists(path):
-            with open(path) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
+            rows = read_jsonl(path)
             groups.setdefault(d.rsplit("__s", 1)[0], []).append(rows)
 
     def cell(values):
@@ -136,13 +150,14 @@ def sweep_table(root: str) -> str:
         return f"{statistics.mean(values):+.3f} ± {spread:.3f}"
 
     lines = [
-        "| setting | seeds | stages | eval reward (last) | gain over stage 0 | distinct-2 (last) | KL to start (last) |",
+        "| setting | seeds | stages | eval reward (last) | gain over stage 0 | distinct-2 (last) | KL to start (last) "
+        "|",
         "|---|---|---|---|---|---|---|",
     ]
     for name, runs in groups.items():
         last = [r[-1] for r in runs]
         lines.append(
-            f"| {name} | {len(runs)} | {last[0]['iteration']} | {cell([x['eval_reward_mean'] for x in last])} "
+            f"| {name} | {len(runs)} | {last[0]['stage']} | {cell([x['eval_reward_mean'] for x in last])} "
             f"| {cell([r[-1]['eval_reward_mean'] - r[0]['eval_reward_mean'] for r in runs])} "
             f"| {cell([x['eval_distinct_2'] for x in last])} "
             f"| {cell([x.get('eval_kl_to_start') for x in last])} |"
@@ -164,8 +179,9 @@ def plot_rewards(rows: list[dict], path: str):
         ("reward_mean", "all K samples"),
         ("selected_reward_mean", "kept samples"),
     ]:
-        pts = [(r["iteration"], r[key]) for r in rows if key in r]
-        ax.plot(*zip(*pts), marker="o", label=label)
+        pts = [(r["stage"], r[key]) for r in rows if key in r]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=label)
     ax.set(xlabel="RAFT stage", ylabel="mean reward", title="RAFT reward per stage")
     ax.grid(alpha=0.3)
     ax.legend()
@@ -178,14 +194,13 @@ def plot_rewards(rows: list[dict], path: str):
 
 def perplexity(model, tok, prompts: list[str], responses: list[str], batch_size: int = 8) -> float:
     """exp(mean NLL per token) of the responses (+ EOS) given their prompts; prompt tokens are not counted."""
-    from raft import build_example, encode_pair, sequence_logprobs
-
     examples = [build_example(*encode_pair(tok, p, r), tok.eos_token_id) for p, r in zip(prompts, responses)]
     logp = sum(sequence_logprobs(model, examples, batch_size))
     n = sum(sum(t != -100 for t in labels[1:]) for _, labels in examples)  # the positions that are predicted
     return math.exp(-logp / n)
 
 
+# ---- Table 3 ---------------------------------------------------------------------------------------------------
 def markdown(rows: list[dict]) -> str:
     def cell(r, key):
         if key == "reward":
@@ -200,133 +215,103 @@ def markdown(rows: list[dict]) -> str:
 
 def evaluate_models(args) -> list[dict]:
     """The table rows: one per --model, then the dataset's chosen / rejected responses."""
-    import torch
-    from transformers import AutoConfig, AutoTokenizer
-
-    import raft
-    from data import FORMATS, dataset_response, format_prompts, load_rows, resolve_format, stop_strings, write_jsonl
-    from reward import load_rewards, score
-
     if args.prompt_format not in FORMATS:
         raise SystemExit(f"--prompt_format {args.prompt_format!r}: choose one of {FORMATS}")
-    cfg = raft.Config(**{k: getattr(args, k) for k in SHARED})
-    device = raft.pick_device(cfg)
+    device = pick_device(args.device)
     rows = load_rows(args.dataset, args.dataset_split)
     fmt = resolve_format(args.prompt_format, rows)
-    cfg.stop = stop_strings(fmt, cfg.stop)
+    args.stop = stop_strings(fmt, args.stop)
     refs = [f for f in ("chosen", "rejected") if isinstance(rows[0], dict) and f in rows[0]]
-    fits = {}  # model -> {row: record} of the prompts that fit it
+    fits = {}  # model -> {row: record} of the usable prompts, exactly as raft.py finds them
     for path in args.model:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
-        ctx = getattr(
-            AutoConfig.from_pretrained(path, trust_remote_code=args.trust_remote_code),
-            "max_position_embeddings",
-            1 << 30,
-        )
-        limit = min(args.max_prompt_tokens, ctx - args.max_new_tokens)
-        records = format_prompts(rows, args.prompt_field, args.prompt_format, tok, args.chat_template)[0]
-        fits[path] = {r["row"]: r for r in records if len(raft.encode_prompt(tok, r["prompt"])) <= limit}
-    common = sorted(set.intersection(*(set(f) for f in fits.values())))
+        tok, ctx = load_tokenizer(path, args)
+        fits[path] = {r["row"]: r for r in usable_prompts(args, tok, ctx, args.dataset_split, log=print0)[0]}
+    first = list(fits[args.model[0]].values())
+    common = [r for r in first if all(r["row"] in f for f in fits.values())]
     if len(common) < args.eval_prompts:
         raise SystemExit(
-            f"--dataset {args.dataset} {args.dataset_split}: {len(common)} prompts fit every model, "
-            f"fewer than --eval_prompts {args.eval_prompts}; lower it"
+            f"--dataset {args.dataset} {args.dataset_split}: {len(common)} prompts fit every model, fewer than "
+            f"--eval_prompts {args.eval_prompts}; lower it"
         )
-    pick = [
-        common[i]
-        for i in torch.randperm(len(common), generator=torch.Generator().manual_seed(args.seed)).tolist()[
-            : args.eval_prompts
-        ]
-    ]  # the same draw as raft.py's held-out prompts
-    reward_prompts = [fits[args.model[0]][i]["reward_prompt"] for i in pick]
-    reward_fn = load_rewards(
-        args.reward,
-        args.reward_weights,
-        args.reward_template,
-        args.reward_batch_size,
-        device,
-        args.trust_remote_code,
-        args.offload_reward,
-        None,
-        args.reward_load_in_8bit,
-    )
+    pick = held_out(common, args.eval_prompts, args.seed)[0]  # raft.py's held-out draw
+    reward_prompts = [r["reward_prompt"] for r in pick]
+    reward_fn = load_rewards(args.reward, args.reward_weights, args.reward_template, args.reward_batch_size, device,
+                             args.trust_remote_code, args.offload_reward, None, args.reward_load_in_8bit)  # fmt: skip
     table, samples = [], []
 
     def add_row(name, responses, ppl):
         rewards = torch.tensor(score(reward_fn, reward_prompts, responses))
-        table.append(
-            {
-                "model": name,
-                "n": len(responses),
-                "reward_mean": rewards.nanmean().item(),
-                "reward_std": raft._nanstd(rewards),
-                "perplexity": ppl,
-                **text_metrics(responses),
-                **reward_fn.stats,
-            }
-        )
+        mean, std = rewards.nanmean().item(), nanstd(rewards)
+        table.append({"model": name, "n": len(responses), "reward_mean": mean, "reward_std": std, "perplexity": ppl,
+                      **text_metrics(responses), **reward_fn.stats})  # fmt: skip
         samples.extend(
-            {"model": name, "row": i, "prompt": p, "response": r, "reward": v}
-            for i, p, r, v in zip(pick, reward_prompts, responses, rewards.tolist())
+            {"model": name, "row": r["row"], "prompt": p, "response": x, "reward": v}
+            for r, p, x, v in zip(pick, reward_prompts, responses, rewards.tolist())
         )
-        raft.print0(f"{name}: reward {table[-1]['reward_mean']:+.3f}" + (f", perplexity {ppl:.3f}" if ppl else ""))
+        print0(f"{name}: reward {table[-1]['reward_mean']:+.3f}" + (f", perplexity {ppl:.3f}" if ppl else ""))
 
     for path in args.model:
-        model, tok = raft.load_policy(dataclasses.replace(cfg, model=path), device)
-        prompts = [fits[path][i]["prompt"] for i in pick]
-        torch.manual_seed(cfg.seed * 1000)  # raft.py's eval seed: every model draws the same random numbers
-        responses = [s[0]["text"] for s in raft.generate(model, tok, prompts, 1, cfg, desc=f"eval {path}")]
+        model, tok = load_policy(argparse.Namespace(**{**vars(args), "model": path}), device)
+        prompts = [fits[path][r["row"]]["prompt"] for r in pick]
+        torch.manual_seed(args.seed * 1000)  # raft.py's eval seed: every model draws the same random numbers
+        responses = [s[0]["text"] for s in generate(model, tok, prompts, 1, args, desc=f"eval {path}")]
         ppl = None
         if "chosen" in refs:
-            chosen = [dataset_response(rows[i]["chosen"], fmt, args.chat_template) for i in pick]
-            ppl = perplexity(model, tok, prompts, chosen, cfg.micro_batch_size)
+            chosen = [dataset_response(rows[r["row"]]["chosen"], fmt, args.chat_template) for r in pick]
+            ppl = perplexity(model, tok, prompts, chosen, args.micro_batch_size)
         del model  # one policy at a time
         if device.type == "cuda":
             torch.cuda.empty_cache()
         add_row(path, responses, ppl)
     for f in refs:
-        add_row(f"dataset {f}", [dataset_response(rows[i][f], fmt, args.chat_template) for i in pick], None)
+        add_row(f"dataset {f}", [dataset_response(rows[r["row"]][f], fmt, args.chat_template) for r in pick], None)
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, "table.md"), "w", encoding="utf-8") as fh:
         fh.write(markdown(table))
-    settings = {k: getattr(args, k) for k in ["model", "dataset", "dataset_split", *SHARED]}
+    settings = {k: v for k, v in vars(args).items() if k not in ("responses", "sweep")}
     with open(os.path.join(args.out_dir, "table.json"), "w", encoding="utf-8") as fh:
-        json.dump({"rows": table, "settings": {**settings, "prompt_format": fmt, "stop": cfg.stop}}, fh, indent=1)
+        json.dump({"rows": table, "settings": {**settings, "prompt_format": fmt}}, fh, indent=1)
     write_jsonl(os.path.join(args.out_dir, "samples.jsonl"), samples)
-    raft.print0(
-        "\n" + markdown(table) + f"\nwritten: {os.path.abspath(args.out_dir)}/table.md, table.json, samples.jsonl"
-    )
+    print0("\n" + markdown(table) + f"\nwritten: {os.path.abspath(args.out_dir)}/table.md, table.json, samples.jsonl")
     return table
 
 
-def main(argv=None):
-    from raft import Config
-
+def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--responses", help="a .jsonl file with a `response` field per line: print its text metrics")
-    ap.add_argument("--sweep", help="a directory of ablate.sh runs (SETTING__s<seed>/): print their summary table")
-    ap.add_argument("--model", action="append", default=[], help="a causal LM (hub id or path); repeat for a row each")
-    ap.add_argument("--dataset_split", default="test", help="split with the held-out prompts (paper: test)")
-    ap.add_argument("--out_dir", default="runs/eval", help="where table.md, table.json and samples.jsonl go")
-    for f in dataclasses.fields(Config):
-        if f.name in SHARED:  # raft.py's option: same name, default and help
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            kw = (
-                {"action": "store_true"}
-                if isinstance(default, bool)
-                else {"nargs": "+", "action": "extend", "default": []}
-                if isinstance(default, list)
-                else {"type": type(default) if default is not None else str, "default": default}
-            )
-            ap.add_argument(f"--{f.name}", help=HELP.get(f.name, f.metadata["help"]), **kw)
+    add = ap.add_argument
+    add("--responses", help="a .jsonl file with a `response` field per line: print its text metrics")
+    add("--sweep", help="a directory of ablate.sh runs (SETTING__s<seed>/): print their summary table")
+    add("--model", action="append", default=[], help="a causal LM (hub id or path); repeat for a row each")
+    add("--dataset", help="a .jsonl/.json file or a dataset name, as raft.py's --dataset")
+    add("--dataset_split", default="test", help="the split with the held-out prompts (paper: test)")
+    add("--eval_prompts", type=int, default=4608, help="held-out prompts (paper: 4,608 test prompts)")
+    add("--out_dir", default="runs/eval", help="where table.md, table.json and samples.jsonl go")
+    add("--reward", nargs="+", action="extend", default=[], help="as raft.py's --reward")
+    # the rest as raft.py's options of the same name and default (docs/options.md)
+    for name, default in [
+        ("prompt_field", "prompt"), ("prompt_format", "auto"), ("max_prompt_tokens", 256), ("reward_weights", ""),
+        ("reward_template", "{prompt} {response}"), ("reward_batch_size", 32), ("temperature", 1.0), ("top_k", 0),
+        ("top_p", 1.0), ("max_new_tokens", 128), ("gen_batch_size", 64), ("gen_backend", "fast"),
+        ("micro_batch_size", 8), ("seed", 42), ("device", "auto"), ("lora_r", 0),
+    ]:  # fmt: skip
+        add(f"--{name}", type=type(default), default=default, help=f"as raft.py's --{name}")
+    for name in ["chat_template", "offload_reward", "reward_load_in_8bit", "trust_remote_code", "bf16"]:
+        add(f"--{name}", action="store_true", help=f"as raft.py's --{name}")
+    add("--stop", nargs="+", action="extend", default=[], help="as raft.py's --stop")
     args = ap.parse_args(argv)
+    # what sampling and loading read from raft.py's config, at the values a plain policy uses
+    args.__dict__.update(cuda_graphs=True, gen_dequantized=False, load_in_8bit=False, gradient_checkpointing=False)
+    return args
+
+
+def main(argv=None):
+    args = parse(argv)
     if args.sweep:
         print(sweep_table(args.sweep))
         return
     if args.responses:
-        with open(args.responses, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
-        bad = [i for i, r in enumerate(rows) if not isinstance(r.get("response"), str)]
+        rows = read_jsonl(args.responses)
+        bad = [i for i, r in enumerate(rows) if not isinstance(r, dict) or not isinstance(r.get("response"), str)]
         if bad:
             raise SystemExit(f"{args.responses}: line {bad[0] + 1} has no string field 'response'")
         m = text_metrics([r["response"] for r in rows])

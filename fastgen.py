@@ -1,7 +1,7 @@
 """Fast sampling for RAFT's step 1: K responses for each of many prompts, from any transformers causal LM whose
 attention runs through transformers' AttentionInterface (Llama, Mistral, Qwen2/3, Phi-3, ...; LoRA and 8-bit too).
 
-Why not `model.generate`: plain HF generation reached 2–8% of an H100's compute roofline (../shared/NOTES.md).
+Why not `model.generate`: plain HF generation reached 2–8% of an H100's compute roofline (measured before the kit had its own sampler).
 RAFT's sample step is a special workload, K samples of the same prompt, and that is what this exploits:
 
   1. Prefill each prompt once, not K times. Its keys/values are kept once per prompt, [B, Hkv, Lp, D], and all K

@@ -1,28 +1,26 @@
-"""The policy in its memory mode, and what torchrun's engines need of it (raft.py's models; also bench.py's).
+"""The policy and what is computed with it: loading in a memory mode, torchrun's engines, and the log-probabilities
+of (prompt, response) rows that SFT, the KL term and perplexity share.
 
-- `load_policy(cfg, device, checkpoint, shard, frozen)`: cfg.model or a stage checkpoint, as
-  - full fine-tuning: fp32 weights (with --bf16 they stay fp32 master weights and raft.py computes in bf16 under
-    autocast: a 2e-5 AdamW step is below half a bf16 unit of a typical weight and would round away);
-  - LoRA (--lora_r > 0, peft): a frozen base (bf16 under --bf16) with trainable fp32 adapters;
-  - 8-bit base + LoRA (--load_in_8bit, bitsandbytes, peft's k-bit preparation);
-  a frozen copy (the KL reference, a generator) is bf16 under --bf16. Under torchrun (shard=True) full
-  fine-tuning is sharded with FSDP2's `fully_shard`, one group per decoder layer; LoRA stays whole (raft.py wraps
-  it in DDP while training).
-- `full_weights(model)`: an FSDP2 model gathered once for a whole inference phase; `full_state_dict(model)`: its
-  full weights on rank 0 for saving; `fsdp_modules(model)`: its shard groups (none: not sharded).
-- `dequantized_copy(model)`: --gen_dequantized, a plain bf16 copy of an 8-bit LoRA policy for sampling.
-- `save_merged(cfg, adapter_dir, out)`: --merge_lora.
-- `load_tokenizer(path, cfg)`: a model's tokenizer and context length, before any weights load.
+- `load_policy`: full fine-tuning (fp32 master weights; --bf16 computes under autocast, since a 2e-5 AdamW step is
+  below half a bf16 unit of a typical weight), LoRA on a frozen base (bf16 under --bf16), or LoRA on an 8-bit base.
+  Under torchrun full fine-tuning is sharded with FSDP2, one group per decoder layer; LoRA is wrapped in DDP by the
+  fine-tune step. `full_weights` gathers an FSDP2 model once for a whole inference phase; `full_state_dict` for saving.
+- `example_logprobs`: examples packed into rows, positions restarting per example, so nothing attends across
+  examples; the LM head runs only where a label is. Packing is checked once per model against one example per row,
+  and a model whose attention ignores restarted positions (OPT, BLOOM) gets one example per row instead.
+- `dequantized_copy` (--gen_dequantized) and `save_merged` (--merge_lora).
 """
 
 import contextlib
 import copy
+import dataclasses
 from typing import Optional
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from data import save_model_dir
+from data import encode_prompt, save_model_dir
+from dist import print0
 
 
 def load_tokenizer(path: str, cfg):
@@ -154,6 +152,12 @@ def full_weights(model):
             m.reshard()
 
 
+def release(model):
+    """Reshard every FSDP2 group, so no rank leaves a gathered model behind when the process group goes."""
+    for m in fsdp_modules(model):
+        m.reshard()
+
+
 def full_state_dict(model):
     """The full state dict of an FSDP2 model, on rank 0's CPU (a collective: every rank calls it); None otherwise."""
     if not fsdp_modules(model):
@@ -172,3 +176,151 @@ def save_merged(cfg, adapter_dir: str, out: str):
     )
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     save_model_dir(out, merged, AutoTokenizer.from_pretrained(adapter_dir))
+
+
+# ---- log-probabilities of (prompt, response) rows: the KL term, the SFT loss, perplexity --------------------------
+def amp(model, bf16: bool):
+    """bf16 autocast for --bf16 (weights may stay fp32: mixed precision), a no-op otherwise."""
+    return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def pad_id(tok) -> int:
+    # many causal LMs have no pad token; padding positions are never attended to or trained, so EOS serves
+    return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+
+def build_example(prompt_ids: list[int], response_ids: list[int], end_id: Optional[int]):
+    """(input_ids, labels) of one SFT row: prompt tokens carry no loss (-100); the end token only if it ended."""
+    tail = response_ids + ([end_id] if end_id is not None else [])
+    return prompt_ids + tail, [-100] * len(prompt_ids) + tail
+
+
+def example(tok, prompt: str, sample: dict):
+    return build_example(encode_prompt(tok, prompt), sample["ids"], sample["end_id"])
+
+
+def pack(examples, packed=True) -> tuple[list[list[int]], int]:
+    """Rows of example indices, first-fit decreasing into rows as long as the longest example: never more rows than
+    right padding would use, and short examples fill the gaps. packed=False: one example per row."""
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i][0]))
+    C = len(examples[order[0]][0])
+    if not packed:
+        return [[i] for i in order], C
+    rows, room = [], []
+    for i in order:
+        n = len(examples[i][0])
+        r = next((r for r in range(len(rows)) if room[r] >= n), None)
+        if r is None:
+            rows.append([])
+            room.append(C)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= n
+    return rows, C
+
+
+def _logprobs(model, examples, bf16: bool, packed: bool):
+    rows, C = pack(examples, packed)
+    ids = torch.zeros((len(rows), C), dtype=torch.long)  # padding is a segment of its own after every example
+    pos = torch.arange(C).repeat(len(rows), 1)
+    tgt = torch.full((len(rows), C), -100, dtype=torch.long)
+    seg = torch.zeros((len(rows), C), dtype=torch.long)
+    for r, row in enumerate(rows):
+        off = 0
+        for i in row:
+            x, y = examples[i]
+            n = len(x)
+            ids[r, off : off + n], seg[r, off : off + n] = torch.tensor(x), i
+            pos[r, off : off + n] = torch.arange(n)  # restarted positions: transformers makes the mask block-diagonal
+            tgt[r, off : off + n - 1] = torch.tensor(y[1:], dtype=torch.long)  # position j predicts token j + 1
+            off += n
+        pos[r, off:] = torch.arange(C - off)
+    keep = (tgt.flatten() != -100).nonzero().flatten()  # [n]: the positions that carry a loss
+    device = next(model.parameters()).device
+    keep_d = keep.to(device)
+    # the LM head sees only the labelled positions: prompts need no logits, a large saving with 128K vocabularies
+    head = getattr(model, "module", model).get_output_embeddings()  # under DDP: the wrapped model's
+    hook = head.register_forward_pre_hook(lambda m, args: (args[0].flatten(0, 1)[keep_d][None],))
+    try:
+        with amp(model, bf16):
+            logits = model(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False).logits[0].float()
+    finally:
+        hook.remove()
+    lp = -torch.nn.functional.cross_entropy(logits, tgt.flatten()[keep].to(device), reduction="none")  # [n]
+    seg = seg.flatten()[keep].to(device)
+    total = torch.zeros(len(examples), device=device, dtype=lp.dtype).index_add(0, seg, lp)
+    return total, torch.bincount(seg, minlength=len(examples))
+
+
+def packing_is_exact(model, examples, bf16=False) -> bool:
+    """Whether this model's packed log-probs equal one example per row (asked once per model, then remembered)."""
+    base = getattr(model, "module", model)
+    if not hasattr(base, "_raft_packing_exact"):
+        few = sorted(examples, key=lambda e: len(e[0]))[:6]  # the shortest: several share a row
+        was_training = base.training
+        base.eval()  # dropout off, or the two passes would differ by chance
+        with torch.no_grad():
+            a, _ = _logprobs(model, few, bf16, packed=True)
+            b, _ = _logprobs(model, few, bf16, packed=False)
+        base.train(was_training)
+        # fp32 agrees to ~1e-6 where packing is exact; a leak measured on tiny OPT/BLOOM models was 2e-3 and more
+        tol = 1e-4 if next(base.parameters()).dtype == torch.float32 and not bf16 else 5e-2
+        base._raft_packing_exact = bool(((a - b).abs() <= tol).all())
+        if not base._raft_packing_exact:
+            print0(f"{type(base).__name__}: packed rows leak across examples; SFT uses one example per row")
+    return base._raft_packing_exact
+
+
+def example_logprobs(model, examples, bf16=False):
+    """Sum of log p(label) over each example's labelled positions, and their count: ([B], [B])."""
+    return _logprobs(model, examples, bf16, packed=len(examples) < 2 or packing_is_exact(model, examples, bf16))
+
+
+@torch.no_grad()
+def sequence_logprobs(model, examples, batch_size: int, bf16=False) -> list[float]:
+    """log p(response (+end) | prompt) per example: the KL term of the ranking score, and perplexity."""
+    model.eval()
+    out = []
+    with full_weights(model):  # ranks score different numbers of batches: no collectives inside
+        for s in range(0, len(examples), batch_size):
+            out += example_logprobs(model, examples[s : s + batch_size], bf16)[0].tolist()
+    return out
+
+
+# ---- the variants of the loop: who samples, where each stage starts, the KL reference ----------------------
+def load_generator(cfg, model, tok, device):
+    """The model that samples: the policy, or a frozen --generator_model with its own tokenizer (paper Table 8)."""
+    if not cfg.generator_model:
+        return model, tok
+    frozen = dict(model=cfg.generator_model, lora_r=0, load_in_8bit=False, gradient_checkpointing=False)
+    return load_policy(dataclasses.replace(cfg, **frozen), device, frozen=True)
+
+
+def make_kl(cfg, model, device):
+    """With --kl_beta > 0 or --eval_kl: f(examples) -> (log p_θ, log p_0) per example, p_0 the stage-0 model; else
+    None. Under LoRA p_0 is the base with the adapters switched off (no second copy)."""
+    if cfg.kl_beta == 0 and not cfg.eval_kl:
+        return None
+    lp = lambda m, ex: sequence_logprobs(m, ex, cfg.micro_batch_size, cfg.bf16)
+    if cfg.lora_r:
+
+        def with_base(ex):
+            with model.disable_adapter():
+                return lp(model, ex)
+
+        return lambda ex: (lp(model, ex), with_base(ex))
+    # the same precision path as the policy (fp32 weights, bf16 autocast under --bf16), so stage 0 measures exactly 0
+    ref = load_policy(dataclasses.replace(cfg, gradient_checkpointing=False), device)[0].requires_grad_(False)
+    return lambda ex: (lp(model, ex), lp(ref, ex))
+
+
+def restore(model, initial: dict):
+    """--finetune_from base: put back the stage-0 values of what trains before each stage's fine-tuning."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in initial:
+                p.copy_(initial[n])
+
+
+def trainable_state(model) -> dict:
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}

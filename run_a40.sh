@@ -5,10 +5,10 @@
 #   DRY_RUN=1 MODEL=x bash run_a40.sh                      # check and print the resolved configuration, run nothing
 #
 # MODEL is the paper's starting point: LLaMA-7B after 1 epoch of SFT on HH-RLHF's chosen responses, made with
-#   torchrun --nproc_per_node 8 raft.py --sft_only --sft_field chosen --model huggyllama/llama-7b \
+#   torchrun --nproc_per_node 8 sft.py --sft_field chosen --model huggyllama/llama-7b \
 #       --dataset Dahoas/full-hh-rlhf --epochs 1 --bf16 --out_dir runs/llama7b-sft
 # Every choice below is an environment variable (defaults are the paper's): MODEL REWARD DATASET K B LAMBDA LR EPOCHS
-# MAX_NEW ITERS MODE NPROC OUT GEN_BATCH MICRO TRAIN_BATCH EVAL_PROMPTS; EXTRA is appended to raft.py's arguments.
+# MAX_NEW STAGES MODE NPROC OUT GEN_BATCH MICRO TRAIN_BATCH EVAL_PROMPTS; EXTRA is appended to raft.py's arguments.
 #
 # Memory per GPU (computed from bytes per parameter, not yet measured):
 #   MODE=full (the paper: full fine-tuning, bf16 compute): FSDP2 shards the fp32 master weights, gradients and AdamW
@@ -34,7 +34,7 @@ LAMBDA=${LAMBDA:-1.0}        # sampling temperature (paper: 1.0)
 LR=${LR:-2e-5}               # paper: 2e-5, linear decay
 EPOCHS=${EPOCHS:-2}          # paper: 2 per stage
 MAX_NEW=${MAX_NEW:-128}      # paper: 128 new tokens
-ITERS=${ITERS:-12}           # paper: ≈10–18 stages, until the reward stops rising
+STAGES=${STAGES:-12}           # paper: ≈10–18 stages, until the reward stops rising
 EVAL_PROMPTS=${EVAL_PROMPTS:-4608}  # paper: 4,608 held-out test prompts
 MODE=${MODE:-full}           # full | lora | 8bit
 NPROC=${NPROC:-8}
@@ -53,8 +53,8 @@ esac
 
 # shellcheck disable=SC2086  # MODE_ARGS and EXTRA are lists of words
 ARGS=(--model "$MODEL" --reward "$REWARD" --dataset "$DATASET" --eval_split test --eval_prompts "$EVAL_PROMPTS"
-      --prompts_per_iter "$B" --K "$K" --temperature "$LAMBDA" --top_k 0 --top_p 1.0 --max_new_tokens "$MAX_NEW"
-      --lr "$LR" --epochs "$EPOCHS" --iterations "$ITERS" --gen_batch_size "$GEN_BATCH"
+      --prompts_per_stage "$B" --K "$K" --temperature "$LAMBDA" --top_k 0 --top_p 1.0 --max_new_tokens "$MAX_NEW"
+      --lr "$LR" --epochs "$EPOCHS" --stages "$STAGES" --gen_batch_size "$GEN_BATCH"
       --micro_batch_size "$MICRO" --train_batch_size "$TRAIN_BATCH" --out_dir "$OUT" $MODE_ARGS $EXTRA)
 
 if [ "${DRY_RUN:-0}" = 1 ]; then

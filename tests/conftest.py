@@ -75,7 +75,7 @@ def tiny_args(model, dataset, out_dir, *extra):
         str(out_dir),
         "--reward",
         os.path.join(os.path.dirname(__file__), "rewards.py") + ":letters",
-        "--prompts_per_iter",
+        "--prompts_per_stage",
         "8",
         "--K",
         "4",
@@ -117,3 +117,11 @@ def make_tiny_rm(path, max_positions=64, seed=0):
     rm.save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+def docs_text() -> str:
+    """The README and every page of docs/, where options and metrics are documented."""
+    import glob
+
+    paths = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
+    return "\n".join(open(p, encoding="utf-8").read() for p in paths)

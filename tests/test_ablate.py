@@ -9,7 +9,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_tiny_ranking_sweep(tiny_lm, prompts_file, tmp_path):
-    args = tiny_args(tiny_lm, prompts_file, "unused", "--iterations", "1")
+    args = tiny_args(tiny_lm, prompts_file, "unused", "--stages", "1")
     i = args.index("--out_dir")
     raft_args = " ".join(args[:i] + args[i + 2 :])
     env = {**os.environ, "SEEDS": "1 2", "OUT": str(tmp_path), "RAFT_ARGS": raft_args, "TQDM_DISABLE": "1"}

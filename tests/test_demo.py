@@ -37,7 +37,7 @@ def test_demo_learns_offline(tmp_path):
             str(tmp_path / "demo_model"),
             "--out_dir",
             str(tmp_path / "demo2"),
-            "--iterations",
+            "--stages",
             "1",
         ],
         cwd=ROOT,

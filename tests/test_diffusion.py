@@ -42,7 +42,7 @@ def demo_cfg(demo_model, out_dir, *extra):
 @pytest.fixture(scope="session")
 def two_stages(demo_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "out"
-    cfg = demo_cfg(demo_model, out, "--iterations", "2")
+    cfg = demo_cfg(demo_model, out, "--stages", "2")
     init = {k: v.clone() for k, v in D.load_sd(cfg, torch.device("cpu")).unet.state_dict().items() if "lora" in k}
     rows, sd = D.run(cfg)
     return cfg, rows, sd, init, out
@@ -50,16 +50,16 @@ def two_stages(demo_model, tmp_path_factory):
 
 def test_two_stages_raise_the_reward_and_write_images(two_stages):
     cfg, rows, sd, _, out = two_stages
-    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert [r["stage"] for r in rows] == [0, 1, 2]
     ev = [r["eval_reward_mean"] for r in rows]
     assert ev[2] >= ev[0] + 0.03 and ev[1] > ev[0], ev  # measured +0.07, +0.05 (brightness in [0, 1])
     assert rows[2]["reward_mean"] > rows[1]["reward_mean"] + 0.03  # the stage's own samples got brighter too
     assert all(r["selected_reward_mean"] > r["reward_mean"] + 0.1 for r in rows[1:])  # the best of K=8 is kept
     assert {"config.json", "metrics.jsonl", "reward_curve.png"} <= set(os.listdir(out))
     assert json.loads((out / "config.json").read_text())["K"] == 8
-    assert Image.open(out / "iter_0000" / "eval_grid.png").size == (4 * 32, 10 * 32)  # eval_images × prompts
+    assert Image.open(out / "stage_0000" / "eval_grid.png").size == (4 * 32, 10 * 32)  # eval_images × prompts
     for t in (1, 2):
-        d = out / f"iter_{t:04d}"
+        d = out / f"stage_{t:04d}"
         assert Image.open(d / "grid.png").size == (8 * 32, 20 * 32)  # K columns, a row per prompt of the stage
         kept = [json.loads(line) for line in (d / "kept.jsonl").read_text().splitlines()]
         assert len(kept) == rows[t]["n_selected"] == 20 and len(os.listdir(d / "kept")) == 20
@@ -81,7 +81,7 @@ def test_only_the_lora_weights_change(two_stages, demo_model):
     lora = {k: v for k, v in sd.unet.state_dict().items() if "lora" in k}
     assert len(lora) == len(init) == 64 and all(not torch.equal(lora[k], init[k]) for k in init)
     assert all(p.requires_grad == ("lora" in n) for n, p in sd.unet.named_parameters())
-    a1, a2 = (load_file(out / f"iter_000{t}" / "pytorch_lora_weights.safetensors") for t in (1, 2))
+    a1, a2 = (load_file(out / f"stage_000{t}" / "pytorch_lora_weights.safetensors") for t in (1, 2))
     assert a1.keys() == a2.keys() and any(not torch.equal(a1[k], a2[k]) for k in a1)  # stage 2 trained further
 
 
@@ -100,7 +100,7 @@ def test_saved_adapters_load_in_diffusers_and_give_the_same_images(two_stages, d
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    pipe.load_lora_weights(str(out / "iter_0002"))
+    pipe.load_lora_weights(str(out / "stage_0002"))
     assert pipe.unet.peft_config["default_0"].lora_alpha == cfg.lora_alpha
     other = SimpleNamespace(
         tok=pipe.tokenizer,
@@ -235,10 +235,10 @@ def test_bf16_stores_the_frozen_weights_in_bf16_and_trains_fp32_adapters(demo_mo
     cfg = demo_cfg(
         demo_model,
         tmp_path / "b",
-        "--iterations",
+        "--stages",
         "1",
         "--bf16",
-        "--prompts_per_iter",
+        "--prompts_per_stage",
         "4",
         "--K",
         "2",
@@ -248,7 +248,7 @@ def test_bf16_stores_the_frozen_weights_in_bf16_and_trains_fp32_adapters(demo_mo
         "16",
     )
     rows, sd = D.run(cfg)
-    with safe_open(str(tmp_path / "b" / "iter_0001" / "pytorch_lora_weights.safetensors"), "pt") as f:
+    with safe_open(str(tmp_path / "b" / "stage_0001" / "pytorch_lora_weights.safetensors"), "pt") as f:
         meta = json.loads(f.metadata()["lora_adapter_metadata"])  # alpha ≠ rank survives into the LoRA file
     assert (meta["unet.r"], meta["unet.lora_alpha"]) == (8, 16)
     assert rows[1]["train_loss"] > 0 and np.isfinite(rows[1]["eval_reward_mean"])

@@ -15,8 +15,10 @@ from transformers import (
 )
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+import data
 import fastgen
 import raft
+import sampling
 
 EOS, PAD = 3, 0
 
@@ -200,7 +202,7 @@ def test_raft_generate_same_responses_with_either_backend(tiny_lm):
     got = {}
     for backend in ("fast", "hf"):
         cfg = raft.Config(temperature=0, max_new_tokens=12, gen_backend=backend, stop=["A:"], gen_batch_size=2)
-        got[backend] = raft.generate(model, tok, ps, 2, cfg)
+        got[backend] = sampling.generate(model, tok, ps, 2, cfg)
     assert got["fast"] == got["hf"]
     assert all(len(row) == 2 for row in got["fast"])
 
@@ -220,9 +222,34 @@ def test_raft_generate_falls_back_to_hf(capsys):
     model = tiny(MistralForCausalLM, MistralConfig, vocab=len(tok), sliding_window=4)
     model.generation_config.eos_token_id = tok.eos_token_id
     cfg = raft.Config(temperature=0, max_new_tokens=6, gen_backend="fast")
-    fast = raft.generate(model, tok, ["hello", "a"], 2, cfg)
+    fast = sampling.generate(model, tok, ["hello", "a"], 2, cfg)
     assert "generating with model.generate instead" in capsys.readouterr().out
-    hf = raft.generate(model, tok, ["hello", "a"], 2, raft.Config(temperature=0, max_new_tokens=6, gen_backend="hf"))
+    hf = sampling.generate(
+        model, tok, ["hello", "a"], 2, raft.Config(temperature=0, max_new_tokens=6, gen_backend="hf")
+    )
     assert fast == hf and len(fast) == 2
-    assert raft.generate(model, tok, ["hello", "a"], 2, cfg) == hf  # the next phase: no second attempt, no notice
+    assert sampling.generate(model, tok, ["hello", "a"], 2, cfg) == hf  # the next phase: no second attempt, no notice
     assert "model.generate instead" not in capsys.readouterr().out
+
+
+def test_hf_backend_samples_with_the_kits_options_only(tmp_path):
+    """A generation_config.json with repetition_penalty 3 and no_repeat_ngram_size 2 (chat models ship such values)
+    changes nothing: greedy hf equals greedy fast token for token, and the setting really would have mattered."""
+    model = tiny()
+    model.generation_config = GenerationConfig(repetition_penalty=3.0, no_repeat_ngram_size=2, eos_token_id=EOS,
+                                               pad_token_id=PAD)  # fmt: skip
+    from transformers import ByT5Tokenizer
+
+    tok = ByT5Tokenizer()
+    ps = ["hello there", "a"]
+    model.resize_token_embeddings(len(tok))
+    cfg = lambda backend: raft.Config(temperature=0, max_new_tokens=12, gen_backend=backend)
+    fast = sampling.generate(model, tok, ps, 1, cfg("fast"))
+    hf = sampling.generate(model, tok, ps, 1, cfg("hf"))
+    assert [r[0]["ids"] for r in hf] == [r[0]["ids"] for r in fast]
+    enc = [data.encode_prompt(tok, p) for p in ps]
+    with torch.no_grad():  # what model.generate does when it follows the model's generation_config
+        ids, valid = fastgen.left_pad(enc, max(map(len, enc)), PAD)
+        out = model.generate(input_ids=ids, attention_mask=valid.long(), max_new_tokens=12, do_sample=False)
+    followed = [fastgen._until_eos(row, [EOS]) for row in out[:, ids.shape[1] :].tolist()]
+    assert followed != [r[0]["ids"] for r in fast]

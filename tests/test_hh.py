@@ -9,14 +9,17 @@ import re
 
 import pytest
 import torch
-from conftest import make_tiny_rm
+from conftest import docs_text, make_tiny_rm
 from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer
 
 import eval as ev
 import raft
-from data import format_prompts, load_rows, stop_strings, train_demo_tokenizer
-from raft import cut_response, encode_pair, encode_prompt
+import sampling
+import sft
+from data import encode_pair, encode_prompt, format_prompts, load_rows, stop_strings
+from demo import train_demo_tokenizer
 from reward import load_reward, load_rewards
+from sampling import cut_response
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIXTURE = os.path.join(HERE, "fixtures", "hh_rlhf.jsonl")
@@ -148,7 +151,6 @@ def test_several_rewards_are_weighted_and_each_logged():
 def test_sft_only_learns_the_chosen_responses(tiny_lm, tmp_path):
     out = tmp_path / "sft"
     args = [
-        "--sft_only",
         "--model",
         tiny_lm,
         "--dataset",
@@ -161,7 +163,7 @@ def test_sft_only_learns_the_chosen_responses(tiny_lm, tmp_path):
         "3e-3",
         *SMALL,
     ]
-    loss = raft.main(args)
+    loss = sft.main(args)
     assert sorted(os.listdir(tmp_path)) == ["sft"]  # written aside and renamed: no .tmp left
     info = json.loads((out / "sft.json").read_text())
     assert info["n_examples"] == 10 and info["sft_loss"] == pytest.approx(loss)  # 12 rows - empty - too long
@@ -195,19 +197,19 @@ def test_eval_split_from_a_directory_of_splits(tiny_lm, tmp_path):
             "3",
             "--reward",
             LETTERS,
-            "--prompts_per_iter",
+            "--prompts_per_stage",
             "4",
             "--K",
             "2",
-            "--iterations",
+            "--stages",
             "1",
             "--out_dir",
             str(tmp_path / "run"),
             *SMALL,
         ]
     )
-    ev_prompts = {json.loads(line)["prompt"] for line in open(tmp_path / "run" / "iter_0001" / "eval_samples.jsonl")}
-    kept = {json.loads(line)["prompt"] for line in open(tmp_path / "run" / "iter_0001" / "selected.jsonl")}
+    ev_prompts = {json.loads(line)["prompt"] for line in open(tmp_path / "run" / "stage_0001" / "eval_samples.jsonl")}
+    kept = {json.loads(line)["prompt"] for line in open(tmp_path / "run" / "stage_0001" / "selected.jsonl")}
     assert ev_prompts == {r["prompt"] for r in format_prompts(rows[9:])[0]}
     assert kept <= {r["prompt"] for r in format_prompts(rows[:9])[0]}
     with pytest.raises(SystemExit, match="--eval_split: a .jsonl file is one split"):
@@ -217,16 +219,15 @@ def test_eval_split_from_a_directory_of_splits(tiny_lm, tmp_path):
 def test_pipeline_sft_raft_eval_table(tiny_lm, tmp_path, monkeypatch):
     """SFT from chosen -> RAFT 2 stages (a reward model + a callable, weighted) -> eval.py of base, SFT, RAFT."""
     rm = make_tiny_rm(tmp_path / "rm", max_positions=100)
-    sft, run, out = tmp_path / "sft", tmp_path / "raft", tmp_path / "eval"
-    raft.main(
+    sft_dir, run, out = tmp_path / "sft", tmp_path / "raft", tmp_path / "eval"
+    sft.main(
         [
-            "--sft_only",
             "--model",
             tiny_lm,
             "--dataset",
             FIXTURE,
             "--out_dir",
-            str(sft),
+            str(sft_dir),
             "--epochs",
             "3",
             "--lr",
@@ -234,23 +235,23 @@ def test_pipeline_sft_raft_eval_table(tiny_lm, tmp_path, monkeypatch):
             *SMALL,
         ]
     )
-    stops, generate = [], raft.generate
+    stops, generate = [], sampling.generate
     monkeypatch.setattr(raft, "generate", lambda *a, **k: stops.append(a[4].stop) or generate(*a, **k))
     rewards = ["--reward", rm, "--reward", LETTERS, "--reward_weights", "1,0.5"]
     rows = raft.main(
         [
             "--model",
-            str(sft),
+            str(sft_dir),
             "--dataset",
             FIXTURE,
             *rewards,
-            "--prompts_per_iter",
+            "--prompts_per_stage",
             "4",
             "--K",
             "4",
             "--eval_prompts",
             "4",
-            "--iterations",
+            "--stages",
             "2",
             "--lr",
             "1e-3",
@@ -260,23 +261,23 @@ def test_pipeline_sft_raft_eval_table(tiny_lm, tmp_path, monkeypatch):
         ]
     )
     assert stops and all(s == ["###Human", "Human:"] for s in stops)  # the next human turn ends a response
-    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    assert [r["stage"] for r in rows] == [0, 1, 2]
     for r in rows[1:]:
         assert r["reward_mean"] == pytest.approx(r["reward_0_mean"] + 0.5 * r["reward_1_mean"], abs=1e-5)
         assert "eval_reward_1_mean" in r and "reward_truncated" in r
     assert sum(r["eval_reward_truncated"] for r in rows) > 0  # texts over 100 bytes are cut and counted
-    readme = open(os.path.join(os.path.dirname(HERE), "README.md")).read()
+    readme = docs_text()
     keys = {re.sub(r"_\d+_", "_<i>_", k) for r in rows for k in r}
-    assert not [k for k in keys if f"`{k}`" not in readme], "metrics not in the README"
+    assert not [k for k in keys if f"`{k}`" not in readme], "metrics not in the docs"
 
     table = ev.main(
         [
             "--model",
             tiny_lm,
             "--model",
-            str(sft),
+            str(sft_dir),
             "--model",
-            str(run / "iter_0002"),
+            str(run / "stage_0002"),
             "--dataset",
             FIXTURE,
             "--dataset_split",
@@ -295,7 +296,7 @@ def test_pipeline_sft_raft_eval_table(tiny_lm, tmp_path, monkeypatch):
         ]
     )
     saved = json.loads((out / "table.json").read_text())["rows"]
-    names = [tiny_lm, str(sft), str(run / "iter_0002"), "dataset chosen", "dataset rejected"]
+    names = [tiny_lm, str(sft_dir), str(run / "stage_0002"), "dataset chosen", "dataset rejected"]
     assert [r["model"] for r in saved] == [r["model"] for r in table] == names
     assert (out / "table.md").read_text().count("\n") == 2 + len(names)
     base, tuned = saved[0]["perplexity"], saved[1]["perplexity"]
@@ -309,3 +310,31 @@ def test_pipeline_sft_raft_eval_table(tiny_lm, tmp_path, monkeypatch):
     # same held-out prompts and random numbers as raft.py's per-stage eval: the stage-2 model scores the same
     assert saved[2]["reward_mean"] == pytest.approx(rows[2]["eval_reward_mean"], abs=1e-5)
     assert saved[2]["distinct_2"] == pytest.approx(rows[2]["eval_distinct_2"])
+
+
+def test_eval_py_draws_exactly_raft_pys_held_out_prompts(tiny_lm, tmp_path):
+    """With a duplicated prompt among 41, eval.py's held-out prompts are raft.py's, in the same order (both drop the
+    duplicate before drawing; without that, only 2 of 8 matched)."""
+    from conftest import tiny_args, write_prompts
+
+    path = write_prompts(tmp_path / "p.jsonl", 40)
+    lines = open(path).read().splitlines()
+    with open(path, "w") as f:
+        f.write("\n".join([lines[0]] + lines) + "\n")  # 41 rows, one prompt twice
+    raft.main(tiny_args(tiny_lm, path, tmp_path / "r", "--stages", "1", "--eval_prompts", "8"))
+    held = [json.loads(line)["prompt"] for line in open(tmp_path / "r" / "stage_0000" / "eval_samples.jsonl")]
+    ev.main(["--model", tiny_lm, "--dataset", path, "--dataset_split", "train", "--reward", LETTERS,
+             "--eval_prompts", "8", "--max_new_tokens", "12", "--out_dir", str(tmp_path / "e"), "--device", "cpu"])  # fmt: skip
+    picked = [json.loads(line)["prompt"] for line in open(tmp_path / "e" / "samples.jsonl")]
+    assert len(held) == 8 and picked == held
+
+
+def test_sft_keeps_every_pair_when_prompts_repeat(tiny_lm, tmp_path):
+    """HH-RLHF has several responses per prompt: SFT learns all of them; only RAFT's prompt sets drop duplicates."""
+    rows = [{"prompt": "Q: same question A:", "chosen": f" answer number {i}"} for i in range(6)]
+    rows += [{"prompt": f"Q: other {i} A:", "chosen": " fine"} for i in range(2)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "sft"
+    sft.main(["--model", tiny_lm, "--dataset", str(path), "--out_dir", str(out), "--epochs", "1", *SMALL])
+    assert json.loads((out / "sft.json").read_text())["n_examples"] == 8

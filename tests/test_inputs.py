@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_args
+from conftest import docs_text, tiny_args
 from safetensors.torch import load_file
 
 import raft
@@ -25,7 +25,6 @@ def fails(argv, *needles):
 def test_config_errors_name_the_flag(tiny_lm, prompts_file, tmp_path):
     fails(tiny_args(tiny_lm, prompts_file, tmp_path / "a", "--K", "0"), "--K")
     fails(tiny_args(tiny_lm, prompts_file, tmp_path / "a", "--ranking", "best"), "--ranking")
-    fails(tiny_args(tiny_lm, prompts_file, tmp_path / "a", "--train_batch_size", "6"), "--train_batch_size", "4")
     fails(tiny_args(tiny_lm, prompts_file, tmp_path / "a", "--discard_regex", "(["), "--discard_regex")
     fails(tiny_args(tiny_lm, prompts_file, tmp_path / "a", "--eval_prompts", "100"), "--eval_prompts")
     fails(tiny_args(str(tmp_path / "nope"), prompts_file, tmp_path / "b"), "--model", "nope")
@@ -36,16 +35,16 @@ def test_config_errors_name_the_flag(tiny_lm, prompts_file, tmp_path):
 def test_dataset_errors(tiny_lm, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "ok"}) + "\n" + json.dumps({"text": "no prompt"}) + "\n")
-    fails(tiny_args(tiny_lm, str(bad), tmp_path / "a"), "row 1", "'prompt'", "--prompt_field")
+    fails(tiny_args(tiny_lm, str(bad), tmp_path / "a"), "line 2", "'prompt'", "--prompt_field")
     bad.write_text(json.dumps({"prompt": 3}) + "\n")
-    fails(tiny_args(tiny_lm, str(bad), tmp_path / "b"), "row 0")
+    fails(tiny_args(tiny_lm, str(bad), tmp_path / "b"), "line 1")
 
 
 def test_out_dir_is_never_overwritten_and_resume_checks_config(tiny_lm, prompts_file, tmp_path):
-    raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--iterations", "1"))
+    raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--stages", "1"))
     before = (tmp_path / "r" / "metrics.jsonl").read_text()
-    fails(tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--iterations", "1"), "not empty", "--resume")
-    fails(tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--iterations", "2", "--K", "2", "--resume"), "'K'")
+    fails(tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--stages", "1"), "not empty", "--resume")
+    fails(tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--stages", "2", "--K", "2", "--resume"), "'K'")
     assert (tmp_path / "r" / "metrics.jsonl").read_text() == before
 
 
@@ -68,9 +67,7 @@ def test_reward_spec_errors():
 
 def test_nan_rewards_are_skipped_and_counted(tiny_lm, prompts_file, tmp_path):
     rows = raft.main(
-        tiny_args(
-            tiny_lm, prompts_file, tmp_path / "a", "--iterations", "1", "--reward", f"{HERE}/rewards.py:nan_for_odd"
-        )
+        tiny_args(tiny_lm, prompts_file, tmp_path / "a", "--stages", "1", "--reward", f"{HERE}/rewards.py:nan_for_odd")
     )
     assert rows[1]["samples_nan_reward"] == 16 and rows[1]["n_selected"] == 8
     v = score(lambda p, r: [1, float("inf"), "2"], ["a"] * 3, ["b"] * 3)
@@ -106,17 +103,17 @@ def test_reward_model_batched_equals_one_at_a_time(tmp_path):
     assert len(set(round(v, 6) for v in batched)) == 3  # real, distinct scores in the input order
 
 
-def test_readme_documents_every_option_and_metric(tiny_lm, prompts_file, tmp_path):
+def test_docs_document_every_option_and_metric(tiny_lm, prompts_file, tmp_path):
     import dataclasses
 
-    readme = open(os.path.join(os.path.dirname(HERE), "README.md")).read()
+    readme = docs_text()
     missing = [f.name for f in dataclasses.fields(raft.Config) if f"`--{f.name}`" not in readme]
-    assert not missing, f"options not in the README: {missing}"
+    assert not missing, f"options not in the docs: {missing}"
     for f in dataclasses.fields(raft.Config):
         assert f.metadata.get("help"), f"--{f.name} has no help text"
-    rows = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--iterations", "1", "--kl_beta", "0.1"))
+    rows = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--stages", "1", "--kl_beta", "0.1"))
     keys = set(rows[0]) | set(rows[1])
-    assert not [k for k in keys if f"`{k}`" not in readme], "metrics not in the README"
+    assert not [k for k in keys if f"`{k}`" not in readme], "metrics not in the docs"
 
 
 def write_jsonl(path, prompts):
@@ -131,7 +128,7 @@ def test_duplicates_and_too_long_prompts_are_dropped_and_counted(tiny_lm, tmp_pa
             tiny_lm,
             write_jsonl(tmp_path / "d.jsonl", prompts),
             tmp_path / "r",
-            "--iterations",
+            "--stages",
             "1",
             "--max_prompt_tokens",
             "100",
@@ -151,11 +148,11 @@ def test_dataset_empty_after_filtering(tiny_lm, prompts_file, tmp_path):
 
 
 def test_every_sample_discarded_is_a_logged_skip(tiny_lm, prompts_file, tmp_path, capsys):
-    rows = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--iterations", "1", "--discard_regex", "."))
+    rows = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--stages", "1", "--discard_regex", "."))
     assert rows[1]["n_selected"] == 0 and rows[1]["sft_loss"] is None and rows[1]["prompts_skipped"] == 8
     assert "every sample was discarded" in capsys.readouterr().out
     w0 = load_file(os.path.join(tiny_lm, "model.safetensors"))
-    w1 = load_file(tmp_path / "r" / "iter_0001" / "model.safetensors")
+    w1 = load_file(tmp_path / "r" / "stage_0001" / "model.safetensors")
     assert all(torch.equal(w0[k], w1[k]) for k in w0)  # nothing trained, nothing changed
 
 
@@ -178,7 +175,7 @@ def test_tokenizer_without_pad_token(tmp_path, prompts_file):
         )
     ).save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
-    rows = raft.main(tiny_args(str(tmp_path / "m"), prompts_file, tmp_path / "r", "--iterations", "1"))
+    rows = raft.main(tiny_args(str(tmp_path / "m"), prompts_file, tmp_path / "r", "--stages", "1"))
     assert rows[1]["n_selected"] == 8
 
 
@@ -194,7 +191,56 @@ def test_non_causal_model_is_refused(tmp_path, prompts_file):
 
 def test_prompts_not_divisible_by_ranks(tiny_lm, prompts_file, tmp_path, monkeypatch):
     monkeypatch.setattr(raft, "WORLD", 3)
-    fails(tiny_args(tiny_lm, prompts_file, tmp_path / "r"), "--prompts_per_iter 8", "multiple of 3")
+    fails(tiny_args(tiny_lm, prompts_file, tmp_path / "r"), "--prompts_per_stage 8", "multiple of 3")
+
+
+def test_micro_batch_size_is_a_per_process_cap_not_a_divisor(tiny_lm, prompts_file, tmp_path, monkeypatch):
+    """Any number of processes that divides --train_batch_size works, whatever --micro_batch_size is."""
+    monkeypatch.setattr(raft, "WORLD", 8)
+    args = tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--train_batch_size", "16", "--micro_batch_size", "8")
+    assert raft.parse(args + ["--prompts_per_stage", "64"]).micro_batch_size == 8  # 8 × 8 = 64 > 16: fine now
+    monkeypatch.setattr(raft, "WORLD", 3)
+    fails(args + ["--prompts_per_stage", "9"], "--train_batch_size 16", "multiple of 3")
+
+
+def test_the_demo_never_overrides_an_option_given_on_the_command_line():
+    assert raft.parse([]).micro_batch_size == 16  # the demo's value where nothing was given
+    assert raft.parse(["--micro_batch_size", "8"]).micro_batch_size == 8  # the paper's default, typed: kept
+    assert raft.parse(["--micro_batch_size=8", "--K", "8"]).micro_batch_size == 8
+    assert raft.parse(["--lr", "2e-5"]).lr == 2e-5 and raft.parse([]).lr == 1e-4
+
+
+@pytest.mark.parametrize("script", ["raft.py", "sft.py", "eval.py", "diffusion.py", "bench.py"])
+def test_every_entry_point_prints_its_help(script):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(HERE), script), "--help"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0 and "usage:" in out.stdout and "Traceback" not in out.stderr, out.stderr[-2000:]
+
+
+def test_eval_prompts_zero_with_the_kl_term(tiny_lm, prompts_file, tmp_path):
+    rows = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--eval_prompts", "0", "--stages", "1",
+                               "--kl_beta", "0.1"))  # fmt: skip
+    assert [r["stage"] for r in rows] == [0, 1] and "kl_to_start" in rows[1]
+    assert not any(k.startswith("eval_") for r in rows for k in r)
+
+
+def test_malformed_files_name_the_file_and_line(tiny_lm, prompts_file, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "ok"}) + "\n\n" + '{"prompt": "unclosed\n')
+    fails(tiny_args(tiny_lm, str(bad), tmp_path / "a"), str(bad), "line 3", "not valid JSON")
+    bad.write_text(json.dumps({"prompt": "ok"}) + "\n\n" + json.dumps({"prompt": " "}) + "\n")
+    fails(tiny_args(tiny_lm, str(bad), tmp_path / "b"), str(bad), "line 3", "'prompt'")
+    raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--stages", "1"))
+    (tmp_path / "r" / "config.json").write_text("{not json")
+    fails(tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--stages", "2", "--resume"), "config.json", "line 1")
+    import eval as ev
+
+    (tmp_path / "responses.jsonl").write_text('{"response": "fine"}\n[1, 2\n')
+    with pytest.raises(SystemExit, match=r"responses.jsonl line 2: not valid JSON"):
+        ev.main(["--responses", str(tmp_path / "responses.jsonl")])
 
 
 def test_unwritable_out_dir(tiny_lm, prompts_file, tmp_path):

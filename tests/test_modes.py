@@ -10,14 +10,16 @@ from conftest import tiny_args
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import models
 import raft
+import sampling
 
 GREEDY = raft.Config(temperature=0, max_new_tokens=10)
 PROMPTS = ["Q1: why is the sky blue A:", "Q2: tell me a story A:"]
 
 
 def greedy(model, tok):
-    return [s[0]["ids"] for s in raft.generate(model, tok, PROMPTS, 1, GREEDY)]
+    return [s[0]["ids"] for s in sampling.generate(model, tok, PROMPTS, 1, GREEDY)]
 
 
 def state(model):
@@ -27,11 +29,11 @@ def state(model):
 def test_lora_trains_only_adapters_the_policy_samples_with_them_and_merge_matches(tiny_lm, prompts_file, tmp_path):
     out = tmp_path / "lora"
     cfg = raft.parse(
-        tiny_args(tiny_lm, prompts_file, out, "--iterations", "2", "--lora_r", "8", "--lr", "1e-2", "--merge_lora")
+        tiny_args(tiny_lm, prompts_file, out, "--stages", "2", "--lora_r", "8", "--lr", "1e-2", "--merge_lora")
     )
     rows, model = raft.run(cfg)
-    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out / "iter_0001"))
-    assert not (out / "iter_0001" / "model.safetensors").exists()  # only the adapters are saved per stage
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out / "stage_0001"))
+    assert not (out / "stage_0001" / "model.safetensors").exists()  # only the adapters are saved per stage
     base = load_file(os.path.join(tiny_lm, "model.safetensors"))
     trained = {
         k.replace("base_model.model.", "").replace(".base_layer", ""): v
@@ -39,15 +41,15 @@ def test_lora_trains_only_adapters_the_policy_samples_with_them_and_merge_matche
         if "lora_" not in k
     }
     assert all(torch.equal(base[k], trained[k]) for k in base if k in trained) and len(trained) >= len(base) - 1
-    a1 = load_file(out / "iter_0001" / "adapter_model.safetensors")
-    a2 = load_file(out / "iter_0002" / "adapter_model.safetensors")
+    a1 = load_file(out / "stage_0001" / "adapter_model.safetensors")
+    a2 = load_file(out / "stage_0002" / "adapter_model.safetensors")
     assert any(not torch.equal(a1[k], a2[k]) for k in a1)  # stage 2 trained the adapters further
 
     # the policy that samples is the trained one: the in-memory model = base + the last saved adapters != base
     tok = AutoTokenizer.from_pretrained(tiny_lm)
     from peft import PeftModel
 
-    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), out / "iter_0002").eval()
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), out / "stage_0002").eval()
     plain = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
     assert greedy(model, tok) == greedy(reloaded, tok) != greedy(plain, tok)
     # --merge_lora: a plain HF model that generates the same greedy tokens as base + adapters
@@ -58,9 +60,9 @@ def test_lora_trains_only_adapters_the_policy_samples_with_them_and_merge_matche
 
 def test_lora_resume_continues_from_the_adapters(tiny_lm, prompts_file, tmp_path):
     extra = ["--lora_r", "4", "--lr", "1e-2"]
-    whole = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "a", "--iterations", "2", *extra))
-    raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "b", "--iterations", "1", *extra))
-    resumed = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "b", "--iterations", "2", "--resume", *extra))
+    whole = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "a", "--stages", "2", *extra))
+    raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "b", "--stages", "1", *extra))
+    resumed = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "b", "--stages", "2", "--resume", *extra))
     drop = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
     assert drop(resumed) == drop(whole)
 
@@ -73,7 +75,7 @@ def test_8bit_base_loads_int8_layers_and_trains_adapters(tiny_lm, prompts_file, 
             tiny_lm,
             prompts_file,
             tmp_path / "q",
-            "--iterations",
+            "--stages",
             "1",
             "--load_in_8bit",
             "--lora_r",
@@ -82,7 +84,7 @@ def test_8bit_base_loads_int8_layers_and_trains_adapters(tiny_lm, prompts_file, 
             "1e-2",
         )
     )
-    model, _ = raft.load_policy(cfg, torch.device("cpu"))
+    model, _ = models.load_policy(cfg, torch.device("cpu"))
     assert any(isinstance(m, bnb.nn.Linear8bitLt) for m in model.modules())
     before = {k: v.clone() for k, v in state(model).items()}
     rows, model = raft.run(cfg)
@@ -101,7 +103,7 @@ def test_gen_dequantized_copy_matches_the_8bit_policy(tiny_lm, prompts_file, tmp
             tiny_lm,
             prompts_file,
             tmp_path / "q",
-            "--iterations",
+            "--stages",
             "1",
             "--load_in_8bit",
             "--lora_r",
@@ -111,12 +113,12 @@ def test_gen_dequantized_copy_matches_the_8bit_policy(tiny_lm, prompts_file, tmp
             "--gen_dequantized",
         )
     )
-    model, tok = raft.load_policy(cfg, torch.device("cpu"))
+    model, tok = models.load_policy(cfg, torch.device("cpu"))
     with torch.no_grad():  # non-zero adapters, so that the merge matters
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.5)
-    plain = raft.dequantized_copy(model)
+    plain = models.dequantized_copy(model)
     assert not any(isinstance(m, bnb.nn.Linear8bitLt) for m in plain.modules())
     ids = torch.tensor([tok("why is the sky blue")["input_ids"]])
     with torch.no_grad(), model.disable_adapter():
@@ -127,7 +129,7 @@ def test_gen_dequantized_copy_matches_the_8bit_policy(tiny_lm, prompts_file, tmp
     assert (ref - got).abs().max() < 0.02 * (ref - bare).abs().max() + 1e-3  # ... and the copy has them
     greedy = dataclasses.replace(cfg, temperature=0, max_new_tokens=8)
     ps = ["why is the sky", "tell me a story"]
-    assert raft.generate(model, tok, ps, 1, greedy) == raft.generate(
+    assert sampling.generate(model, tok, ps, 1, greedy) == sampling.generate(
         model, tok, ps, 1, dataclasses.replace(greedy, gen_dequantized=False)
     )
     rows, _ = raft.run(cfg)
@@ -141,7 +143,7 @@ def test_8bit_full_finetuning_is_refused(tiny_lm, prompts_file, tmp_path):
 
 @pytest.mark.parametrize("extra", [["--bf16"], ["--bf16", "--lora_r", "4"], ["--gradient_checkpointing"]])
 def test_bf16_and_checkpointing_stages_finish_and_learn(tiny_lm, prompts_file, tmp_path, extra):
-    rows, model = raft.run(raft.parse(tiny_args(tiny_lm, prompts_file, tmp_path / "m", "--iterations", "1", *extra)))
+    rows, model = raft.run(raft.parse(tiny_args(tiny_lm, prompts_file, tmp_path / "m", "--stages", "1", *extra)))
     assert rows[1]["sft_loss"] == rows[1]["sft_loss"]  # finite, not NaN
     params = dict(model.named_parameters())
     trainable = [p for p in params.values() if p.requires_grad]
@@ -186,14 +188,16 @@ def test_reward_model_in_8bit_scores_like_full_precision(tmp_path):
     assert torch.corrcoef(torch.tensor([full, int8]))[0, 1] > 0.9
 
 
-def test_frozen_reference_is_stored_in_bf16_under_bf16(tiny_lm, prompts_file, tmp_path):
-    """--kl_beta with full fine-tuning keeps p_0 as a frozen copy: bf16 under --bf16 (half the memory)."""
+def test_bf16_kl_reference_takes_the_policys_precision_path(tiny_lm, prompts_file, tmp_path):
+    """Under --bf16 full fine-tuning p_0 is fp32 under bf16 autocast, exactly as the policy: stage 0 measures a KL of
+    exactly 0 (a bf16-stored reference measured a mean of -0.0024 and up to 0.013 nats). A frozen generator copy
+    (frozen=True) is still stored in bf16."""
     cfg = raft.parse(tiny_args(tiny_lm, prompts_file, tmp_path / "x", "--bf16"))
-    ref, _ = raft.load_policy(cfg, torch.device("cpu"), frozen=True)
-    policy, _ = raft.load_policy(cfg, torch.device("cpu"))
-    assert {p.dtype for p in ref.parameters()} == {torch.bfloat16}
+    frozen, _ = models.load_policy(cfg, torch.device("cpu"), frozen=True)
+    policy, _ = models.load_policy(cfg, torch.device("cpu"))
+    assert {p.dtype for p in frozen.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in policy.parameters()} == {torch.float32}
-    rows = raft.main(
-        tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--iterations", "1", "--bf16", "--kl_beta", "0.1")
-    )
-    assert abs(rows[0]["eval_kl_to_start"]) < 0.05  # bf16 p_0 against the fp32 policy under bf16 autocast: ≈ 0
+    rows = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--stages", "1", "--bf16", "--kl_beta", "0.1"))
+    assert rows[0]["eval_kl_to_start"] == 0.0
+    assert rows[1]["kl_to_start"] == 0.0  # stage 1 samples from p_0 itself: every log-ratio is exactly 0
+    assert rows[1]["eval_kl_to_start"] != 0.0  # after fine-tuning the policy has moved

@@ -31,32 +31,32 @@ def strip(path):
 
 
 def test_killed_anywhere_then_resumed_equals_uninterrupted(tiny_lm, prompts_file, tmp_path):
-    ref = launch(tiny_args(tiny_lm, prompts_file, tmp_path / "ref", "--iterations", "3"))
+    ref = launch(tiny_args(tiny_lm, prompts_file, tmp_path / "ref", "--stages", "3"))
     assert ref.returncode == 0, ref.stderr[-2000:]
-    args = tiny_args(tiny_lm, prompts_file, tmp_path / "run", "--iterations", "3")
+    args = tiny_args(tiny_lm, prompts_file, tmp_path / "run", "--stages", "3")
     first = True
     for point in ["sample@2", "save@2", "train@3", "rank@3"]:
         out = launch(args + ([] if first else ["--resume"]), crash_at=point)
         assert out.returncode == -signal.SIGKILL, (point, out.stderr[-2000:])
         first = False
         if point == "save@2":  # killed after writing the model, before the rename: stage 2 is not complete
-            assert (tmp_path / "run" / "iter_0002.tmp").exists() and not (tmp_path / "run" / "iter_0002").exists()
+            assert (tmp_path / "run" / "stage_0002.tmp").exists() and not (tmp_path / "run" / "stage_0002").exists()
     done = launch(args + ["--resume"])
     assert done.returncode == 0, done.stderr[-2000:]
     assert strip(tmp_path / "run" / "metrics.jsonl") == strip(tmp_path / "ref" / "metrics.jsonl")
-    a, b = (load_file(tmp_path / d / "iter_0003" / "model.safetensors") for d in ("ref", "run"))
+    a, b = (load_file(tmp_path / d / "stage_0003" / "model.safetensors") for d in ("ref", "run"))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not any(d.endswith(".tmp") for d in os.listdir(tmp_path / "run"))
 
 
 def test_keep_last_deletes_old_models_only_after_the_new_one(tiny_lm, prompts_file, tmp_path):
     out = tmp_path / "k"
-    raft.main(tiny_args(tiny_lm, prompts_file, out, "--iterations", "3", "--keep_last", "1"))
+    raft.main(tiny_args(tiny_lm, prompts_file, out, "--stages", "3", "--keep_last", "1"))
     assert (
-        not (out / "iter_0001" / "model.safetensors").exists()
-        and not (out / "iter_0002" / "model.safetensors").exists()
+        not (out / "stage_0001" / "model.safetensors").exists()
+        and not (out / "stage_0002" / "model.safetensors").exists()
     )
-    assert (out / "iter_0003" / "model.safetensors").exists()
-    assert all((out / f"iter_{t:04d}" / "selected.jsonl").exists() for t in (1, 2, 3))
-    rows = raft.main(tiny_args(tiny_lm, prompts_file, out, "--iterations", "4", "--keep_last", "1", "--resume"))
-    assert [r["iteration"] for r in rows] == [0, 1, 2, 3, 4] and not (out / "iter_0003" / "model.safetensors").exists()
+    assert (out / "stage_0003" / "model.safetensors").exists()
+    assert all((out / f"stage_{t:04d}" / "selected.jsonl").exists() for t in (1, 2, 3))
+    rows = raft.main(tiny_args(tiny_lm, prompts_file, out, "--stages", "4", "--keep_last", "1", "--resume"))
+    assert [r["stage"] for r in rows] == [0, 1, 2, 3, 4] and not (out / "stage_0003" / "model.safetensors").exists()

@@ -9,7 +9,9 @@ from conftest import tiny_args
 from safetensors.torch import load_file
 
 import raft
-from raft import build_example, encode_prompt, sequence_logprobs
+import sampling
+from data import encode_prompt
+from models import build_example, sequence_logprobs
 
 TIME_KEYS = {"time_sample", "time_rank", "time_train", "time_eval"}
 
@@ -20,8 +22,8 @@ def weights(path):
 
 def test_two_stages_write_every_artifact_and_learn_the_kept_set(tiny_lm, prompts_file, tmp_path):
     out = tmp_path / "run"
-    rows = raft.main(tiny_args(tiny_lm, prompts_file, out, "--iterations", "2"))
-    assert [r["iteration"] for r in rows] == [0, 1, 2]
+    rows = raft.main(tiny_args(tiny_lm, prompts_file, out, "--stages", "2"))
+    assert [r["stage"] for r in rows] == [0, 1, 2]
     for key in [
         "reward_mean",
         "selected_reward_mean",
@@ -38,36 +40,36 @@ def test_two_stages_write_every_artifact_and_learn_the_kept_set(tiny_lm, prompts
     assert (out / "reward_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "config.json").read_text())["K"] == 4
     for t in (1, 2):
-        sel = [json.loads(line) for line in open(out / f"iter_{t:04d}" / "selected.jsonl")]
+        sel = [json.loads(line) for line in open(out / f"stage_{t:04d}" / "selected.jsonl")]
         assert len(sel) == 8 == rows[t]["n_selected"]
         assert all(set(s) >= {"prompt", "response", "reward", "rewards"} and len(s["rewards"]) == 4 for s in sel)
         assert all(s["reward"] == max(s["rewards"]) for s in sel)  # local ranking keeps the best
         assert rows[t]["selected_reward_mean"] == pytest.approx(sum(s["reward"] for s in sel) / 8)
-        assert (out / f"iter_{t:04d}" / "model.safetensors").exists()
-    w0, w1 = weights(tiny_lm), weights(out / "iter_0001")
+        assert (out / f"stage_{t:04d}" / "model.safetensors").exists()
+    w0, w1 = weights(tiny_lm), weights(out / "stage_0001")
     assert any(not torch.equal(w0[k], w1[k]) for k in w0)
 
     # fine-tuning on the kept set raised its likelihood: compare the starting model with the stage-1 model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_lm)
-    sel = [json.loads(line) for line in open(out / "iter_0001" / "selected.jsonl")]
+    sel = [json.loads(line) for line in open(out / "stage_0001" / "selected.jsonl")]
     ex = [
         build_example(encode_prompt(tok, s["prompt"]), tok(s["response"], add_special_tokens=False)["input_ids"], None)
         for s in sel
     ]
-    lp = [sum(sequence_logprobs(AutoModelForCausalLM.from_pretrained(p), ex, 8)) for p in (tiny_lm, out / "iter_0001")]
+    lp = [sum(sequence_logprobs(AutoModelForCausalLM.from_pretrained(p), ex, 8)) for p in (tiny_lm, out / "stage_0001")]
     assert lp[1] > lp[0] + 1.0
 
 
 LEARN = [
-    "--iterations",
+    "--stages",
     "4",
     "--lr",
     "1e-2",
     "--K",
     "8",
-    "--prompts_per_iter",
+    "--prompts_per_stage",
     "16",
     "--eval_prompts",
     "16",
@@ -90,18 +92,18 @@ def test_reward_rises_over_stages_and_ranking_beats_random(tiny_lm, prompts_file
 
 
 def test_resume_gives_the_same_metrics_and_weights(tiny_lm, prompts_file, tmp_path):
-    whole = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "a", "--iterations", "3"))
-    raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "b", "--iterations", "1"))
-    resumed = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "b", "--iterations", "3", "--resume"))
+    whole = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "a", "--stages", "3"))
+    raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "b", "--stages", "1"))
+    resumed = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "b", "--stages", "3", "--resume"))
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rows]
     assert strip(resumed) == strip(whole)
-    wa, wb = weights(tmp_path / "a" / "iter_0003"), weights(tmp_path / "b" / "iter_0003")
+    wa, wb = weights(tmp_path / "a" / "stage_0003"), weights(tmp_path / "b" / "stage_0003")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_same_seed_repeats_exactly_and_other_seed_differs(tiny_lm, prompts_file, tmp_path):
     runs = [
-        raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / n, "--iterations", "1", "--seed", s))
+        raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / n, "--stages", "1", "--seed", s))
         for n, s in [("a", "1"), ("b", "1"), ("c", "2")]
     ]
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in rows]
@@ -110,8 +112,8 @@ def test_same_seed_repeats_exactly_and_other_seed_differs(tiny_lm, prompts_file,
 
 @pytest.mark.parametrize("ranking", ["global", "random"])
 def test_other_rankings_run(tiny_lm, prompts_file, tmp_path, ranking):
-    rows = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--iterations", "1", "--ranking", ranking))
-    sel = [json.loads(line) for line in open(tmp_path / "r" / "iter_0001" / "selected.jsonl")]
+    rows = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--stages", "1", "--ranking", ranking))
+    sel = [json.loads(line) for line in open(tmp_path / "r" / "stage_0001" / "selected.jsonl")]
     assert len(sel) == rows[1]["n_selected"] == 8
     if ranking == "global":  # the top 8 of all 32 samples
         everything = sorted((v for s in {x["prompt"]: x for x in sel}.values() for v in s["rewards"]), reverse=True)
@@ -124,7 +126,7 @@ def test_kl_beta_and_stop_strings_run(tiny_lm, prompts_file, tmp_path):
             tiny_lm,
             prompts_file,
             tmp_path / "r",
-            "--iterations",
+            "--stages",
             "1",
             "--kl_beta",
             "0.1",
@@ -136,7 +138,7 @@ def test_kl_beta_and_stop_strings_run(tiny_lm, prompts_file, tmp_path):
     )
     assert "kl_to_start" in rows[1] and "eval_kl_to_start" in rows[1]
     assert rows[0]["eval_kl_to_start"] == pytest.approx(0.0, abs=1e-4)  # stage 0: the policy is p_0
-    sel = [json.loads(line) for line in open(tmp_path / "r" / "iter_0001" / "selected.jsonl")]
+    sel = [json.loads(line) for line in open(tmp_path / "r" / "stage_0001" / "selected.jsonl")]
     assert all("e" not in s["response"] for s in sel)
 
 
@@ -150,7 +152,7 @@ def test_generator_model_generates_and_policy_trains(tiny_lm, prompts_file, tmp_
             tiny_lm,
             prompts_file,
             tmp_path / "d",
-            "--iterations",
+            "--stages",
             "1",
             "--generator_model",
             teacher,
@@ -160,12 +162,12 @@ def test_generator_model_generates_and_policy_trains(tiny_lm, prompts_file, tmp_
             "1",
         )
     )
-    sel = [json.loads(line) for line in open(tmp_path / "d" / "iter_0001" / "selected.jsonl")]
+    sel = [json.loads(line) for line in open(tmp_path / "d" / "stage_0001" / "selected.jsonl")]
     # greedy K=1 samples of the teacher are exactly what the teacher generates for those prompts
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(teacher)
-    got = raft.generate(
+    got = sampling.generate(
         AutoModelForCausalLM.from_pretrained(teacher).eval(),
         tok,
         [s["prompt"] for s in sel],
@@ -173,7 +175,7 @@ def test_generator_model_generates_and_policy_trains(tiny_lm, prompts_file, tmp_
         raft.Config(temperature=0, max_new_tokens=12),
     )
     assert [g[0]["text"] for g in got] == [s["response"] for s in sel]
-    w0, w1 = weights(tiny_lm), weights(tmp_path / "d" / "iter_0001")
+    w0, w1 = weights(tiny_lm), weights(tmp_path / "d" / "stage_0001")
     assert any(not torch.equal(w0[k], w1[k]) for k in w0) and rows[1]["n_selected"] == len(sel) > 0
 
 
@@ -187,20 +189,20 @@ def test_finetune_from_base_restarts_each_stage(tiny_lm, prompts_file, tmp_path,
         return real(model, examples, *a, **kw)
 
     monkeypatch.setattr(raft, "finetune", spy)
-    raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "b", "--iterations", "2", "--finetune_from", "base"))
+    raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "b", "--stages", "2", "--finetune_from", "base"))
     w0 = weights(tiny_lm)
     assert len(seen) == 2 and all(torch.equal(s[k], w0[k]) for s in seen for k in w0)
-    s1, s2 = weights(tmp_path / "b" / "iter_0001"), weights(tmp_path / "b" / "iter_0002")
+    s1, s2 = weights(tmp_path / "b" / "stage_0001"), weights(tmp_path / "b" / "stage_0002")
     assert any(not torch.equal(s1[k], s2[k]) for k in s1)
     seen.clear()
-    raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "c", "--iterations", "2"))  # current: stage 2 starts at 1
-    s1 = weights(tmp_path / "c" / "iter_0001")
+    raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "c", "--stages", "2"))  # current: stage 2 starts at 1
+    s1 = weights(tmp_path / "c" / "stage_0001")
     assert all(torch.equal(seen[1][k], s1[k]) for k in s1)
 
 
 def test_eval_kl_reports_drift_without_changing_the_ranking(tiny_lm, prompts_file, tmp_path):
-    a = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "a", "--iterations", "1"))
-    b = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "b", "--iterations", "1", "--eval_kl"))
+    a = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "a", "--stages", "1"))
+    b = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "b", "--stages", "1", "--eval_kl"))
     # a Monte-Carlo estimate from 8 samples: 0 for the starting model, nonzero once the policy moved
     assert b[0]["eval_kl_to_start"] == pytest.approx(0, abs=1e-4) and abs(b[1]["eval_kl_to_start"]) > 1e-3
     assert "kl_to_start" in b[1] and "kl_to_start" not in a[1]

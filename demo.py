@@ -1,0 +1,201 @@
+"""The offline demos: a synthetic corpus, a tiny Llama pretrained on it once, and a prompt file, so that
+`python raft.py` runs with no hub and no download.
+
+- reviews (the default): short movie reviews of mixed sentiment from a small grammar; RAFT then aligns the model
+  toward positive reviews with VADER sentiment as the reward, as the paper's first version aligned GPT-2 on IMDB.
+
+The model is pretrained with the same fine-tune step as a RAFT stage (raft.py hands it in), on whole texts whose
+prompt is just BOS. This file leaves out anything a real run needs: a real run brings --model, --dataset, --reward.
+"""
+
+import json
+import os
+import random
+import time
+
+import torch
+
+from data import encode_prompt, save_model_dir, write_jsonl
+from models import build_example
+
+# Run settings of each demo: they replace the paper's defaults for every option not given on the command line.
+SETTINGS = {
+    "reviews": dict(
+        prompts_per_stage=64,
+        K=8,
+        max_new_tokens=32,
+        eval_prompts=128,
+        lr=1e-4,
+        train_batch_size=16,
+        micro_batch_size=16,
+        stages=6,
+        out_dir="runs/demo",
+        reward=["reward:vader_sentiment"],
+    ),
+}
+
+# ---- the offline demo: a grammar of short movie reviews -------------------------------------------------
+# Openers are neutral, so a prompt (the opener) says nothing about the sentiment of what follows. Each review
+# leans positive or negative, but mixes in clauses of the other side, so the pretrained model is ambivalent.
+_GENRES = (
+    "comedy|drama|thriller|western|musical|horror film|war film|cartoon|romance|mystery|sequel|remake|"
+    "documentary|space opera|heist movie|biopic"
+).split("|")
+_THINGS = (
+    "acting|plot|script|music|ending|camera work|dialogue|cast|story|pacing|soundtrack|lead actor|"
+    "villain|editing|humor|score|set design|final act"
+).split("|")
+_WHEN = (
+    "last night|on friday|this weekend|yesterday|last week|on sunday|after work|on my birthday|"
+    "on a rainy day|at midnight"
+).split("|")
+_WHO = "my sister|my dad|my friend|my wife|my brother|my roommate|my mom|my neighbor".split("|")
+_WHERE = ("at the cinema|on tv|on a plane|at home|at a festival|on my laptop|at the drive-in|in a small theater").split(
+    "|"
+)
+_TOPICS = (
+    "a small town|two brothers|a lost dog|a bank heist|a young chef|an old soldier|a haunted house|"
+    "a robot|a tennis star|a family farm"
+).split("|")
+_OPENERS = (
+    "i watched this {g} {when} and|{who} and i saw the new {g} {when} and|i rented this {g} {where} and|"
+    "this {g} about {topic} came out {when} and|we went to see this {g} {where} and|"
+    "{who} picked this {g} {when} and|the {g} about {topic} is finally here and|"
+    "i finally caught this {g} {where} and|after reading the book i saw this {g} {where} and|"
+    "this is a {g} about {topic} and"
+).split("|")
+_POS_ADJ = (
+    "great|wonderful|brilliant|superb|lovely|beautiful|excellent|charming|fun|delightful|clever|amazing|"
+    "fantastic|moving|sweet|strong|perfect|good"
+).split("|")
+_NEG_ADJ = (
+    "terrible|awful|boring|dull|weak|bad|horrible|stupid|painful|ugly|lame|dreadful|annoying|sad|poor|"
+    "messy|silly|tedious"
+).split("|")
+_POS_CLAUSES = (
+    "the {t} was {a}|the {t} is {a} and {a2}|i loved the {t}|what a {a} {t}|the {t} made me smile|"
+    "the {t} felt {a}|it was a joy to watch|i would watch it again|the {t} is really {a}|"
+    "everyone enjoyed the {t}|the {t} deserves praise"
+).split("|")
+_NEG_CLAUSES = (
+    "the {t} was {a}|the {t} is {a} and {a2}|i hated the {t}|what a {a} {t}|the {t} made me cringe|"
+    "the {t} felt {a}|it was a waste of time|i want my money back|the {t} is really {a}|"
+    "nobody liked the {t}|the {t} is a disaster"
+).split("|")
+_NEUTRAL_CLAUSES = (
+    "it runs about two hours|the {t} reminded me of an old {g}|it was shot in the winter|"
+    "the {t} changes halfway through|we had popcorn|the theater was full"
+).split("|")
+_JOINERS = ". |, and |. also |, but |. ".split("|")
+
+
+def _clause(rng, positive):
+    if rng.random() < 0.15:
+        template = rng.choice(_NEUTRAL_CLAUSES)
+    else:
+        template = rng.choice(_POS_CLAUSES if positive else _NEG_CLAUSES)
+    adjs = _POS_ADJ if positive else _NEG_ADJ
+    a, a2 = rng.sample(adjs, 2)
+    return template.format(t=rng.choice(_THINGS), a=a, a2=a2, g=rng.choice(_GENRES))
+
+
+def _review(rng):
+    opener = rng.choice(_OPENERS).format(
+        g=rng.choice(_GENRES),
+        when=rng.choice(_WHEN),
+        who=rng.choice(_WHO),
+        where=rng.choice(_WHERE),
+        topic=rng.choice(_TOPICS),
+    )
+    leans_positive = rng.random() < 0.5
+    clauses = [
+        _clause(rng, leans_positive if rng.random() < 0.75 else not leans_positive) for _ in range(rng.randint(2, 3))
+    ]
+    body = clauses[0]
+    for c in clauses[1:]:
+        body += rng.choice(_JOINERS) + c
+    return opener, " " + body + "."
+
+
+def demo_reviews(n: int, seed: int) -> list[str]:
+    """`n` synthetic reviews of mixed sentiment (about half lean positive, each mixes in the other side)."""
+    rng = random.Random(seed)
+    return ["".join(_review(rng)) for _ in range(n)]
+
+
+def demo_prompts(n: int, seed: int) -> list[str]:
+    """`n` prompts: the neutral openers of fresh reviews (a different seed than the training corpus)."""
+    rng = random.Random(seed)
+    return [_review(rng)[0] for _ in range(n)]
+
+
+def train_demo_tokenizer(texts: list[str], vocab_size: int = 512):
+    """A byte-level BPE tokenizer trained on `texts`, with <s> (added in front of every text), </s> and <pad>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def prepare(kind: str, demo_dir: str, finetune) -> tuple[str, str]:
+    """Build once (cached in demo_dir/kind) the demo's tiny Llama and its prompt file; return their paths.
+    finetune(model, examples, lr, epochs, batch) is raft.py's fine-tune step."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model_dir, prompts_file = os.path.join(demo_dir, "model"), os.path.join(demo_dir, "prompts.jsonl")
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        t0 = time.time()
+        print(f"demo: building the starting model in {model_dir} (once) ...", flush=True)
+        torch.manual_seed(0)
+        reviews = demo_reviews(6000, seed=0)
+        tok = train_demo_tokenizer(reviews)
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=128,
+            intermediate_size=384,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=128,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            tie_word_embeddings=True,
+        )
+        model = LlamaForCausalLM(config)
+        bos = encode_prompt(tok, "")  # the prompt of a whole review is just BOS
+        examples = [
+            build_example(bos, tok(r, add_special_tokens=False)["input_ids"], tok.eos_token_id) for r in reviews
+        ]
+        loss = finetune(model, examples, lr=3e-3, epochs=3, batch=32)
+        save_model_dir(model_dir, model, tok)
+        print(f"demo: pretrained on {len(reviews)} reviews in {time.time() - t0:.0f}s (final loss {loss:.2f})")
+    if not os.path.exists(prompts_file):
+        write_jsonl(prompts_file, [{"prompt": p} for p in demo_prompts(2000, seed=1)])
+    return model_dir, prompts_file
+
+
+def summary(rows: list[dict], out_dir: str, seconds: float):
+    """The demo's closing lines: the held-out reward and diversity before and after, and a few samples of each."""
+    first, last = rows[0], rows[-1]
+    print(
+        f"\ndemo: held-out VADER reward {first['eval_reward_mean']:+.3f} -> {last['eval_reward_mean']:+.3f}, "
+        f"distinct-2 {first['eval_distinct_2']:.3f} -> {last['eval_distinct_2']:.3f} ({seconds:.0f}s)"
+    )
+    for t in (first["stage"], last["stage"]):
+        with open(os.path.join(out_dir, f"stage_{t:04d}", "eval_samples.jsonl")) as f:
+            samples = [json.loads(line) for line in f][:4]
+        print(f"held-out samples after stage {t}:")
+        for s in samples:
+            print(f"  [{s['reward']:+.2f}] {s['prompt']} >>{s['response']}")

@@ -1,0 +1,123 @@
+"""The process around the algorithm: who this process is under torchrun, rank-0 printing and progress bars, the few
+collectives the loop needs, the device, phase timing, the metrics logger and the test crash hook.
+
+A plain `python raft.py` is rank 0 of 1 and every collective here is then a no-op. Imports no kit module.
+"""
+
+import contextlib
+import os
+import signal
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+# torchrun sets these; a plain `python raft.py` is rank 0 of 1
+RANK = int(os.environ.get("RANK", 0))
+WORLD = int(os.environ.get("WORLD_SIZE", 1))
+LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))
+MASTER = RANK == 0  # only rank 0 prints, shows progress bars and writes files
+# launched by torchrun, even with one process: DDP / FSDP2 over a process group, the same code path as 8 GPUs
+DIST = WORLD > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def print0(*args):
+    if MASTER:
+        print(*args, flush=True)
+
+
+def bar(iterable, desc, total=None):
+    # disable=None lets tqdm decide: a bar on a terminal, none in a log file; never on other ranks
+    return tqdm(iterable, desc=desc, total=total, disable=None if MASTER else True, leave=False, dynamic_ncols=True)
+
+
+def quiet_libraries():
+    """The kit prints its own lines: libraries only speak up about errors (no 'Writing model shards' bars)."""
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        import datasets
+
+        datasets.utils.logging.set_verbosity_error()
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+
+
+def shard(items: list) -> list:
+    """This rank's contiguous share of a global list."""
+    n = len(items)
+    return items[RANK * n // WORLD : (RANK + 1) * n // WORLD]
+
+
+def gather(items: list) -> list:
+    """Every rank's list concatenated in rank order, on every rank."""
+    if WORLD == 1:
+        return items
+    parts = [None] * WORLD
+    torch.distributed.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def barrier():
+    if WORLD > 1:
+        torch.distributed.barrier()
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """cuda:LOCAL_RANK when asked for (or available under auto), else the CPU."""
+    cuda = name == "cuda" or (name == "auto" and torch.cuda.is_available())
+    return torch.device(f"cuda:{LOCAL_RANK}" if cuda else "cpu")
+
+
+def start(device: torch.device) -> bool:
+    """Join torchrun's process group (NCCL between GPUs, gloo on CPUs); True when this call created it."""
+    if not DIST or torch.distributed.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def stop(own: bool):
+    # every rank reaches the barrier before the group goes, so no rank tears it down under another's last collective
+    if own:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def crash_point(phase: str, stage: int):
+    """Test hook: RAFT_CRASH_AT=phase@stage (every rank) or phase@stage:rank kills this process here (SIGKILL)."""
+    if os.environ.get("RAFT_CRASH_AT") in (f"{phase}@{stage}", f"{phase}@{stage}:{RANK}"):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def phase(name: str, m: dict, device: torch.device):
+    """Seconds of one phase into m["time_<name>"] and, on a GPU, this rank's peak memory into m["peak_gib_<name>"]."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.time()
+    yield
+    m[f"time_{name}"] = time.time() - t0
+    if cuda:
+        m[f"peak_gib_{name}"] = torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def make_logger(report_to: str, out_dir: str, config: dict):
+    """log(metrics, step) to tensorboard or wandb on rank 0; a no-op elsewhere or with report_to none."""
+    if not MASTER or report_to == "none":
+        return lambda m, step: None
+    if report_to == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+
+        w = SummaryWriter(os.path.join(out_dir, "tensorboard"))
+        return lambda m, step: [w.add_scalar(k, v, step) for k, v in m.items() if isinstance(v, (int, float))]
+    import wandb
+
+    wandb.init(project="raft", config=config, dir=out_dir)
+    return lambda m, step: wandb.log(m, step=step)
