@@ -219,7 +219,9 @@ def pack(examples, packed=True) -> tuple[list[list[int]], int]:
     return rows, C
 
 
-def _logprobs(model, examples, bf16: bool, packed: bool):
+def _tokens(model, examples, bf16: bool, packed: bool, entropy=False):
+    """log p(label) at every labelled position [n], the example each belongs to [n] (in order within an example),
+    and with entropy=True the entropy of the model's next-token distribution there [n]."""
     rows, C = pack(examples, packed)
     ids = torch.zeros((len(rows), C), dtype=torch.long)  # padding is a segment of its own after every example
     pos = torch.arange(C).repeat(len(rows), 1)
@@ -247,8 +249,16 @@ def _logprobs(model, examples, bf16: bool, packed: bool):
     finally:
         hook.remove()
     lp = -torch.nn.functional.cross_entropy(logits, tgt.flatten()[keep].to(device), reduction="none")  # [n]
-    seg = seg.flatten()[keep].to(device)
-    total = torch.zeros(len(examples), device=device, dtype=lp.dtype).index_add(0, seg, lp)
+    ent = None
+    if entropy:
+        logp = logits.log_softmax(-1)
+        ent = -(logp.exp() * logp).sum(-1)
+    return lp, seg.flatten()[keep].to(device), ent
+
+
+def _logprobs(model, examples, bf16: bool, packed: bool):
+    lp, seg, _ = _tokens(model, examples, bf16, packed)
+    total = torch.zeros(len(examples), device=lp.device, dtype=lp.dtype).index_add(0, seg, lp)
     return total, torch.bincount(seg, minlength=len(examples))
 
 
@@ -271,9 +281,34 @@ def packing_is_exact(model, examples, bf16=False) -> bool:
     return base._raft_packing_exact
 
 
+def _packed(model, examples, bf16) -> bool:
+    return len(examples) > 1 and packing_is_exact(model, examples, bf16)
+
+
 def example_logprobs(model, examples, bf16=False):
     """Sum of log p(label) over each example's labelled positions, and their count: ([B], [B])."""
-    return _logprobs(model, examples, bf16, packed=len(examples) < 2 or packing_is_exact(model, examples, bf16))
+    return _logprobs(model, examples, bf16, _packed(model, examples, bf16))
+
+
+def token_logprobs(model, examples, bf16=False, entropy=False):
+    """log p(label) per labelled position [n] and the example of each [n] (and the entropy there [n])."""
+    return _tokens(model, examples, bf16, _packed(model, examples, bf16), entropy)
+
+
+@torch.no_grad()
+def sampling_policy(model, examples, batch_size: int, bf16=False) -> tuple[list[torch.Tensor], float]:
+    """RAFT++'s π_old before a stage's first update: each example's per-token log-probs, and the mean per-token
+    entropy of the policy on them. Computed by the same packed forward as training (not the sampler's numbers, which
+    differ by kernel); dropout off."""
+    model.eval()
+    out, ent = [], []
+    with full_weights(model):  # no collectives: ranks may hold different numbers of batches
+        for s in range(0, len(examples), batch_size):
+            lp, seg, e = token_logprobs(model, examples[s : s + batch_size], bf16, entropy=True)
+            out += [lp[seg == j].cpu() for j in range(len(examples[s : s + batch_size]))]
+            ent.append(e.cpu())
+    ent = torch.cat(ent) if ent else torch.zeros(0)
+    return out, ent.mean().item() if len(ent) else float("nan")
 
 
 @torch.no_grad()
@@ -288,6 +323,17 @@ def sequence_logprobs(model, examples, batch_size: int, bf16=False) -> list[floa
 
 
 # ---- the variants of the loop: who samples, where each stage starts, the KL reference ----------------------
+def retokenize(samples, tok):
+    for s in (s for row in samples for s in row):
+        s["ids"] = tok(s["text"], add_special_tokens=False)["input_ids"]
+        s["end_id"] = None if s["end_id"] is None else tok.eos_token_id
+
+
+def example_major(seg: torch.Tensor) -> torch.Tensor:
+    """Where each example-major token (examples in order, tokens in order) stands in the packed order seg gives."""
+    return torch.argsort(torch.argsort(seg, stable=True), stable=True)
+
+
 def load_generator(cfg, model, tok, device):
     """The model that samples: the policy, or a frozen --generator_model with its own tokenizer (paper Table 8)."""
     if not cfg.generator_model:

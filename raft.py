@@ -1,19 +1,15 @@
 """RAFT: Reward rAnked FineTuning (Dong et al., TMLR 2023, arXiv 2304.06767), one stage after another:
 
   1. sample     the next b = --prompts_per_stage prompts of a shuffled stream; K responses each at temperature λ
-  2. rank       score every (prompt, response) with --reward; keep the best response per prompt (--ranking)
-  3. fine-tune  supervised fine-tuning of the current model on the kept set: loss on response tokens and the EOS
-                of responses that ended, a fresh AdamW with linear decay every stage
+  2. rank       score every (prompt, response) with --reward; keep the best per prompt (or as --ranking says)
+  3. fine-tune  SFT of the current model on the kept set (response tokens and EOS; a fresh AdamW every stage)
 Stage 0 evaluates the starting model on held-out prompts; every stage after it is evaluated and saved the same way.
 
     python raft.py                                      # the offline demo: a tiny Llama learns positive reviews
-    python raft.py --model M --reward R --dataset D     # your own run
     torchrun --nproc_per_node 8 raft.py --model M --reward R --dataset D --bf16   # the paper's 8 GPUs
 
 Each rank samples and scores its share of the prompts; every rank ranks the whole gathered batch and trains on its
-rows of it. Left out on purpose: PPO-style value models and online RL (RAFT needs neither); the engines live in
-sampling.py (step 1), models.py (weights and log-probabilities) and dist.py (the processes). docs/how-it-works.md
-follows this file and lists where it departs from the authors' code.
+rows of it. The engines live in sampling.py, models.py and dist.py; docs/how-it-works.md follows this file.
 """
 
 import contextlib
@@ -37,8 +33,8 @@ from data import stop_strings, write_metrics
 from dist import DIST, MASTER, RANK, WORLD, bar, barrier, crash_point, gather, make_logger, phase, pick_device, print0
 from dist import quiet_libraries, shard
 from eval import evaluate, plot_rewards, score_samples, stage_line
-from models import example, example_logprobs, fsdp_modules, full_state_dict, load_generator, load_policy
-from models import load_tokenizer, make_kl, release, restore, save_merged, trainable_state
+from models import example, fsdp_modules, full_state_dict, load_generator, load_policy, sampling_policy, token_logprobs
+from models import example_major, load_tokenizer, make_kl, release, restore, retokenize, save_merged, trainable_state
 from reward import load_rewards, parse_weights
 from sampling import generate
 
@@ -59,9 +55,12 @@ class Config:  # defaults are the paper's; docs/options.md has each option's pro
     top_k: int = opt(0, "top-k filter while sampling; 0 is off (paper: 0)")
     top_p: float = opt(1.0, "nucleus filter while sampling; 1 is off (paper: 1.0)")
     max_new_tokens: int = opt(128, "longest response in tokens (paper: 128)")
-    ranking: str = opt("local", "local: best per prompt (paper); global: top b of all b·K; random: the control")
+    ranking: str = opt("local", "local: best per prompt (paper); global: top b of b·K; random; positive: all correct")
+    keep_threshold: float = opt(1.0, "--ranking positive keeps every sample whose reward is at least this")
     lr: float = opt(2e-5, "peak learning rate of AdamW, decayed linearly to 0 within each stage (paper: 2e-5)")
     epochs: int = opt(2, "fine-tuning epochs over each stage's kept set (paper: 2)")
+    loss: str = opt("sft", "sft: the paper's NLL; raftpp: tokens weighted by π_θ/π_old, clipped (RAFT++)")
+    clip_eps: float = opt(0.2, "RAFT++: the ratio is clipped to [1 − ε, 1 + ε]")
     stages: int = opt(10, "RAFT stages (paper: about 10 to 18, until the reward stops rising)")
     # model, data, reward
     model: Optional[str] = opt(None, "hub id or path of the causal LM to align; none runs the offline demo")
@@ -120,7 +119,7 @@ class Config:  # defaults are the paper's; docs/options.md has each option's pro
     demo_dir: str = opt("runs/demo_model", "where the demo's model and prompts are built once")
 
 
-RANKINGS = ("local", "global", "random")
+RANKINGS = ("local", "global", "random", "positive")
 
 
 def validate(cfg: Config, needs_reward=True):
@@ -136,14 +135,17 @@ def validate(cfg: Config, needs_reward=True):
     need(cfg.train_batch_size % WORLD == 0, f"--train_batch_size {cfg.train_batch_size} is not divisible by the "
          f"{WORLD} processes; use a multiple of {WORLD}")  # fmt: skip
     need(cfg.micro_batch_size >= 1 and cfg.gen_batch_size >= 1, "--micro_batch_size and --gen_batch_size ≥ 1")
-    need(cfg.gen_backend in ("fast", "hf", "vllm"), f"--gen_backend {cfg.gen_backend!r}: fast, hf or vllm")
-    need(cfg.ranking in RANKINGS, f"--ranking {cfg.ranking!r}: choose one of {RANKINGS}")
+    choices = dict(gen_backend=("fast", "hf", "vllm"), ranking=RANKINGS, loss=("sft", "raftpp"), prompt_format=FORMATS,
+                   finetune_from=("current", "base"), report_to=("none", "tensorboard", "wandb"),
+                   demo=tuple(demo.SETTINGS))  # fmt: skip
+    for name, options in choices.items():
+        need(getattr(cfg, name) in options, f"--{name} {getattr(cfg, name)!r}: choose one of {options}")
+    need(cfg.clip_eps > 0, "--clip_eps must be > 0")
     need(cfg.temperature >= 0, "--temperature must be ≥ 0 (0 = greedy)")
     need(0 < cfg.top_p <= 1, "--top_p must be in (0, 1]")
     need(cfg.top_k >= 0 and cfg.max_new_tokens >= 1 and cfg.eval_prompts >= 0,
          "--top_k, --eval_prompts ≥ 0 and --max_new_tokens ≥ 1")  # fmt: skip
     need(cfg.kl_beta >= 0, "--kl_beta must be ≥ 0")
-    need(cfg.finetune_from in ("current", "base"), f"--finetune_from {cfg.finetune_from!r}: current or base")
     need(cfg.lora_r > 0 or not cfg.load_in_8bit, "--load_in_8bit trains adapters on a frozen 8-bit base; full "
          "fine-tuning of 8-bit weights is not possible: add --lora_r 16 (or drop --load_in_8bit)")  # fmt: skip
     need(cfg.lora_r > 0 or not cfg.merge_lora, "--merge_lora needs --lora_r > 0")
@@ -153,13 +155,8 @@ def validate(cfg: Config, needs_reward=True):
          "where it loads; drop --offload_reward (or load it in bf16)")  # fmt: skip
     need(cfg.keep_last >= 0, "--keep_last must be ≥ 0 (0 keeps every stage's model)")
     need(cfg.lr > 0 and cfg.epochs >= 1 and cfg.stages >= 1, "--lr > 0, --epochs ≥ 1, --stages ≥ 1")
-    need(cfg.report_to in ("none", "tensorboard", "wandb"), "--report_to: none, tensorboard or wandb")
-    need(cfg.prompt_format in FORMATS, f"--prompt_format {cfg.prompt_format!r}: choose one of {FORMATS}")
-    need(cfg.demo in demo.SETTINGS, f"--demo {cfg.demo!r}: choose one of {tuple(demo.SETTINGS)}")
-    need(
-        cfg.reward or not needs_reward,
-        "--reward is required with --model (file.py:function, module:function or a reward model)",
-    )
+    need(cfg.reward or not needs_reward, "--reward is required with --model (file.py:function, module:function or "
+         "a reward model)")  # fmt: skip
     need(cfg.dataset is not None, "--dataset is required with --model (a .jsonl file or a dataset name)")
     need(not (cfg.eval_split and str(cfg.dataset).endswith(".jsonl")), "--eval_split: a .jsonl file is one split; "
          "use a directory of <split>.jsonl files or a hub dataset, or drop --eval_split")  # fmt: skip
@@ -182,18 +179,15 @@ def sample(gen_model, gen_tok, tok, prompts: list[str], cfg: Config, t: int) -> 
     return samples
 
 
-def retokenize(samples, tok):
-    for s in (s for row in samples for s in row):
-        s["ids"] = tok(s["text"], add_special_tokens=False)["input_ids"]
-        s["end_id"] = None if s["end_id"] is None else tok.eos_token_id
-
-
 # ---- step 2: rank ------------------------------------------------------------------------------------------------
-def select(scores: torch.Tensor, valid: torch.Tensor, mode: str, gen: torch.Generator) -> list[tuple[int, int]]:
+def select(scores: torch.Tensor, valid: torch.Tensor, mode: str, gen: torch.Generator, threshold=1.0):
     """Which samples to keep, from scores and valid [b, K]: sorted (prompt, sample) pairs. local: the best valid
-    sample per prompt; global: the b best valid samples of all b·K; random: a uniformly random valid one per prompt.
-    Prompts without a valid sample are skipped."""
+    sample per prompt; global: the b best valid samples of all b·K; random: a uniformly random valid one per prompt;
+    positive: every valid sample scoring at least threshold (0/1 rewards: every correct one). Prompts without a
+    valid sample are skipped."""
     b, K = scores.shape
+    if mode == "positive":
+        return [(int(i), int(j)) for i, j in (valid & (scores >= threshold)).nonzero()]
     if mode == "global":
         flat = scores.masked_fill(~valid, -math.inf).flatten()
         order = torch.sort(flat, descending=True, stable=True).indices[: min(b, int(valid.sum()))]
@@ -221,7 +215,11 @@ def rank_samples(prompts, samples, cfg: Config, gen):
         log_ratio = torch.tensor([s["log_ratio"] for s in flat]).view(b, K)
         scores = rewards - cfg.kl_beta * log_ratio
         m["kl_to_start"] = log_ratio.mean().item()
-    keep = select(scores.masked_fill(~valid, 0.0), valid, cfg.ranking, gen)
+    keep = select(scores.masked_fill(~valid, 0.0), valid, cfg.ranking, gen, cfg.keep_threshold)
+    if cfg.ranking == "positive":  # prompts whose K samples all agree carry no signal between samples
+        good = valid & (scores >= cfg.keep_threshold)
+        m.update(prompts_all_correct=good.all(1).float().mean().item(),
+                 prompts_none_correct=(~good.any(1)).float().mean().item(), kept_per_prompt=len(keep) / b)  # fmt: skip
     rows = [{"prompt": prompts[i], "response": samples[i][j]["text"], "reward": rewards[i, j].item(),
              "rewards": rewards[i].tolist(), "ended": samples[i][j]["end_id"] is not None}
             for i, j in keep]  # fmt: skip
@@ -234,10 +232,20 @@ def rank_samples(prompts, samples, cfg: Config, gen):
 
 
 # ---- step 3: fine-tune -------------------------------------------------------------------------------------------
-def finetune(model, examples, cfg: Config, seed: int, stage: int = 0, spread=True) -> float:
-    """SFT on examples [(input_ids, labels)]; returns the last epoch's mean token loss. A fresh AdamW every call: each
+def clipped_objective(lp, old, adv, eps: float):
+    """RAFT++'s per-token objective, PPO's clipped surrogate: min(r·A, clip(r, 1−ε, 1+ε)·A) with r = π_θ/π_old; and
+    where the clip holds (there the gradient is 0, which bounds how far one stage moves the policy)."""
+    ratio = (lp - old).exp()
+    plain, clipped = ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv
+    return torch.minimum(plain, clipped), clipped < plain
+
+
+def finetune(model, examples, cfg: Config, seed: int, stage=0, spread=True, old=None, adv=None, stats=None) -> float:
+    """SFT on examples [(input_ids, labels)]; returns the last epoch's mean token NLL. A fresh AdamW every call: each
     stage is a new SFT problem with its own schedule. With spread (under torchrun) every rank takes every WORLD-th row
-    of each global batch and DDP (LoRA, 8-bit) or FSDP2 (full) averages the gradients."""
+    of each global batch and DDP (LoRA, 8-bit) or FSDP2 (full) averages the gradients. With old (each example's
+    per-token log-probs under the sampling policy) and adv (per example): RAFT++'s clipped objective instead of the
+    NLL; stats["clip_frac"] gets the share of clipped tokens."""
     rank, world = (RANK, WORLD) if spread else (0, 1)
     model.train()
     device = next(model.parameters()).device
@@ -249,12 +257,13 @@ def finetune(model, examples, cfg: Config, seed: int, stage: int = 0, spread=Tru
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / total)  # linear decay to 0
     gen = torch.Generator().manual_seed(seed)
     pbar = bar(range(total), "train")
+    clip = torch.zeros(2, device=device)  # clipped tokens, all tokens (RAFT++)
     for _ in range(cfg.epochs):
         perm = torch.randperm(len(examples), generator=gen).tolist()
         loss_sum = torch.zeros(2, device=device)  # this rank's summed token loss and token count, this epoch
         for s in range(0, len(perm), cfg.train_batch_size):
-            batch = sorted((examples[i] for i in perm[s : s + cfg.train_batch_size]), key=lambda e: len(e[0]))
-            n_tok = sum(sum(t != -100 for t in y[1:]) for _, y in batch)  # the loss is a mean over these tokens
+            batch = sorted(perm[s : s + cfg.train_batch_size], key=lambda i: len(examples[i][0]))
+            n_tok = sum(sum(t != -100 for t in examples[i][1][1:]) for i in batch)  # the loss is a mean over these
             rows = batch[rank::world]  # sorted by length, so every rank gets a similar share of tokens
             # every rank runs the same number of micro-steps (DDP and FSDP2 sync in the backward); a rank with fewer
             # rows repeats a row with weight 0
@@ -267,9 +276,15 @@ def finetune(model, examples, cfg: Config, seed: int, stage: int = 0, spread=Tru
                 if fsdp:
                     model.set_requires_gradient_sync(sync)
                 with net.no_sync() if net is not model and not sync else contextlib.nullcontext():
-                    lp, n = example_logprobs(net, part, cfg.bf16)
-                    (-lp.sum() * weight * world / max(n_tok, 1)).backward()  # × world: DDP averages over ranks
-                loss_sum += torch.stack([-lp.detach().sum(), n.sum().float()]) * weight
+                    lp, seg, _ = token_logprobs(net, [examples[i] for i in part], cfg.bf16)
+                    obj = lp
+                    if old is not None:  # RAFT++: each token weighted by π_θ/π_old, clipped
+                        old_lp = torch.cat([old[i] for i in part]).to(device)[example_major(seg)]
+                        a = torch.tensor([adv[i] for i in part], device=device)[seg]
+                        obj, held = clipped_objective(lp, old_lp, a, cfg.clip_eps)
+                        clip += torch.stack([held.sum(), torch.tensor(len(held), device=device)]) * weight
+                    (-obj.sum() * weight * world / max(n_tok, 1)).backward()  # × world: DDP averages over ranks
+                loss_sum += torch.stack([-lp.detach().sum(), torch.tensor(len(lp), device=device)]) * weight
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
             sched.step()
@@ -280,6 +295,9 @@ def finetune(model, examples, cfg: Config, seed: int, stage: int = 0, spread=Tru
     model.eval()
     if world > 1:
         torch.distributed.all_reduce(loss_sum)
+        torch.distributed.all_reduce(clip)
+    if stats is not None and old is not None:
+        stats["clip_frac"] = (clip[0] / clip[1].clamp(min=1)).item()
     return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
 
 
@@ -350,8 +368,14 @@ def run(cfg: Config):
         with phase("train", times, device):
             if initial:
                 restore(model, initial)
-            m["sft_loss"] = finetune(model, examples, cfg, seed=cfg.seed * 1000 + t, stage=t) if examples else None
-            if not examples:
+            m["sft_loss"] = None
+            if examples:
+                # π_old of RAFT++ (the policy that sampled), and its entropy on the kept responses: collapse shows here
+                old, m["entropy_kept"] = sampling_policy(model, examples, cfg.micro_batch_size, cfg.bf16)
+                adv = [s["reward"] if cfg.ranking == "positive" else 1.0 for _, s in kept]
+                raftpp = dict(old=old, adv=adv, stats=m) if cfg.loss == "raftpp" else {}
+                m["sft_loss"] = finetune(model, examples, cfg, seed=cfg.seed * 1000 + t, stage=t, **raftpp)
+            else:
                 print0(f"stage {t}: every sample was discarded (NaN reward, empty, or --discard_regex); no fine-tuning")
         with phase("eval", times, device):
             em, eval_rows = evaluate(model, tok, eval_p, reward_fn, cfg, seed=cfg.seed * 1000, kl=kl)

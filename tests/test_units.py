@@ -349,3 +349,70 @@ def test_a_saved_model_is_moved_aside_before_the_new_one_takes_its_place(tiny_lm
     assert AutoModelForCausalLM.from_pretrained(out + ".old") is not None  # the old model, whole
     data.save_model_dir(out, model, tok)  # the next save completes and cleans up
     assert sorted(os.listdir(tmp_path)) == ["m"]
+
+
+def test_positive_keeps_every_correct_sample_and_counts_the_prompts_without_signal():
+    s = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    assert select(s, ALL, "positive", torch.Generator()) == [(0, 0), (0, 2), (2, 0), (2, 1), (2, 2)]
+    valid = ALL.clone()
+    valid[2, 1] = False  # an invalid (empty, NaN, discarded) sample is never kept, even when it scores 1
+    assert (2, 1) not in select(s, valid, "positive", torch.Generator())
+    assert select(s * 0.5, ALL, "positive", torch.Generator(), threshold=0.5) == select(s, ALL, "positive", None)
+    rows, kept, m = _rank([["a", "b", "c"], ["d", "e", "f"], ["g", "h", "i"]], s.tolist(), ranking="positive")
+    assert len(kept) == 5 and m["kept_per_prompt"] == pytest.approx(5 / 3)
+    assert m["prompts_all_correct"] == pytest.approx(1 / 3) and m["prompts_none_correct"] == pytest.approx(1 / 3)
+
+
+def test_clip_stops_gradients_where_it_should():
+    """Hand-made ratios 0.5, 1, 1.5 with ε = 0.2: for A > 0 the clip holds above 1.2 (no gradient there), for A < 0
+    below 0.8; elsewhere the gradient is r·A, as PPO's surrogate."""
+    for adv, grads, held in [(1.0, [0.5, 1.0, 0.0], [False, False, True]),
+                             (-1.0, [0.0, -1.0, -1.5], [True, False, False])]:  # fmt: skip
+        lp = torch.tensor([0.5, 1.0, 1.5]).log().requires_grad_()
+        obj, h = raft.clipped_objective(lp, torch.zeros(3), torch.full((3,), adv), 0.2)
+        obj.sum().backward()
+        assert lp.grad.tolist() == pytest.approx(grads) and h.tolist() == held
+
+
+def _tiny_examples(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        p = torch.randint(4, 60, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
+        r = torch.randint(4, 60, (int(torch.randint(2, 9, (1,), generator=g)),), generator=g).tolist()
+        out.append(build_example(p, r, 2))
+    return out
+
+
+def test_raftpp_with_one_optimizer_step_equals_sft_and_then_departs():
+    """One optimizer step per stage: π_θ = π_old at the step, every ratio is 1 and RAFT++ is the SFT step. With
+    many steps at a large rate the ratios leave [1 − ε, 1 + ε], tokens are clipped and the two differ."""
+    exs = _tiny_examples()
+
+    def run(loss, steps, lr):
+        model = tiny_family("llama")
+        cfg = Config(lr=lr, epochs=steps, train_batch_size=len(exs), micro_batch_size=2, loss=loss)
+        old, _ = models.sampling_policy(model, exs, 4)
+        stats = {}
+        extra = dict(old=old, adv=[1.0] * len(exs), stats=stats) if loss == "raftpp" else {}
+        raft.finetune(model, exs, cfg, seed=0, **extra)
+        return model.state_dict(), stats
+
+    (sft, _), (pp, stats) = run("sft", 1, 1e-2), run("raftpp", 1, 1e-2)
+    assert all(torch.allclose(sft[k], pp[k], atol=1e-6) for k in sft) and stats["clip_frac"] == 0.0
+    (sft, _), (pp, stats) = run("sft", 8, 5e-2), run("raftpp", 8, 5e-2)
+    assert stats["clip_frac"] > 0 and any(not torch.allclose(sft[k], pp[k], atol=1e-4) for k in sft)
+
+
+def test_entropy_of_the_sampling_policy_matches_a_direct_computation():
+    model, exs = tiny_family("llama"), _tiny_examples()
+    old, entropy = models.sampling_policy(model, exs, 4)
+    ents, lps = [], []
+    with torch.no_grad():
+        for x, y in exs:  # one example alone, the whole vocabulary, position j predicting token j + 1
+            logp = model(input_ids=torch.tensor([x])).logits[0].float().log_softmax(-1)
+            at = [j for j in range(len(x) - 1) if y[j + 1] != -100]
+            ents += [-(logp[j].exp() * logp[j]).sum().item() for j in at]
+            lps.append(torch.tensor([logp[j, y[j + 1]].item() for j in at]))
+    assert entropy == pytest.approx(sum(ents) / len(ents), abs=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(old, lps))
