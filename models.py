@@ -176,6 +176,7 @@ def save_merged(cfg, adapter_dir: str, out: str):
     )
     merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
     save_model_dir(out, merged, AutoTokenizer.from_pretrained(adapter_dir))
+    print0(f"merged LoRA model: {out}")
 
 
 # ---- log-probabilities of (prompt, response) rows: the KL term, the SFT loss, perplexity --------------------------

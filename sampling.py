@@ -10,14 +10,15 @@ strings and truncation mean the same everywhere.
 """
 
 import contextlib
+import os
 
 import torch
 from transformers import GenerationConfig
 
 import fastgen
 from data import encode_prompt
-from dist import bar, print0
-from models import amp, dequantized_copy, full_weights, pad_id
+from dist import RANK, bar, print0
+from models import amp, dequantized_copy, fsdp_modules, full_weights, pad_id
 
 
 def cut_response(ids: list[int], tok, eos_ids: set, stop: list[str]) -> dict:
@@ -58,7 +59,8 @@ def generate(model, tok, prompts: list[str], K: int, cfg, desc="sample", engine=
     if engine is not None:  # --gen_backend vllm: the engine already holds the policy's weights
         import vllm_gen
 
-        new = vllm_gen.sample(engine, enc, K, **_sampling(cfg), eos_ids=ends)
+        seed = int(torch.randint(2**31 - 1, (1,)))  # from torch's RNG, which the caller seeded by (seed, stage, rank)
+        new = vllm_gen.sample(engine["llm"], enc, K, **_sampling(cfg), eos_ids=ends, lora=engine["lora"], seed=seed)
         return [[cut_response(ids, tok, ends, cfg.stop) for ids in row] for row in new]
     new, policy = None, model
     if cfg.gen_dequantized and getattr(model, "is_loaded_in_8bit", False):
@@ -121,3 +123,55 @@ def hf_generate(model, tok, enc: list[list[int]], K: int, cfg, ends: set, desc: 
         for r, i in enumerate(idx):
             out[i] = new[r * K : (r + 1) * K]
     return out
+
+
+# ---- --gen_backend vllm: one engine per process that always samples from the current policy --------------------
+def start_engine(cfg, model, device, work_dir: str):
+    """A vLLM engine in this process on the model that samples (the policy, or a frozen --generator_model), with the
+    policy's current weights in it (also after --resume); None for the other backends."""
+    if cfg.gen_backend != "vllm":
+        return None
+    import vllm_gen
+
+    if cfg.temperature > 2:
+        raise SystemExit(f"--gen_backend vllm: --temperature {cfg.temperature} is above vLLM's limit of 2")
+    llm = vllm_gen.make_engine(
+        cfg.generator_model or cfg.model, dtype="bfloat16" if cfg.bf16 else "float32", seed=cfg.seed,
+        max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens, gpu_memory_utilization=cfg.vllm_memory,
+        enable_lora=bool(cfg.lora_r) and not cfg.generator_model, max_lora_rank=max(cfg.lora_r, 8),
+        enable_sleep_mode=device.type == "cuda",
+    )  # fmt: skip
+    engine = {"llm": llm, "lora": None, "work": work_dir, "stage": 0}
+    if not cfg.generator_model:
+        sync_engine(engine, model, cfg)
+    return engine
+
+
+def sync_engine(engine, model, cfg):
+    """After a stage's fine-tuning: LoRA hands vLLM the adapters (saved per rank; vLLM runs them on the base, which
+    under --load_in_8bit is the full-precision base, not the int8 one); full fine-tuning pushes the weights."""
+    if engine is None or cfg.generator_model:
+        return
+    import vllm_gen
+
+    vllm_gen.wake(engine["llm"])
+    engine["stage"] += 1
+    if cfg.lora_r:  # a new directory each time: vLLM keeps an adapter it has loaded under its path
+        engine["lora"] = os.path.join(engine["work"], f"rank{RANK}", f"adapter_{engine['stage']:04d}")
+        model.save_pretrained(engine["lora"])
+        return
+    if fsdp_modules(model):  # every rank's engine needs the whole model: gathered on every rank
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    else:
+        weights = model.state_dict()
+    vllm_gen.push_weights(engine["llm"], weights.items())
+
+
+def sleep_engine(engine):
+    """On a GPU, free the engine's memory while the policy trains (a no-op on CPU)."""
+    if engine is not None:
+        import vllm_gen
+
+        vllm_gen.sleep(engine["llm"])
