@@ -77,9 +77,12 @@ def make_engine(
     max_lora_rank: int = 16,
     enable_sleep_mode: bool = False,
     enforce_eager=None,
+    block_size: int | None = None,
 ):
     """A vLLM engine for model_dir (an HF checkpoint directory) in this process. max_model_len: the longest prompt
-    plus max_new_tokens. enforce_eager: None = eager on CPU, CUDA graphs on a GPU."""
+    plus max_new_tokens. enforce_eager: None = eager on CPU, CUDA graphs on a GPU. block_size: tokens per KV-cache
+    block (None: vLLM's, 16 on a GPU, 128 on CPU); the prefix cache shares whole blocks only, so a prompt's K
+    samples share its prefill up to its last full block."""
     if dtype not in ("float32", "bfloat16", "float16"):
         raise SystemExit(f"--gen_backend vllm: dtype {dtype!r}: float32, bfloat16 or float16")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
@@ -87,6 +90,8 @@ def make_engine(
     vllm = _vllm()
     cpu = _on_cpu()
     kw = dict(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1) if enable_lora else {}
+    if block_size:
+        kw["block_size"] = block_size
     try:
         llm = vllm.LLM(
             model=model_dir,

@@ -50,7 +50,10 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(models):
     t = time.perf_counter()
-    eng = vllm_gen.make_engine(models[0], dtype="float32", seed=0, max_model_len=128, enable_lora=True, max_lora_rank=8)
+    # blocks of 32 tokens (vLLM's CPU default is 128): a 70-token prompt fills two, which the prefix cache keeps
+    eng = vllm_gen.make_engine(
+        models[0], dtype="float32", seed=0, max_model_len=128, enable_lora=True, max_lora_rank=8, block_size=32
+    )
     eng._start_s = time.perf_counter() - t
     return eng
 
@@ -64,8 +67,8 @@ def hf(path):
     return model
 
 
-def greedy(engine, K=1, n=16, **kw):
-    return vllm_gen.sample(engine, PROMPTS, K, max_new_tokens=n, temperature=0, top_k=0, top_p=1, eos_ids={EOS}, **kw)
+def greedy(engine, K=1, n=16, prompts=PROMPTS, **kw):
+    return vllm_gen.sample(engine, prompts, K, max_new_tokens=n, temperature=0, top_k=0, top_p=1, eos_ids={EOS}, **kw)
 
 
 @pytest.mark.parametrize("K", [1, 3])
@@ -190,16 +193,17 @@ def test_bad_arguments_are_one_line(engine):
 
 def test_push_weights(engine, models):
     other = hf(models[1])
-    want = [[hf_greedy(other, p, 16)] for p in PROMPTS]
-    before = greedy(engine)
+    prompts = PROMPTS + [list(range(3, 73))]  # 70 tokens: two full blocks, cached by the first call below
+    want = [[hf_greedy(other, p, 16)] for p in prompts]
+    before = greedy(engine, prompts=prompts)
     assert before != want
     vllm_gen.push_weights(engine, other.state_dict())
-    assert greedy(engine) == want  # the same prompts again: the prefix cache of the old weights was dropped
+    assert greedy(engine, prompts=prompts) == want  # so the prefix cache of the old weights was dropped
     partial = {k: v for k, v in hf(models[0]).state_dict().items() if "layers.1.mlp" not in k}
     with pytest.raises(SystemExit, match="left 2 of the engine's weights unloaded"):
         vllm_gen.push_weights(engine, partial)
     vllm_gen.push_weights(engine, hf(models[0]).state_dict())  # back to the engine's own model
-    assert greedy(engine) == before
+    assert greedy(engine, prompts=prompts) == before
 
 
 def test_throughput(engine, capsys):
