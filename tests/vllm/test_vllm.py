@@ -162,6 +162,16 @@ def test_seed_determines_samples_regardless_of_batch(engine):
     assert torch.rand(1) != untouched
 
 
+def test_seeded_sampling_of_more_prompt_tokens_than_a_step_takes(engine):
+    """64 prompts of 60 tokens x K=4: more prompt tokens than the engine prefills in one step (4096 on CPU). With
+    chunked prefill vLLM would rewind a seeded request's generator, which CPU generators cannot do."""
+    prompts = [[(11 * i + j) % 250 + 3 for j in range(60)] for i in range(64)]
+    kw = dict(max_new_tokens=4, temperature=1.0, top_k=0, top_p=1.0, eos_ids=set(), seed=21)
+    rows = vllm_gen.sample(engine, prompts, 4, **kw)
+    assert [len(r) for r in rows] == [4] * 64 and all(len(s) == 4 for r in rows for s in r)
+    assert vllm_gen.sample(engine, prompts[:2], 4, **kw) == rows[:2]  # and still independent of the batch
+
+
 def test_sleep_wake_are_noops_on_cpu(engine, models):
     before = greedy(engine)
     vllm_gen.sleep(engine)
