@@ -43,6 +43,7 @@ must be free when it starts.
 
 import hashlib
 import json
+import logging
 import os
 
 # push_weights needs the engine's worker in this process; set before vllm is imported (it reads envs lazily)
@@ -105,6 +106,10 @@ def make_engine(
         # chunked prefill rewinds a seeded request's generator when a prompt is split over steps, and CPU
         # generators cannot rewind ("CPU Generator does not use offset"): prefill each prompt whole instead
         kw.update(enable_chunked_prefill=False, max_num_batched_tokens=max(4096, max_model_len))
+    # without a tokenizer (ids in, ids out) vLLM's chat-template warmup logs a "failed" traceback; nothing here chats
+    quiet = logging.getLogger("vllm.renderers.base")
+    chat_warmup = lambda record: record.getMessage() != "Chat template warmup failed"
+    quiet.addFilter(chat_warmup)
     try:
         llm = vllm.LLM(
             model=model_dir,
@@ -124,6 +129,8 @@ def make_engine(
         llm.generate([{"prompt_token_ids": [0]}], vllm.SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
     except Exception as e:
         raise SystemExit(f"--gen_backend vllm: vLLM cannot run {model_dir}: {_one_line(e)}")
+    finally:
+        quiet.removeFilter(chat_warmup)
     llm._raft = {"cpu": cpu, "sleep_mode": enable_sleep_mode and not cpu, "lora": enable_lora, "loras": {}}
     return llm
 
