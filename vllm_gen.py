@@ -119,9 +119,9 @@ def make_engine(
             gpu_memory_utilization=gpu_memory_utilization,
             enforce_eager=cpu if enforce_eager is None else enforce_eager,
             enable_sleep_mode=enable_sleep_mode and not cpu,  # the CPU worker has no sleep mode
-            enable_prefix_caching=True,  # the K samples of a prompt (and shared prefixes) prefill once
+            enable_prefix_caching=True,  # a prompt's K samples (and shared prefixes) share its full blocks' prefill
             generation_config="vllm",  # ignore generation_config.json: sample exactly as asked
-            skip_tokenizer_init=True,  # ids in, ids out; no EOS but the eos_ids sample() is given
+            skip_tokenizer_init=True,  # ids in, ids out: the kit's tokenizer does the rest
             **kw,
         )
         # a one-token probe: some refusals (e.g. an attention head size the CPU kernels lack) come only at the
@@ -131,7 +131,7 @@ def make_engine(
         raise SystemExit(f"--gen_backend vllm: vLLM cannot run {model_dir}: {_one_line(e)}")
     finally:
         quiet.removeFilter(chat_warmup)
-    llm._raft = {"cpu": cpu, "sleep_mode": enable_sleep_mode and not cpu, "lora": enable_lora, "loras": {}}
+    llm._raft = {"sleep_mode": enable_sleep_mode and not cpu, "lora": enable_lora, "loras": {}}
     return llm
 
 

