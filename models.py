@@ -365,7 +365,7 @@ def restore(model, initial: dict):
     """--finetune_from base: put back the stage-0 values of what trains before each stage's fine-tuning."""
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if n in initial:
+            if initial and n in initial:
                 p.copy_(initial[n])
 
 

@@ -325,7 +325,9 @@ def run(cfg: Config):
     model, tok = load_policy(cfg, device, checkpoint=checkpoint, shard=DIST)
     kl = make_kl(cfg, model, device)
     gen_model, gen_tok = load_generator(cfg, model, tok, device)
-    engine = start_engine(cfg, model, device, os.path.join(cfg.out_dir, "vllm"))  # None unless --gen_backend vllm
+    engine = start_engine(
+        cfg, model, device, os.path.join(cfg.out_dir, "vllm"), context
+    )  # None unless --gen_backend vllm
     initial = None
     if cfg.finetune_from == "base":  # the stage-0 values of what trains (all weights, or the seeded LoRA init)
         initial = trainable_state(load_policy(cfg, device, shard=DIST)[0] if start else model)
@@ -371,9 +373,8 @@ def run(cfg: Config):
             examples = [example(tok, p, s) for p, s in kept]
         crash_point("rank", t)
         with phase("train", times, device):
-            sleep_engine(engine)
-            if initial:
-                restore(model, initial)
+            sleep_engine(engine, cfg)
+            restore(model, initial)  # --finetune_from base: back to the stage-0 weights (None: a no-op)
             m["sft_loss"] = None
             if examples:
                 # π_old of RAFT++ (the policy that sampled), and its entropy on the kept responses: collapse shows here

@@ -126,7 +126,7 @@ def hf_generate(model, tok, enc: list[list[int]], K: int, cfg, ends: set, desc: 
 
 
 # ---- --gen_backend vllm: one engine per process that always samples from the current policy --------------------
-def start_engine(cfg, model, device, work_dir: str):
+def start_engine(cfg, model, device, work_dir: str, context: int):
     """A vLLM engine in this process on the model that samples (the policy, or a frozen --generator_model), with the
     policy's current weights in it (also after --resume); None for the other backends."""
     if cfg.gen_backend != "vllm":
@@ -137,7 +137,8 @@ def start_engine(cfg, model, device, work_dir: str):
         raise SystemExit(f"--gen_backend vllm: --temperature {cfg.temperature} is above vLLM's limit of 2")
     llm = vllm_gen.make_engine(
         cfg.generator_model or cfg.model, dtype="bfloat16" if cfg.bf16 else "float32", seed=cfg.seed,
-        max_model_len=cfg.max_prompt_tokens + cfg.max_new_tokens, gpu_memory_utilization=cfg.vllm_memory,
+        max_model_len=min(context, cfg.max_prompt_tokens + cfg.max_new_tokens),
+        gpu_memory_utilization=cfg.vllm_memory,
         enable_lora=bool(cfg.lora_r) and not cfg.generator_model, max_lora_rank=max(cfg.lora_r, 8),
         enable_sleep_mode=device.type == "cuda",
     )  # fmt: skip
@@ -169,9 +170,10 @@ def sync_engine(engine, model, cfg):
     vllm_gen.push_weights(engine["llm"], weights.items())
 
 
-def sleep_engine(engine):
-    """On a GPU, free the engine's memory while the policy trains (a no-op on CPU)."""
+def sleep_engine(engine, cfg):
+    """On a GPU, free the engine's memory while the policy trains (a no-op on CPU). Its weights are kept where no
+    push follows (LoRA, a generator model); full fine-tuning pushes new ones anyway."""
     if engine is not None:
         import vllm_gen
 
-        vllm_gen.sleep(engine["llm"])
+        vllm_gen.sleep(engine["llm"], keep_weights=bool(cfg.lora_r or cfg.generator_model))
