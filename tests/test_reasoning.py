@@ -1,16 +1,35 @@
 """RAFT for reasoning: GSM8K and MATH-500 rows (tests/fixtures, in the datasets' schemas) become templated prompts
-with gold answers and columns."""
+with gold answers and columns; rewards take the columns they name; math_verify and exact_number check answers (in a
+worker thread, bounded in time)."""
 
 import json
 import os
+import threading
+import time
 
 import pytest
 from transformers import ByT5Tokenizer
 
+import reward
 from data import PROMPT_TEMPLATE, format_prompts, load_prompts, load_rows, resolve_format
+from reward import exact_number, load_rewards, math_verify, reward_columns, verify_answers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GSM8K, MATH500 = (os.path.join(HERE, "fixtures", f) for f in ("gsm8k.jsonl", "math500.jsonl"))
+
+
+# rewards in the `f(prompts, responses, <columns>)` convention, loaded as test_reasoning:<name>
+def same_answer(prompts, responses, answer):
+    return [float(r == a) for r, a in zip(responses, answer)]
+
+
+def with_level(prompts, responses, answer, *, level=None, missing_ok=0):
+    return [float(lv) for lv in level]
+
+
+def every_column(prompts, responses, **columns):
+    every_column.seen = columns
+    return [0.0] * len(prompts)
 
 
 # ---- data ----------------------------------------------------------------------------------------------------
@@ -52,3 +71,102 @@ def test_reasoning_rows_with_no_gold_answer_are_one_line_errors(tmp_path):
         load_prompts(GSM8K, prompt_format="math")
     with pytest.raises(SystemExit, match=r"--prompt_template .* \{question\}"):
         load_prompts(GSM8K, template="Solve: {problem}")
+
+
+# ---- rewards that see the dataset's columns ------------------------------------------------------------------
+def test_rewards_get_exactly_the_columns_they_name():
+    columns = {"p1": {"answer": "4", "level": 1}, "p2": {"answer": "5", "level": 3}}
+    fn = load_rewards(["test_reasoning:same_answer", "test_reasoning:with_level"], "1,10", columns=columns)
+    assert fn(["p2", "p1"], ["5", "5"]) == [31.0, 10.0]  # each prompt's own answer and level, in the batch's order
+    assert fn.columns == ["answer", "level"]
+    fn = load_rewards(["test_reasoning:every_column"], columns=columns)
+    fn(["p1"], ["x"])
+    assert every_column.seen == {"answer": ["4"], "level": [1]} and fn.columns == ["answer", "level"]
+    # keyed by the prompt the policy saw; the reward sees the prompt_view text
+    fn = load_rewards(
+        ["test_reasoning:same_answer"], columns={"<chat>q": {"answer": "4"}}, prompt_view={"<chat>q": "q"}
+    )
+    assert fn(["<chat>q"], ["4"]) == [1.0]
+    fn = load_rewards(["test_reasoning:same_answer"], columns={"q": {"answer": "4"}}, prompt_view={"<chat>q": "q"})
+    assert fn(["<chat>q"], ["4"]) == [1.0]  # or by the text the reward sees (eval.py scores that text)
+    assert load_rewards(["reward:vader_sentiment"], columns=columns).columns == []
+    assert reward_columns(lambda prompts, responses: [], "model", ["answer"]) == []  # a reward model's closure
+
+
+def test_a_column_the_data_lacks_is_a_one_line_error():
+    with pytest.raises(SystemExit) as e:
+        load_rewards(["reward:math_verify"], columns={"p": {"solution": "s"}})
+    msg = str(e.value)
+    assert "reward:math_verify" in msg and "'answer'" in msg and "['solution']" in msg and "\n" not in msg
+    with pytest.raises(SystemExit, match="'answer'"):
+        load_rewards(["reward:exact_number"])  # no columns at all
+    fn = load_rewards(["test_reasoning:same_answer"], columns={"p": {"answer": "4"}})
+    with pytest.raises(SystemExit, match="test_reasoning:same_answer: no dataset columns for the prompt 'other'"):
+        fn(["other"], ["4"])
+
+
+def test_exact_number_reads_the_last_number_gsm8k_style():
+    cases = [
+        ("So she spends $15.", "15", 1.0),  # a trailing full stop is not a decimal point
+        ("It has 1,800 books.", "1800", 1.0),  # thousands commas
+        ("12 + 3 = 15, then 1,234,567", "1234567", 1.0),
+        ("The change is -3", "-3", 1.0),
+        ("5-3", "-3", 0.0),  # a minus after a number is subtraction
+        ("It costs 3.50 dollars", "3.5", 1.0),
+        ("It costs 3.5 dollars", "3.50", 1.0),
+        ("first 15, then 16", "15", 0.0),  # the last number counts
+        ("no number here", "15", 0.0),
+        ("#### 72", "72", 1.0),
+    ]
+    assert exact_number([""] * len(cases), [c[0] for c in cases], [c[1] for c in cases]) == [c[2] for c in cases]
+    with pytest.raises(SystemExit, match=r"reward:exact_number: the answer 'x\^2' is not a number"):
+        exact_number(["p"], ["1"], ["x^2"])
+    records = load_prompts(GSM8K)[0]  # every fixture row's worked answer ends in its gold answer
+    assert exact_number([], [row["answer"] for row in load_rows(GSM8K)], [r["answer"] for r in records]) == [1.0] * 8
+
+
+def test_math_verify_equal_answers_in_several_forms():
+    cases = [
+        (r"so the answer is \boxed{\frac{1}{2}}", "0.5", 1.0),
+        (r"\boxed{0.5}", r"\frac12", 1.0),  # bare LaTeX gold, unboxed
+        (r"\boxed{2x+1}", "1+2x", 1.0),  # a bare expression: parse() alone would read the gold as 1
+        (r"\boxed{1}", "1+2x", 0.0),
+        (r"Thus $x = 3$.", "3", 1.0),
+        (r"\boxed{3}", "x=3", 1.0),
+        (r"\boxed{\dfrac{14}{3}}", r"\frac{14}{3}", 1.0),
+        (r"\boxed{\frac{1}{3}}", "0.5", 0.0),
+        ("I do not know.", "7", 0.0),
+        ("", "7", 0.0),
+    ]
+    assert math_verify([""] * len(cases), [c[0] for c in cases], answer=[c[1] for c in cases]) == [c[2] for c in cases]
+    rows, records = load_rows(MATH500), load_prompts(MATH500)[0]
+    fn = load_rewards(["reward:math_verify"], columns={r["prompt"]: r["columns"] for r in records})
+    prompts = [r["prompt"] for r in records]
+    assert fn(prompts, [row["solution"] for row in rows]) == [1.0] * 8  # each fixture solution boxes its answer
+    assert fn(prompts, [row["solution"] for row in rows[1:] + rows[:1]]) == [0.0] * 8  # another row's: wrong
+
+
+def test_math_verify_works_in_a_thread_and_bounds_a_pathological_response(monkeypatch):
+    verify_answers(["1", "2"], [r"\boxed{1}", r"\boxed{2}"])  # the checking processes start outside the clock
+    started, start = [*reward._mv_idle], reward._mv_start
+    monkeypatch.setattr(reward, "_mv_start", lambda: started.append(start()) or started[-1])
+    monkeypatch.setattr(reward, "MATH_VERIFY_TIMEOUT", 2.0)
+    out, took = [], []
+
+    def work():  # sympy spins on the tower of powers: its response scores 0, the others are still checked
+        t0 = time.monotonic()
+        out.append(math_verify(["p"] * 3, [r"\boxed{9^{9^{9^{9^{9}}}}}", r"\boxed{4}", "5"], answer=["3", "4", "5"]))
+        took.append(time.monotonic() - t0)
+
+    worker = threading.Thread(target=work, daemon=True)
+    try:
+        worker.start()
+        worker.join(60)  # a hang fails here instead of hanging the suite
+        assert not worker.is_alive() and out == [[0.0, 1.0, 1.0]]
+        assert took[0] < 12, took  # one 2 s deadline (plus a replacement process starting), not sympy's hours
+        assert verify_answers(["6"], [r"\boxed{6}"]) == [1.0]  # the stuck process was replaced
+        assert not [p for p in started if p.poll() is None and p not in reward._mv_idle]  # and killed, not left
+    finally:
+        for p in started:
+            if p not in reward._mv_idle:
+                p.kill()
