@@ -1,8 +1,10 @@
 """RAFT for reasoning: GSM8K and MATH-500 rows (tests/fixtures, in the datasets' schemas) become templated prompts
 with gold answers and columns; rewards take the columns they name; math_verify and exact_number check answers (in a
-worker thread, bounded in time)."""
+worker thread, bounded in time); pass@k, maj@n and eval.py --responses --pass_k."""
 
+import itertools
 import json
+import math
 import os
 import threading
 import time
@@ -10,6 +12,7 @@ import time
 import pytest
 from transformers import ByT5Tokenizer
 
+import eval as ev
 import reward
 from data import PROMPT_TEMPLATE, format_prompts, load_prompts, load_rows, resolve_format
 from reward import exact_number, load_rewards, math_verify, reward_columns, verify_answers
@@ -170,3 +173,63 @@ def test_math_verify_works_in_a_thread_and_bounds_a_pathological_response(monkey
         for p in started:
             if p not in reward._mv_idle:
                 p.kill()
+
+
+# ---- pass@k and majority vote --------------------------------------------------------------------------------
+def test_pass_at_k_by_hand_and_by_enumeration():
+    assert ev.pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert ev.pass_at_k(4, 1, 2) == pytest.approx(0.5)
+    assert ev.pass_at_k(4, 1, 4) == 1.0 and ev.pass_at_k(4, 0, 4) == 0.0 and ev.pass_at_k(4, 4, 1) == 1.0
+    assert ev.pass_at_k(5, 2, 2) == pytest.approx(0.7)  # 1 - C(3,2)/C(5,2) = 1 - 3/10
+    for n in range(1, 8):
+        for c in range(n + 1):
+            for k in range(1, n + 1):  # the share of k-subsets of n samples that hold a correct one
+                subsets = list(itertools.combinations([True] * c + [False] * (n - c), k))
+                assert ev.pass_at_k(n, c, k) == pytest.approx(sum(map(any, subsets)) / len(subsets), abs=1e-12)
+    assert 0 < ev.pass_at_k(2000, 3, 1000) < 1 and math.isfinite(ev.pass_at_k(2000, 3, 1000))  # no C(2000, 1000)
+    with pytest.raises(SystemExit, match="pass@5"):
+        ev.pass_at_k(4, 1, 5)
+
+
+def rows_of(groups):
+    """Rows of several responses per prompt: groups = {prompt: [(response, reward), ...]}."""
+    return [{"prompt": p, "response": t, "reward": r} for p, rs in groups.items() for t, r in rs]
+
+
+def test_pass_at_k_table_and_majority_vote_by_hand():
+    rows = rows_of({
+        "a": [(r"\boxed{4}", 1.0), (r"\boxed{5}", 0.0), (r"\boxed{5}", 0.0), ("so 4", 1.0)],  # tie: 4 came first
+        "b": [(r"\boxed{7}", 0.0), ("7", 0.0), (r"\boxed{2}", 1.0), (r"\boxed{7}", 0.0)],  # vote 7: wrong
+        "c": [("no idea", 0.0), ("none", float("nan")), ("?", 0.0), (r"\boxed{9}", 1.0)],  # one answer: 9, right
+        "d": [("hmm", 0.0), ("no", 0.0), ("...", 0.0), ("?", 0.0)],  # nothing to vote on: left out of maj@n
+    })  # fmt: skip
+    t = ev.pass_at_k_table(rows, [1, 2, 4])
+    # per prompt c = 2, 1, 1, 0 of n = 4: pass@1 = (0.5 + 0.25 + 0.25 + 0) / 4; pass@2 = (5/6 + 0.5 + 0.5 + 0) / 4
+    assert t == pytest.approx({"pass@1": 0.25, "pass@2": (5 / 6 + 1) / 4, "pass@4": 0.75})
+    assert ev.maj_at_n(rows) == pytest.approx(2 / 3)
+    assert ev.maj_at_n(rows_of({"d": [("no", 1.0)]})) is None
+    with pytest.raises(SystemExit, match="--pass_k 4: a prompt has only 3"):
+        ev.pass_at_k_table(rows[:-1], [1, 4])
+
+
+def test_extract_answer():
+    assert ev.extract_answer(r"first \boxed{1}, finally \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"  # the last box
+    assert ev.extract_answer(r"\boxed{\left( 2, \frac{3 \pi}{2} \right)}") == r"\left( 2, \frac{3 \pi}{2} \right)"
+    assert ev.extract_answer(r"\boxed{1,000}") == ev.extract_answer("so 1000.0") == "1000"  # one spelling each
+    assert ev.extract_answer(r"\boxed{2} and then \boxed{3") == "2"  # a box cut off mid-answer is not an answer
+    assert ev.extract_answer("she pays $3.50.") == "3.5" and ev.extract_answer("it is -4") == "-4"
+    assert ev.extract_answer("no answer") is None
+
+
+def test_eval_responses_with_pass_k(tmp_path, capsys):
+    f = tmp_path / "responses.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows_of({"a": [("4", 1.0), ("5", 0.0)], "b": [("1", 0.0)] * 2})))
+    m = ev.main(["--responses", str(f), "--pass_k", "1,2"])
+    assert m["pass@1"] == pytest.approx(0.25) and m["pass@2"] == pytest.approx(0.5) and m["maj@n"] == 0.5
+    assert m["distinct_1"] > 0 and json.loads(capsys.readouterr().out) == m  # beside the text metrics, printed
+    assert "pass@1" not in ev.main(["--responses", str(f)])  # without --pass_k: as before
+    with pytest.raises(SystemExit, match="--pass_k 'one'"):
+        ev.main(["--responses", str(f), "--pass_k", "one"])
+    f.write_text(json.dumps({"response": "4"}) + "\n")
+    with pytest.raises(SystemExit, match="line 1 needs a string `prompt` and a number `reward`"):
+        ev.main(["--responses", str(f), "--pass_k", "1"])
