@@ -6,7 +6,11 @@
   and any response fields asked for. Formats: raw (the prompt as it is), hh (an HH-RLHF conversation written as
   the paper's `###Human: q###Assistant:` text; rows with no human text are skipped and counted), auto (hh for rows
   with HH-RLHF's chosen and rejected fields). --chat_template renders the turns with the tokenizer's template for
-  the policy, while rewards still see the text they were trained on.
+  the policy, while rewards still see the text they were trained on. For reasoning: gsm8k (GSM8K's `question`, and
+  its `answer` whose final value follows `####`) and math (MATH-500's `problem` and `answer`) put the problem into
+  the prompt template (PROMPT_TEMPLATE: reason step by step, final answer in \boxed{}) and the gold answer into the
+  record's `answer`; auto picks them by those fields. Every record carries `columns`: the row's other string and
+  number fields (with the extracted `answer`), which rewards may take (reward.py).
 - `usable_prompts` and `held_out`: the prompts a run can use (no duplicates, short enough) and the held-out draw
   that raft.py and eval.py share, so both evaluate on the same prompts.
 - The run directory: every file and stage directory is written aside, fsynced and renamed, so after a crash or a
@@ -23,7 +27,10 @@ import shutil
 
 import torch
 
-FORMATS = ("auto", "hh", "raw")
+FORMATS = ("auto", "hh", "raw", "gsm8k", "math")
+PROBLEM_FIELD = {"gsm8k": "question", "math": "problem"}  # the problem's field in GSM8K and MATH-500 rows
+# {question} becomes the problem's text; every other character, braces included, is kept as written
+PROMPT_TEMPLATE = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
 HH_STOP = ["###Human", "Human:"]  # the next human turn: the paper stopped responses there
 # a turn starts at the beginning or after a blank line (spaces allowed), with "Human:" or "Assistant:"
 _CUE = re.compile(r"(?:^|\n\s*\n)\s*(Human|Assistant):")
@@ -109,11 +116,32 @@ def stop_strings(fmt: str, stop: list[str]) -> list[str]:
 
 
 def resolve_format(prompt_format: str, rows) -> str:
-    """auto -> hh for rows in the HH-RLHF schema (chosen and rejected beside the prompt), else raw."""
+    """auto -> hh for rows in the HH-RLHF schema (chosen and rejected beside the prompt), gsm8k for GSM8K's
+    (question, and an answer with `####`), math for MATH-500's (problem and answer), else raw."""
     if prompt_format != "auto":
         return prompt_format
-    first = rows[0]
-    return "hh" if isinstance(first, dict) and {"chosen", "rejected"} <= set(first) else "raw"
+    first = rows[0] if isinstance(rows[0], dict) else {}
+    if {"chosen", "rejected"} <= set(first):
+        return "hh"
+    if "question" in first and "####" in str(first.get("answer", "")):
+        return "gsm8k"
+    return "math" if {"problem", "answer"} <= set(first) else "raw"
+
+
+def row_columns(row: dict, field: str) -> dict:
+    """The row's fields other than the prompt's that a reward may take: strings and numbers."""
+    return {k: v for k, v in row.items() if k != field and isinstance(v, (str, int, float))}
+
+
+def gold_answer(row: dict, fmt: str):
+    """The final answer of a GSM8K row (after `####`, without thousands commas) or a MATH row (its `answer`), or None
+    if the row has none."""
+    answer = row.get("answer")
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+        answer = str(answer)
+    if not isinstance(answer, str) or (fmt == "gsm8k" and "####" not in answer):
+        return None
+    return (answer.split("####")[-1].strip().replace(",", "") if fmt == "gsm8k" else answer.strip()) or None
 
 
 def format_prompts(
@@ -124,10 +152,17 @@ def format_prompts(
     chat_template: bool = False,
     responses=(),
     name: str = "--dataset",
+    template: str = PROMPT_TEMPLATE,
 ) -> tuple[list[dict], str]:
-    """Records {row, prompt, reward_prompt, <response fields>} of the usable rows, and the resolved format.
-    len(rows) - len(records) rows were skipped (hh: no human text or a blank response)."""
+    """Records {row, prompt, reward_prompt, columns, <response fields>} (gsm8k and math: and the gold `answer`) of
+    the usable rows, and the resolved format. len(rows) - len(records) rows were skipped (hh: no human text or a
+    blank response). gsm8k and math read the problem from question / problem while `field` is the default prompt,
+    and write it into `template` at {question}."""
     fmt = resolve_format(prompt_format, rows)
+    if fmt in PROBLEM_FIELD:
+        field = PROBLEM_FIELD[fmt] if field == "prompt" else field
+        if "{question}" not in template:
+            raise SystemExit(f"--prompt_template {template!r} has no {{question}}, where the problem goes; add it")
     if chat_template and (tok is None or not getattr(tok, "chat_template", None)):
         raise SystemExit(
             "--chat_template: the model's tokenizer has no chat template; drop --chat_template (the "
@@ -138,7 +173,7 @@ def format_prompts(
         row = row if isinstance(row, dict) else {}
         value = row.get(field)
         bad = [
-            f for f in (field, *responses) if not isinstance(row.get(f), str) or (fmt == "raw" and not row[f].strip())
+            f for f in (field, *responses) if not isinstance(row.get(f), str) or (fmt != "hh" and not row[f].strip())
         ]
         if bad:
             flag = "--prompt_field" if bad[0] == field else "--sft_field"
@@ -146,7 +181,16 @@ def format_prompts(
                 f"{name} {_where(name, i)}: field {bad[0]!r} is missing, not a string, or empty (got "
                 f"{row.get(bad[0])!r}); fix the row or pass {flag}"
             )
-        if fmt == "raw":
+        columns = row_columns(row, field)
+        if fmt in PROBLEM_FIELD:
+            columns["answer"] = gold_answer(row, fmt)
+            if columns["answer"] is None:
+                need = "a string ending in '#### <final answer>'" if fmt == "gsm8k" else "the final answer"
+                raise SystemExit(f"{name} {_where(name, i)}: field 'answer' must be {need} (got "
+                                 f"{row.get('answer')!r}); fix the row or use --prompt_format raw")  # fmt: skip
+            reward_prompt = template.replace("{question}", value.strip())
+            turns = [("Human", reward_prompt)]
+        elif fmt == "raw":
             turns, reward_prompt = [("Human", value)], value
         else:
             turns = hh_turns(value)
@@ -157,7 +201,10 @@ def format_prompts(
             "row": i,
             "prompt": chat_text(tok, turns) if chat_template else reward_prompt,
             "reward_prompt": reward_prompt,
+            "columns": columns,
         }
+        if fmt in PROBLEM_FIELD:
+            rec["answer"] = columns["answer"]
         rec.update({f: dataset_response(row[f], fmt, chat_template) for f in responses})
         records.append(rec)
     if not records:
@@ -173,11 +220,12 @@ def load_prompts(
     tok=None,
     chat_template: bool = False,
     responses=(),
+    template: str = PROMPT_TEMPLATE,
 ) -> tuple[list[dict], str, int]:
     """format_prompts(load_rows(dataset, split), ...) -> (records, resolved format, rows skipped)."""
     rows = load_rows(dataset, split)
     name = dataset if os.path.isfile(dataset) else f"--dataset {dataset}"
-    records, fmt = format_prompts(rows, field, prompt_format, tok, chat_template, responses, name)
+    records, fmt = format_prompts(rows, field, prompt_format, tok, chat_template, responses, name, template)
     return records, fmt, len(rows) - len(records)
 
 
@@ -214,8 +262,9 @@ def encode_pair(tok, prompt: str, response: str) -> tuple[list[int], list[int]]:
 def usable_prompts(cfg, tok, context, split, responses=(), unique=True, log=print) -> tuple[list[dict], str]:
     """Records of `split` whose prompt fits --max_prompt_tokens and the context with --max_new_tokens to spare;
     without duplicate prompts for RAFT's prompt sets (unique), every row for SFT pairs. Also the resolved format."""
+    template = getattr(cfg, "prompt_template", PROMPT_TEMPLATE)  # eval.py's options have none: the default
     records, fmt, skipped = load_prompts(
-        cfg.dataset, split, cfg.prompt_field, cfg.prompt_format, tok, cfg.chat_template, responses
+        cfg.dataset, split, cfg.prompt_field, cfg.prompt_format, tok, cfg.chat_template, responses, template
     )
     if skipped:
         log(f"{cfg.dataset} {split}: skipped {skipped} rows with no human text or an empty response")

@@ -3,7 +3,12 @@ reward plot, and the paper's Table 3 for any set of models.
 
     python eval.py --model A --model B --dataset Dahoas/full-hh-rlhf --reward R   # Table 3 on held-out prompts
     python eval.py --responses FILE.jsonl                                        # text metrics of responses
+    python eval.py --responses FILE.jsonl --pass_k 1,4                           # and pass@k, maj@n per prompt
     python eval.py --sweep runs/ablate/k                                         # an ablate.sh sweep's table
+
+For rule-checked rewards (a response is correct when its reward is >= 1.0): `pass_at_k` (Chen et al. 2021's unbiased
+estimator), `pass_at_k_table` over responses grouped by prompt, `maj_at_n` (majority vote over the extracted final
+answers, `extract_answer`).
 
 Table 3's prompts are the held-out prompts raft.py draws (data.held_out) for the same --dataset, split, seed and
 --eval_prompts; every model samples with the same random numbers. Metric definitions: docs/metrics.md.
@@ -15,6 +20,7 @@ import math
 import os
 import re
 from collections import Counter
+from decimal import Decimal
 
 import torch
 
@@ -22,7 +28,7 @@ from data import FORMATS, dataset_response, encode_pair, held_out, load_rows, re
 from data import stop_strings, usable_prompts, write_jsonl
 from dist import RANK, gather, pick_device, print0, shard
 from models import build_example, example, load_policy, load_tokenizer, sequence_logprobs
-from reward import load_rewards, score
+from reward import last_number, load_rewards, score
 from sampling import generate
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -165,6 +171,75 @@ def sweep_table(root: str) -> str:
     return "\n".join(lines)
 
 
+# ---- rule-checked answers: pass@k and majority vote ---------------------------------------------------------
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The chance that at least one of k responses drawn without replacement from n, of which c are correct, is
+    correct: 1 - C(n-c, k) / C(n, k), as the product 1 - Π_{i=n-c+1..n} (1 - k/i) (no huge binomials)."""
+    if not 0 <= c <= n or k < 1 or k > n:
+        raise SystemExit(f"pass@{k} of {c} correct in {n} samples: need 1 <= k <= n and 0 <= c <= n; lower k or "
+                         f"sample more responses per prompt")  # fmt: skip
+    if n - c < k:  # every draw of k holds a correct one
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def _by_prompt(rows: list[dict]) -> dict:
+    """prompt -> its rows, prompts in the order they first appear."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(r["prompt"], []).append(r)
+    return groups
+
+
+def pass_at_k_table(rows: list[dict], ks) -> dict:
+    """{"pass@k": mean over prompts of pass_at_k} for rows with `prompt` and `reward`, several per prompt; a response
+    is correct when its reward is >= 1.0 (a NaN reward is not)."""
+    groups = _by_prompt(rows)
+    n_min = min(len(g) for g in groups.values())
+    if max(ks) > n_min:
+        raise SystemExit(f"--pass_k {max(ks)}: a prompt has only {n_min} responses; pass k <= {n_min} or sample more")
+    out = {}
+    for k in ks:
+        vals = [pass_at_k(len(g), sum(r["reward"] >= 1.0 for r in g), k) for g in groups.values()]
+        out[f"pass@{k}"] = sum(vals) / len(vals)
+    return out
+
+
+def _canonical_number(s: str) -> str:
+    """One spelling per number (1,000 and 1000.0 -> 1000; 3.50 -> 3.5), so equal numbers vote together."""
+    return format(Decimal(s.replace(",", "")).normalize(), "f")
+
+
+def extract_answer(text: str):
+    """The final answer of a response: the content of its last closed \boxed{...} (nested braces kept), else its
+    last number; numbers in one canonical spelling (3.50 -> 3.5, 1,000 -> 1000); None when there is neither."""
+    for start in reversed([m.end() for m in re.finditer(r"\\boxed\s*\{", text)]):
+        depth = 1
+        for j in range(start, len(text)):
+            depth += {"{": 1, "}": -1}.get(text[j], 0)
+            if depth == 0:
+                inner = text[start:j].strip()
+                number = last_number(inner)
+                return _canonical_number(number) if number is not None and inner.replace(",", "") == number else inner
+        # unclosed (the response was cut off): an earlier box, else the last number
+    number = last_number(text)
+    return None if number is None else _canonical_number(number)
+
+
+def maj_at_n(rows: list[dict]):
+    """Majority vote: per prompt, its responses' most common extracted answer (a tie goes to the one seen first) is
+    correct when a response with that answer has reward >= 1.0. The mean over prompts with an extractable answer,
+    or None if none has one."""
+    correct = []
+    for group in _by_prompt(rows).values():
+        answers = [(extract_answer(r["response"]), r["reward"] >= 1.0) for r in group]
+        votes = Counter(a for a, _ in answers if a is not None)
+        if votes:
+            top = max(votes, key=votes.get)  # the first of the most common, in order of first appearance
+            correct.append(any(ok for a, ok in answers if a == top))
+    return sum(correct) / len(correct) if correct else None
+
+
 def plot_rewards(rows: list[dict], path: str):
     """The mean reward per stage of metrics rows (held-out, all K samples, kept samples) as a PNG at `path`, drawn
     aside and renamed, as the run directory's other files."""
@@ -276,10 +351,26 @@ def evaluate_models(args) -> list[dict]:
     return table
 
 
+def reasoning_metrics(path: str, rows: list[dict], pass_k: str) -> dict:
+    """--pass_k "1,4": pass@1, pass@4 and maj@n of a --responses file's rows."""
+    try:
+        ks = [int(k) for k in pass_k.split(",")]
+    except ValueError:
+        ks = []
+    if not ks or min(ks) < 1:
+        raise SystemExit(f"--pass_k {pass_k!r}: give comma-separated positive integers, e.g. 1,4")
+    for i, r in enumerate(rows):
+        if not isinstance(r.get("prompt"), str) or not isinstance(r.get("reward"), (int, float)):
+            raise SystemExit(f"{path}: line {i + 1} needs a string `prompt` and a number `reward` for --pass_k")
+    return {**pass_at_k_table(rows, ks), "maj@n": maj_at_n(rows)}
+
+
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add = ap.add_argument
     add("--responses", help="a .jsonl file with a `response` field per line: print its text metrics")
+    add("--pass_k", default="", help="with --responses: also pass@k for these k (e.g. 1,4) and maj@n, from rows with "
+        "`prompt` and `reward` (several per prompt; correct = reward >= 1)")  # fmt: skip
     add("--sweep", help="a directory of ablate.sh runs (SETTING__s<seed>/): print their summary table")
     add("--model", action="append", default=[], help="a causal LM (hub id or path); repeat for a row each")
     add("--dataset", help="a .jsonl/.json file or a dataset name, as raft.py's --dataset")
@@ -315,6 +406,8 @@ def main(argv=None):
         if bad:
             raise SystemExit(f"{args.responses}: line {bad[0] + 1} has no string field 'response'")
         m = text_metrics([r["response"] for r in rows])
+        if args.pass_k:
+            m.update(reasoning_metrics(args.responses, rows, args.pass_k))
         print(json.dumps(m, indent=1))
         return m
     if not (args.model and args.dataset and args.reward):

@@ -20,6 +20,18 @@ each reward i (from 0, in the order given; only with several rewards) and `rewar
 model). `prompt_view` maps each prompt the policy saw to the text the rewards score (the `###Human` conversation
 when the policy sees a chat template; see data.py).
 
+Rewards that see the dataset's answer (TRL's convention): a callable may name dataset columns as keyword parameters
+after the first two, `f(prompts, responses, answer)`, or take `**kwargs` for all of them; `load_rewards(...,
+columns=...)` takes each prompt's columns (a mapping like `prompt_view`: prompt -> {column: value}, data.py's
+record["columns"]) and passes each callable the columns its signature names, one list per column in the batch's
+order (a parameter with a default is optional). `fn.columns` lists the columns the rewards take, for the caller to
+store beside each sample. Reward models take none.
+
+`math_verify` (`--reward reward:math_verify`): 1.0 when the response's final answer equals the row's `answer` by
+the math-verify package (LaTeX or plain expressions, \boxed{} or not), else 0.0; every check is bounded by
+MATH_VERIFY_TIMEOUT seconds (a response that makes sympy spin scores 0.0). `exact_number`
+(`--reward reward:exact_number`): 1.0 when the last number in the response equals the numeric `answer` (GSM8K).
+
 `vader_sentiment` is the offline demo's reward: the VADER compound sentiment of the response, in [-1, 1]
 (vaderSentiment ships its lexicon inside the package, so it needs no download).
 
@@ -27,10 +39,20 @@ when the policy sees a chat template; see data.py).
 wrong number of values is a one-line error; NaN/inf values come back as NaN and the caller excludes those samples.
 """
 
+import atexit
 import importlib
 import importlib.util
+import inspect
+import json
 import math
 import os
+import re
+import select
+import subprocess
+import sys
+import threading
+import time
+from decimal import Decimal
 
 import torch
 
@@ -45,6 +67,128 @@ def vader_sentiment(prompts: list[str], responses: list[str]) -> list[float]:
 
         _vader = SentimentIntensityAnalyzer()
     return [_vader.polarity_scores(r)["compound"] for r in responses]
+
+
+# ---- rewards that check the answer --------------------------------------------------------------------------
+# a number: an optional minus not glued to a word (so "5-3" ends in 3, not -3), thousands commas, a decimal part;
+# a full stop after it is not part of it
+_NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<![\w.])-?\.\d+")
+
+
+def last_number(text: str):
+    """The last number in text without its thousands commas ("1,234.50" -> "1234.50"), or None."""
+    found = _NUMBER.findall(text)
+    return found[-1].replace(",", "") if found else None
+
+
+def exact_number(prompts: list[str], responses: list[str], answer: list) -> list[float]:
+    """1.0 when the last number in the response equals the row's numeric answer (3.50 == 3.5), else 0.0."""
+    out = []
+    for response, gold in zip(responses, answer):
+        g = str(gold).strip().replace(",", "")
+        if not _NUMBER.fullmatch(g):
+            raise SystemExit(f"reward:exact_number: the answer {gold!r} is not a number; use reward:math_verify "
+                             f"for answers that are expressions")  # fmt: skip
+        pred = last_number(response)
+        out.append(float(pred is not None and Decimal(pred) == Decimal(g)))
+    return out
+
+
+MATH_VERIFY_TIMEOUT = 5.0  # seconds per response; an ordinary answer is checked in milliseconds
+MATH_VERIFY_WORKERS = min(4, os.cpu_count() or 1)
+# math-verify runs in `python -c` child processes, one response at a time each, and a child that passes the deadline
+# is killed (its response scores 0.0) and replaced. Why: math-verify's own timeouts use SIGALRM, which exists only in
+# the main thread (in a reward called from a worker thread it is silently off), and sympy can spin inside one C call
+# (a big-integer power) that no signal interrupts; only killing a process bounds the time wherever the reward is
+# called. Why not multiprocessing: its spawn children re-import the parent's main script (raft.py: torch,
+# transformers) and this module (torch), seconds and hundreds of MB each; these children import only math-verify.
+# Answers come back one line each on the child's own stdout (the library's prints go to stderr).
+_MV_CHILD = r"""
+import json, logging, sys
+out, sys.stdout = sys.stdout, sys.stderr
+logging.disable(logging.WARNING)  # math-verify warns on every call that its own timeouts are off
+from math_verify import parse, verify
+out.write("ready\n"); out.flush()
+for line in sys.stdin:
+    gold, response = json.loads(line)
+    try:
+        ok = verify(parse(gold, parsing_timeout=None), parse(response, parsing_timeout=None), timeout_seconds=None)
+    except Exception:
+        ok = False
+    out.write("1\n" if ok else "0\n"); out.flush()
+"""
+_mv_idle, _mv_lock = [], threading.Lock()  # idle children, kept between calls; one call at a time uses them
+
+
+def _mv_start(startup: float = 120.0):
+    p = subprocess.Popen([sys.executable, "-c", _MV_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True, encoding="utf-8")  # fmt: skip
+    if not select.select([p.stdout], [], [], startup)[0] or p.stdout.readline().strip() != "ready":
+        p.kill()
+        raise SystemExit("reward:math_verify: its checking process did not start (see the error above); "
+                         "pip install 'math-verify>=0.9'")  # fmt: skip
+    return p
+
+
+def _mv_stop(p):
+    p.kill()
+    p.wait()
+
+
+atexit.register(lambda: [_mv_stop(p) for p in _mv_idle])  # reaped at exit, not left to notice their stdin close
+
+
+def gold_latex(gold) -> str:
+    """A gold answer as math-verify reads it: datasets store bare expressions (`1+2x`, `\frac{14}{3}`), of which
+    parse() takes only a prefix (`1`) or nothing, so they are wrapped in \boxed{} unless already boxed or in $...$."""
+    g = str(gold).strip()
+    return g if "\\boxed" in g or "$" in g else "\\boxed{" + g + "}"
+
+
+def verify_answers(golds: list, responses: list[str], timeout: float | None = None, workers: int | None = None):
+    """math-verify's verdict (1.0 or 0.0) on each response against its gold answer, at most `timeout` seconds
+    (MATH_VERIFY_TIMEOUT) per response, checked by `workers` (MATH_VERIFY_WORKERS) child processes at once."""
+    timeout = MATH_VERIFY_TIMEOUT if timeout is None else timeout
+    workers = workers or MATH_VERIFY_WORKERS
+    out, todo, busy, late = [0.0] * len(responses), list(range(len(responses)))[::-1], {}, 0
+    with _mv_lock:
+        try:
+            while todo or busy:
+                while todo and len(busy) < workers:
+                    p = _mv_idle.pop() if _mv_idle else _mv_start()
+                    if p.poll() is not None:  # died while idle: replaced, the item stays to do
+                        continue
+                    i = todo.pop()
+                    p.stdin.write(json.dumps([gold_latex(golds[i]), responses[i]]) + "\n")
+                    p.stdin.flush()
+                    busy[p] = (i, time.monotonic() + timeout)  # the child is idle, so the clock starts now
+                wait = max(0.0, min(d for _, d in busy.values()) - time.monotonic())
+                ready = select.select([p.stdout for p in busy], [], [], wait)[0]
+                for p, (i, deadline) in list(busy.items()):
+                    if p.stdout in ready:
+                        line = p.stdout.readline().strip()
+                        del busy[p]
+                        if line in ("0", "1"):
+                            out[i] = float(line)
+                            _mv_idle.append(p)
+                        else:  # the child died on this response (it scores 0.0)
+                            _mv_stop(p)
+                    elif time.monotonic() >= deadline:
+                        del busy[p]
+                        _mv_stop(p)
+                        late += 1
+        finally:  # an interrupt (Ctrl-C, an error) leaves no child spinning on a response
+            for p in busy:
+                _mv_stop(p)
+    if late:
+        print(f"reward:math_verify: {late} of {len(responses)} responses took over {timeout:g} s to check and "
+              f"scored 0.0", flush=True)  # fmt: skip
+    return out
+
+
+def math_verify(prompts: list[str], responses: list[str], answer: list) -> list[float]:
+    """1.0 when the response's final answer equals the row's `answer` by math-verify, else 0.0."""
+    return verify_answers(answer, responses)
 
 
 def _load_callable(spec: str):
@@ -180,6 +324,25 @@ def parse_weights(weights: str, n: int) -> list[float]:
     return w
 
 
+def reward_columns(fn, spec: str, available: list[str]) -> list[str]:
+    """The dataset columns a reward callable takes, from its signature: the keyword parameters after prompts and
+    responses (one with a default only where the data has it), or every column with **kwargs."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):  # a builtin without a signature takes (prompts, responses)
+        return []
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return list(available)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    named = [p for p in positional[2:] if p.kind == p.POSITIONAL_OR_KEYWORD]  # (*args takes what is not named)
+    named += [p for p in params if p.kind == p.KEYWORD_ONLY]
+    missing = [p.name for p in named if p.default is p.empty and p.name not in available]
+    if missing:
+        raise SystemExit(f"--reward {spec} takes the dataset column {missing[0]!r}, which the data does not have "
+                         f"(columns available: {available}); use a dataset with it or another reward")  # fmt: skip
+    return [p.name for p in named if p.name in available]
+
+
 def load_rewards(
     specs: list[str],
     weights: str = "",
@@ -190,8 +353,10 @@ def load_rewards(
     offload: bool = False,
     prompt_view=None,
     load_in_8bit: bool = False,
+    columns=None,
 ):
-    """One reward r = Σ w_i r_i over the --reward specs; fn.stats holds the last call's per-reward means."""
+    """One reward r = Σ w_i r_i over the --reward specs; fn.stats holds the last call's per-reward means and
+    fn.columns the dataset columns the rewards take (from `columns`: prompt -> {column: value})."""
     w = parse_weights(weights, len(specs))
     fns = [
         load_reward(
@@ -205,11 +370,24 @@ def load_rewards(
         )
         for s in specs
     ]
+    columns = columns or {}
+    available = sorted({k for c in columns.values() for k in c})
+    takes = [reward_columns(fn, spec, available) for fn, spec in zip(fns, specs)]
 
     def combined(prompts, responses):
+        rows = [columns.get(p) for p in prompts]
         if prompt_view is not None:
             prompts = [prompt_view.get(p, p) for p in prompts]
-        parts = [score(fn, prompts, responses, spec) for fn, spec in zip(fns, specs)]
+        rows = [row if row is not None else columns.get(p) for row, p in zip(rows, prompts)]  # keyed by either text
+        for spec, cols in zip(specs, takes):
+            if cols and None in rows:
+                p = prompts[rows.index(None)][:80]
+                raise SystemExit(f"--reward {spec}: no dataset columns for the prompt {p!r}; pass columns for every "
+                                 f"prompt it scores")  # fmt: skip
+        parts = [
+            score(fn, prompts, responses, spec, {c: [row.get(c) for row in rows] for c in cols})
+            for fn, spec, cols in zip(fns, specs, takes)
+        ]
         combined.stats = {}
         if len(fns) > 1:
             combined.stats = {f"reward_{i}_mean": torch.tensor(v).nanmean().item() for i, v in enumerate(parts)}
@@ -219,14 +397,16 @@ def load_rewards(
         return [sum(wi * v for wi, v in zip(w, vals)) for vals in zip(*parts)]  # a NaN part makes the sum NaN
 
     combined.stats = {}
+    combined.columns = sorted(set().union(*takes))
     return combined
 
 
-def score(fn, prompts: list[str], responses: list[str], name: str = "") -> list[float]:
-    """Call a reward and check its answer; NaN/inf come back as NaN (the caller skips those samples)."""
+def score(fn, prompts: list[str], responses: list[str], name: str = "", columns=None) -> list[float]:
+    """Call a reward (with `columns`: column -> one value per sample, as keyword arguments) and check its answer;
+    NaN/inf come back as NaN (the caller skips those samples)."""
     flag = f"--reward {name}".strip()
     try:
-        values = list(fn(prompts, responses))
+        values = list(fn(prompts, responses, **(columns or {})))
     except Exception as e:
         raise SystemExit(f"{flag} raised {type(e).__name__}: {e} (on {len(prompts)} samples); fix the reward")
     if len(values) != len(prompts):
