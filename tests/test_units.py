@@ -518,7 +518,9 @@ def test_a_generator_with_another_tokenizer_is_retokenized_for_the_policy():
 
     gtok = train_demo_tokenizer(["the cat sat on the mat and the movie was great"] * 20, vocab_size=300)
     torch.manual_seed(0)
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    small = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2
+    )
     gen = LlamaForCausalLM(
         LlamaConfig(vocab_size=len(gtok), eos_token_id=gtok.eos_token_id, pad_token_id=gtok.pad_token_id, **small)
     ).eval()
