@@ -60,13 +60,26 @@ def test_lora_trains_only_adapters_the_policy_samples_with_them_and_merge_matche
     assert greedy(merged, tok) == greedy(reloaded, tok)
 
 
-def test_lora_resume_continues_from_the_adapters(tiny_lm, prompts_file, tmp_path):
-    extra = ["--lora_r", "4", "--lr", "1e-2"]
+def test_lora_resume_continues_from_the_adapters_and_keeps_p0_the_base(tiny_lm, prompts_file, tmp_path, monkeypatch):
+    """A resumed LoRA run repeats the uninterrupted one, KL to the start included; the KL reference p_0 (the adapters
+    switched off) is the stage-0 model also after --resume, and the policy has moved away from it."""
+    kls, real = [], raft.make_kl
+    monkeypatch.setattr(raft, "make_kl", lambda *a: kls.append(real(*a)) or kls[-1])
+    extra = ["--lora_r", "4", "--lr", "1e-2", "--eval_kl"]
     whole = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "a", "--stages", "2", *extra))
     raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "b", "--stages", "1", *extra))
     resumed = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "b", "--stages", "2", "--resume", *extra))
     drop = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
     assert drop(resumed) == drop(whole)
+    assert whole[0]["eval_kl_to_start"] == pytest.approx(0, abs=1e-5) and abs(whole[2]["eval_kl_to_start"]) > 1e-3
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    sel = [json.loads(line) for line in open(tmp_path / "b" / "stage_0002" / "selected.jsonl")]
+    exs = [models.example(tok, s["prompt"], {"ids": tok(s["response"], add_special_tokens=False)["input_ids"],
+                                             "end_id": tok.eos_token_id}) for s in sel]  # fmt: skip
+    policy, p0 = kls[-1](exs)  # the resumed run's KL term
+    base = models.sequence_logprobs(AutoModelForCausalLM.from_pretrained(tiny_lm), exs, 8)
+    assert p0 == pytest.approx(base, abs=1e-4)
+    assert max(abs(a - b) for a, b in zip(policy, p0)) > 1e-2
 
 
 def test_8bit_base_loads_int8_layers_and_trains_adapters(tiny_lm, prompts_file, tmp_path):
