@@ -253,3 +253,29 @@ def test_hf_backend_samples_with_the_kits_options_only(tmp_path):
         out = model.generate(input_ids=ids, attention_mask=valid.long(), max_new_tokens=12, do_sample=False)
     followed = [fastgen._until_eos(row, [EOS]) for row in out[:, ids.shape[1] :].tolist()]
     assert followed != [r[0]["ids"] for r in fast]
+
+
+def test_left_padded_prompts_in_one_batch_sample_as_each_prompt_alone():
+    """Three prompts of different lengths in one left-padded batch (a λ > 0 sample per row): each prompt's first
+    and second tokens follow that prompt's own distribution, computed from it alone without padding. The prompts'
+    distributions differ, so padding that leaks into attention, or rows that swap, would show."""
+    V, K = 16, 4000
+    model = tiny(vocab=V, seed=2)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(4)
+    ps = [[1, 7, 9, 4, 12, 5, 8], [1, 5], [1, 8, 2, 6]]
+    torch.manual_seed(0)
+    out = fastgen.sample(model, ps, K, max_new_tokens=2, eos_ids=set(), pad_id=PAD, temperature=1.0, top_p=0.95,
+                         batch_prompts=3, cuda_graphs=False)  # fmt: skip
+    exact = []
+    for p, rows in zip(ps, out):
+        with torch.no_grad():
+            first = _target(model(torch.tensor([p])).logits[0, -1], 1.0, 0, 0.95)
+            nxt = model(torch.tensor([p + [a] for a in range(V)])).logits[:, -1]
+        second = sum(first[a] * _target(nxt[a], 1.0, 0, 0.95) for a in range(V))
+        exact.append(first)
+        for dist, pos in ((first, 0), (second, 1)):
+            emp = torch.bincount(torch.tensor([o[pos] for o in rows]), minlength=V).double() / K
+            assert 0.5 * (emp - dist.double()).abs().sum() < 0.045, (p, pos)
+    tv = lambda a, b: 0.5 * (a - b).abs().sum().item()
+    assert min(tv(exact[i], exact[j]) for i, j in ((0, 1), (0, 2), (1, 2))) > 0.15

@@ -111,12 +111,24 @@ def test_text_metrics_by_hand():
     assert m["mean_length"] == 3.0 and m["unique_1"] == 6
 
 
-def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tiny_lm):
+def test_perplexity_counts_the_response_and_eos_tokens_only(tiny_lm):
+    """eval.perplexity of a random model = exp(mean NLL over the response tokens and the EOS after each, given the
+    prompt), from a plain forward of each (prompt, response, EOS) alone; prompt tokens are not counted."""
     model = AutoModelForCausalLM.from_pretrained(tiny_lm).eval()
-    torch.nn.init.zeros_(model.lm_head.weight)  # every next token has probability 1/V
     tok = AutoTokenizer.from_pretrained(tiny_lm)
-    ppl = ev.perplexity(model, tok, ["###Human: hi###Assistant:", "x"], [" hello", " a longer one"])
-    assert ppl == pytest.approx(model.config.vocab_size, rel=1e-4)
+    prompts = ["###Human: hi###Assistant:", "x", "a longer prompt than the others"]
+    responses = [" hello", " a longer one", "!"]
+    nll, n = 0.0, 0
+    for p, r in zip(prompts, responses):
+        x = tok(p, add_special_tokens=False)["input_ids"]  # ByT5: one token per byte, so prompt + response splits
+        y = tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        with torch.no_grad():
+            logp = model(torch.tensor([x + y])).logits[0].log_softmax(-1)
+        nll -= sum(logp[len(x) - 1 + j, t].item() for j, t in enumerate(y))
+        n += len(y)
+    assert ev.perplexity(model, tok, prompts, responses) == pytest.approx(math.exp(nll / n), rel=1e-4)
+    torch.nn.init.zeros_(model.lm_head.weight)  # and a uniform model: every next token has probability 1/V
+    assert ev.perplexity(model, tok, prompts, responses) == pytest.approx(model.config.vocab_size, rel=1e-4)
 
 
 def test_reward_model_sorted_batches_truncation_and_offload(tmp_path):

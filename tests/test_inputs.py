@@ -157,13 +157,17 @@ def test_every_sample_discarded_is_a_logged_skip(tiny_lm, prompts_file, tmp_path
 
 
 def test_tokenizer_without_pad_token(tmp_path, prompts_file):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """No pad token (many causal LMs): EOS pads, an ended sample's EOS is still trained, left-padded batches sample
+    what each prompt alone samples (greedy, both backends), and a run finishes."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    from data import train_demo_tokenizer
+    import models
+    import sampling
+    from demo import train_demo_tokenizer
 
     tok = train_demo_tokenizer(["some text to learn a few merges from"] * 4, vocab_size=300)
     tok.pad_token = None
-    assert tok.pad_token_id is None
+    assert tok.pad_token_id is None and models.pad_id(tok) == tok.eos_token_id
     LlamaForCausalLM(
         LlamaConfig(
             vocab_size=len(tok),
@@ -175,6 +179,17 @@ def test_tokenizer_without_pad_token(tmp_path, prompts_file):
         )
     ).save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    ended = {"ids": tok("some text", add_special_tokens=False)["input_ids"], "end_id": tok.eos_token_id}
+    x, y = models.example(tok, "learn", ended)
+    assert y[-1] == x[-1] == tok.eos_token_id  # the EOS that ended it is a label ...
+    lp, seg, _ = models.token_logprobs(model, [(x, y)])
+    assert len(lp) == len(ended["ids"]) + 1  # ... and gets a loss term
+    prompts = ["learn", "some text to learn a few", "a few merges"]
+    for backend in ("fast", "hf"):
+        cfg = raft.Config(temperature=0, max_new_tokens=8, gen_batch_size=3, gen_backend=backend)
+        batched = sampling.generate(model, tok, prompts, 1, cfg)
+        assert batched == [sampling.generate(model, tok, [p], 1, cfg)[0] for p in prompts], backend
     rows = raft.main(tiny_args(str(tmp_path / "m"), prompts_file, tmp_path / "r", "--stages", "1"))
     assert rows[1]["n_selected"] == 8
 

@@ -2,6 +2,8 @@
 checkpointing. Each finishes a stage and changes exactly what it should."""
 
 import dataclasses
+import json
+import math
 import os
 
 import pytest
@@ -58,13 +60,26 @@ def test_lora_trains_only_adapters_the_policy_samples_with_them_and_merge_matche
     assert greedy(merged, tok) == greedy(reloaded, tok)
 
 
-def test_lora_resume_continues_from_the_adapters(tiny_lm, prompts_file, tmp_path):
-    extra = ["--lora_r", "4", "--lr", "1e-2"]
+def test_lora_resume_continues_from_the_adapters_and_keeps_p0_the_base(tiny_lm, prompts_file, tmp_path, monkeypatch):
+    """A resumed LoRA run repeats the uninterrupted one, KL to the start included; the KL reference p_0 (the adapters
+    switched off) is the stage-0 model also after --resume, and the policy has moved away from it."""
+    kls, real = [], raft.make_kl
+    monkeypatch.setattr(raft, "make_kl", lambda *a: kls.append(real(*a)) or kls[-1])
+    extra = ["--lora_r", "4", "--lr", "1e-2", "--eval_kl"]
     whole = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "a", "--stages", "2", *extra))
     raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "b", "--stages", "1", *extra))
     resumed = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "b", "--stages", "2", "--resume", *extra))
     drop = lambda rows: [{k: v for k, v in r.items() if not k.startswith("time_")} for r in rows]
     assert drop(resumed) == drop(whole)
+    assert whole[0]["eval_kl_to_start"] == pytest.approx(0, abs=1e-5) and abs(whole[2]["eval_kl_to_start"]) > 1e-3
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    sel = [json.loads(line) for line in open(tmp_path / "b" / "stage_0002" / "selected.jsonl")]
+    exs = [models.example(tok, s["prompt"], {"ids": tok(s["response"], add_special_tokens=False)["input_ids"],
+                                             "end_id": tok.eos_token_id}) for s in sel]  # fmt: skip
+    policy, p0 = kls[-1](exs)  # the resumed run's KL term
+    base = models.sequence_logprobs(AutoModelForCausalLM.from_pretrained(tiny_lm), exs, 8)
+    assert p0 == pytest.approx(base, abs=1e-4)
+    assert max(abs(a - b) for a, b in zip(policy, p0)) > 1e-2
 
 
 def test_8bit_base_loads_int8_layers_and_trains_adapters(tiny_lm, prompts_file, tmp_path):
@@ -93,7 +108,7 @@ def test_8bit_base_loads_int8_layers_and_trains_adapters(tiny_lm, prompts_file, 
     assert changed and all("lora_" in k for k in changed)
 
 
-def test_gen_dequantized_copy_matches_the_8bit_policy(tiny_lm, prompts_file, tmp_path):
+def test_gen_dequantized_copy_matches_the_8bit_policy(tiny_lm, prompts_file, tmp_path, monkeypatch):
     """--gen_dequantized: the plain copy (int8 dequantized, adapters merged) computes what the 8-bit model with its
     adapters computes, its greedy samples match, and a stage samples from it and trains the adapters."""
     import bitsandbytes as bnb
@@ -132,8 +147,14 @@ def test_gen_dequantized_copy_matches_the_8bit_policy(tiny_lm, prompts_file, tmp
     assert sampling.generate(model, tok, ps, 1, greedy) == sampling.generate(
         model, tok, ps, 1, dataclasses.replace(greedy, gen_dequantized=False)
     )
-    rows, _ = raft.run(cfg)
-    assert rows[1]["sft_loss"] == rows[1]["sft_loss"]
+    made = []
+    real = sampling.dequantized_copy
+    monkeypatch.setattr(sampling, "dequantized_copy", lambda m: made.append(1) or real(m))
+    before = {k: v.clone() for k, v in state(models.load_policy(cfg, torch.device("cpu"))[0]).items() if "lora_" in k}
+    rows, model = raft.run(cfg)
+    assert made and math.isfinite(rows[1]["sft_loss"])  # the stage sampled from the dequantized copy, and trained
+    after = state(model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
 
 
 def test_8bit_full_finetuning_is_refused(tiny_lm, prompts_file, tmp_path):
@@ -144,13 +165,26 @@ def test_8bit_full_finetuning_is_refused(tiny_lm, prompts_file, tmp_path):
 @pytest.mark.parametrize("extra", [["--bf16"], ["--bf16", "--lora_r", "4"], ["--gradient_checkpointing"]])
 def test_bf16_and_checkpointing_stages_finish_and_learn(tiny_lm, prompts_file, tmp_path, extra):
     rows, model = raft.run(raft.parse(tiny_args(tiny_lm, prompts_file, tmp_path / "m", "--stages", "1", *extra)))
-    assert rows[1]["sft_loss"] == rows[1]["sft_loss"]  # finite, not NaN
+    assert math.isfinite(rows[1]["sft_loss"])
     params = dict(model.named_parameters())
-    trainable = [p for p in params.values() if p.requires_grad]
+    trainable = {n: p for n, p in params.items() if p.requires_grad}
     # full fine-tuning keeps fp32 master weights under --bf16; LoRA keeps the frozen base in bf16
-    assert all(p.dtype == torch.float32 for p in trainable)
+    assert all(p.dtype == torch.float32 for p in trainable.values())
     if "--lora_r" in extra:
         assert any(p.dtype == torch.bfloat16 for p in params.values() if not p.requires_grad)
+        assert any(p.abs().max() > 0 for n, p in trainable.items() if "lora_B" in n)  # B starts at 0: it trained
+    else:
+        base = load_file(os.path.join(tiny_lm, "model.safetensors"))
+        assert any(not torch.equal(base[k], v) for k, v in state(model).items() if k in base)
+    assert model.is_gradient_checkpointing == ("--gradient_checkpointing" in extra)
+    if extra == ["--bf16"]:  # the loss of the kept set under bf16 autocast: near the fp32 value, not equal to it
+        tok = AutoTokenizer.from_pretrained(tiny_lm)
+        sel = [json.loads(line) for line in open(tmp_path / "m" / "stage_0001" / "selected.jsonl")]
+        exs = [models.example(tok, s["prompt"], {"ids": tok(s["response"], add_special_tokens=False)["input_ids"],
+                                                 "end_id": None}) for s in sel]  # fmt: skip
+        with torch.no_grad():
+            nll = [-models.token_logprobs(model, exs, bf16)[0].mean().item() for bf16 in (True, False)]
+        assert nll[0] != nll[1] and nll[0] == pytest.approx(nll[1], rel=2e-2), nll
 
 
 def test_reward_model_in_8bit_scores_like_full_precision(tmp_path):

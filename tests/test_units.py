@@ -179,21 +179,34 @@ def test_pack_fills_rows_no_longer_than_the_longest_example():
 
 
 def test_pad_equal_to_eos_still_trains_the_real_eos():
-    # a tokenizer whose pad is its EOS (Llama): labels come from build_example, never from token values, and the
-    # packed row has no padding at all
+    """A tokenizer whose pad is its EOS (Llama's usual setup): the EOS that ended a sample is a label of its SFT row
+    and gets a loss term (log p(EOS) where it ended), and the packed row with another example trains nothing else."""
+    tok = ByT5Tokenizer()
+    tok.pad_token = tok.eos_token
+    assert tok.pad_token_id == tok.eos_token_id == models.pad_id(tok)
     model = _tiny_model()
-    a, b = build_example([5], [6, 2], 2), build_example([5, 2], [6, 7, 8], 2)  # 2 = EOS = pad
-    with torch.no_grad():
-        lp, n = models.example_logprobs(model, [a, b])
-    assert n.tolist() == [3, 4]
-    assert lp[0].item() == pytest.approx(_padded_logprob(model, *a), abs=1e-4)
+    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+    a = models.example(tok, "ab", {"ids": enc("cd"), "end_id": tok.eos_token_id})  # ended: EOS trained
+    b = models.example(tok, "a", {"ids": enc("xyz"), "end_id": None})  # cut at max_new_tokens: no EOS
+    assert a[1][-1] == tok.eos_token_id == a[0][-1] and tok.eos_token_id not in b[1]
+    long = build_example([5] * 9, [6], None)
+    assert any(set(r) == {0, 1} for r in models.pack([a, b, long])[0])  # a and b share a packed row
+    lp, seg, _ = models.token_logprobs(model, [a, b, long])
+    mine = lp[seg == 0]
+    assert len(mine) == 3 and (seg == 1).sum() == 3 and (seg == 2).sum() == 1
+    with torch.no_grad():  # the last labelled position of a: log p(EOS | prompt, response) from a plain forward
+        ref = torch.log_softmax(model(torch.tensor([a[0]])).logits[0, -2], -1)[tok.eos_token_id]
+    assert mine[-1].item() == pytest.approx(ref.item(), abs=1e-5)
 
 
 def test_packed_gradients_equal_separate_examples():
     """The SFT step's gradient from one packed row equals the sum of the examples' gradients taken one by one."""
     model = _tiny_model()
-    exs = [build_example([5, 9], [6, 7], 1), build_example([5] * 4, [6, 9, 9], 1)]
+    exs = [build_example([5] * 6, [6, 9, 9, 7], 1), build_example([5, 9], [6, 7], 1), build_example([4], [8, 9], 1)]
+    rows, _ = models.pack(exs)
+    assert [1, 2] in rows or [2, 1] in rows  # two examples share a row: the packed backward really runs
     models.example_logprobs(model, exs)[0].sum().backward()
+    assert model._raft_packing_exact  # and it was the packed path that produced these gradients
     packed = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
     for e in exs:
@@ -246,7 +259,14 @@ def test_stage_prompts_without_replacement_then_reshuffle():
         assert new_pass == (t == 3)
         seen += idx
     assert sorted(seen[:10]) == list(range(10))  # the first pass is a permutation: no prompt twice
-    assert stage_prompts(10, 4, 2, 3) == stage_prompts(10, 4, 2, 3)
+    first, second = stage_prompts(10, 10, 1, 3)[0], stage_prompts(10, 10, 2, 3)[0]
+    assert sorted(second) == list(range(10)) and second != first  # the second pass is reshuffled
+    # from (seed, t) alone, whatever the global RNG holds: a resumed run gets the same prompts
+    torch.manual_seed(0)
+    a = [stage_prompts(10, 4, t, 3) for t in range(1, 6)]
+    torch.manual_seed(1)
+    torch.rand(7)
+    assert a == [stage_prompts(10, 4, t, 3) for t in range(1, 6)]
 
 
 def test_text_metrics_by_hand():
@@ -416,3 +436,102 @@ def test_entropy_of_the_sampling_policy_matches_a_direct_computation():
             lps.append(torch.tensor([logp[j, y[j + 1]].item() for j in at]))
     assert entropy == pytest.approx(sum(ents) / len(ents), abs=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(old, lps))
+
+
+def test_global_keeps_only_the_valid_samples_when_fewer_than_b_are():
+    """b = 3 prompts but only 2 valid samples (the rest empty, discarded by --discard_regex or NaN): global ranking
+    keeps those 2 and nothing else, even where an invalid one scores higher."""
+    nan = float("nan")
+    rows, kept, m = _rank(
+        [["a", "", "b"], ["#x", "c", "d"], ["e", "f", "g"]],
+        [[1, 9, nan], [9, 0.5, nan], [nan, nan, nan]],
+        ranking="global",
+        discard_regex="#",
+    )
+    assert [(r["prompt"], r["response"]) for r in rows] == [("p0", "a"), ("p1", "c")]
+    assert m["n_selected"] == 2 and m["prompts_skipped"] == 1 and m["samples_nan_reward"] == 5
+    valid = torch.zeros(3, 3, dtype=torch.bool)
+    valid[0, 2] = valid[2, 0] = True
+    assert select(S, valid, "global", torch.Generator()) == [(0, 2), (2, 0)]
+
+
+class _SGD(torch.optim.SGD):
+    """w -= lr·g in place of AdamW, whose first step (≈ lr·sign(g)) cannot see the gradient's scale."""
+
+    def __init__(self, params, lr, weight_decay=0.0):
+        super().__init__(params, lr=lr)
+
+
+def _update(exs, **cfg_kw):
+    """The change of every weight of the tiny Llama after raft.finetune (one model, same seed each call)."""
+    model = tiny_family("llama")
+    before = [p.detach().clone() for p in model.parameters()]
+    raft.finetune(model, exs, Config(**{"lr": 1.0, "epochs": 1, **cfg_kw}), seed=0)
+    return torch.cat([(p.detach() - b).flatten() for p, b in zip(model.parameters(), before)])
+
+
+def test_micro_batches_accumulate_to_the_same_update(monkeypatch):
+    """--micro_batch_size only splits the forward passes: 8, 2 and 3 (uneven: 3 + 3 + 2) samples per pass with the
+    same --train_batch_size give the same gradient, so the same update (plain SGD makes the gradient visible)."""
+    monkeypatch.setattr(torch.optim, "AdamW", _SGD)
+    exs = _tiny_examples(8, seed=1)
+    whole = _update(exs, train_batch_size=8, micro_batch_size=8, max_grad_norm=1e9)
+    assert whole.abs().max() > 1e-3
+    for micro in (2, 3):
+        part = _update(exs, train_batch_size=8, micro_batch_size=micro, max_grad_norm=1e9)
+        assert torch.allclose(part, whole, atol=1e-6), (micro, (part - whole).abs().max())
+
+
+def test_gradients_are_clipped_to_max_grad_norm(monkeypatch):
+    """A gradient far above --max_grad_norm is scaled down to exactly that norm, keeping its direction."""
+    monkeypatch.setattr(torch.optim, "AdamW", _SGD)
+    exs = _tiny_examples(4)
+    free = _update(exs, train_batch_size=4, micro_batch_size=4, max_grad_norm=1e9)
+    clipped = _update(exs, train_batch_size=4, micro_batch_size=4, max_grad_norm=1e-2)
+    assert free.norm() > 1.0  # the plain gradient is 100× the limit
+    assert clipped.norm().item() == pytest.approx(1e-2, rel=1e-3)
+    assert torch.allclose(clipped, free * (1e-2 / free.norm()), atol=1e-7)
+
+
+def test_lr_decays_linearly_to_zero_over_the_real_step_count(monkeypatch):
+    """10 examples, batches of 4, 2 epochs: 3 + 3 = 6 optimizer steps (the last batch of each epoch has 2), at
+    lr·(1 − s/6) for s = 0 … 5."""
+    seen = []
+
+    class Recording(torch.optim.AdamW):
+        def step(self, *a, **kw):
+            seen.append(self.param_groups[0]["lr"])
+            return super().step(*a, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", Recording)
+    cfg = Config(lr=0.01, epochs=2, train_batch_size=4, micro_batch_size=4)
+    raft.finetune(tiny_family("llama"), _tiny_examples(10), cfg, seed=0)
+    assert seen == pytest.approx([0.01 * (1 - s / 6) for s in range(6)])
+
+
+def test_a_generator_with_another_tokenizer_is_retokenized_for_the_policy():
+    """--generator_model with its own tokenizer (a BPE here, the policy's is byte-level): the samples the policy
+    trains on carry the policy tokenizer's ids of the generated text and its EOS, not the generator's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from demo import train_demo_tokenizer
+
+    gtok = train_demo_tokenizer(["the cat sat on the mat and the movie was great"] * 20, vocab_size=300)
+    torch.manual_seed(0)
+    small = dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2
+    )
+    gen = LlamaForCausalLM(
+        LlamaConfig(vocab_size=len(gtok), eos_token_id=gtok.eos_token_id, pad_token_id=gtok.pad_token_id, **small)
+    ).eval()
+    tok = ByT5Tokenizer()
+    assert gtok.eos_token_id != tok.eos_token_id
+    cfg = Config(K=4, max_new_tokens=8, stop=["e"])  # a stop string ends a response with the tokenizer's EOS
+    flat = [s for row in raft.sample(gen, gtok, tok, ["the cat", "a movie"], cfg, t=1) for s in row if s["text"]]
+    assert flat and any(s["end_id"] is not None for s in flat)
+    for s in flat:
+        assert s["ids"] == tok(s["text"], add_special_tokens=False)["input_ids"]
+        assert s["end_id"] in (None, tok.eos_token_id)
+    assert any(s["ids"] != gtok(s["text"], add_special_tokens=False)["input_ids"] for s in flat)
+    x, y = models.example(tok, "the cat", flat[0])  # the SFT row: the policy's ids of prompt and response
+    assert x == data.encode_prompt(tok, "the cat") + flat[0]["ids"] + ([tok.eos_token_id] if flat[0]["end_id"] else [])
