@@ -51,6 +51,7 @@ from raft import RANKINGS, phase, pick_device, select, stage_prompts
 from reward import load_reward, parse_weights, score
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+PREDICTIONS = ("epsilon", "v_prediction")  # what the UNet predicts; finetune has a training target for these only
 
 
 @dataclass
@@ -394,6 +395,7 @@ def load_sd(cfg: DiffusionConfig, device) -> SimpleNamespace:
             f"--model {cfg.model!r}: cannot load a Stable Diffusion checkpoint in diffusers layout "
             f"(unet/ vae/ text_encoder/ tokenizer/ scheduler/): {str(e).splitlines()[0]}"
         )
+    prediction_type(sd.sched)  # a "sample" model trained toward the noise would be wrong without a word: stop now
     for m in (sd.text, sd.vae, sd.unet):
         m.requires_grad_(False).to(device).eval()
     sd.factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)  # the VAE's downsampling: 8 for SD
@@ -487,6 +489,20 @@ def rank(rewards: torch.Tensor, mode: str, gen: torch.Generator) -> list[int]:
 
 
 # ---- step 3: fine-tune -------------------------------------------------------------------------------------
+def prediction_type(sched) -> str:
+    kind = sched.config.prediction_type
+    if kind not in PREDICTIONS:
+        raise SystemExit(
+            f"--model: its scheduler's prediction_type is {kind!r}; diffusion.py trains epsilon or v_prediction"
+        )
+    return kind
+
+
+def denoising_target(sched, z0, noise, t):
+    """What the UNet learns to predict from the noisy latents: the noise (epsilon) or v = √ᾱ_t ε - √(1-ᾱ_t) z0."""
+    return sched.get_velocity(z0, noise, t) if prediction_type(sched) == "v_prediction" else noise
+
+
 def finetune(sd, images: list, prompts: list[str], cfg: DiffusionConfig, seed: int) -> float:
     """Train what requires grad in sd.unet (the LoRA adapters) on (image, prompt) pairs with the denoising loss.
     Returns the mean loss of the last epoch."""
@@ -507,7 +523,7 @@ def finetune(sd, images: list, prompts: list[str], cfg: DiffusionConfig, seed: i
         ctx = encode_text(sd, prompts)  # [N, L, D]
     params = [p for p in sd.unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    T, vpred = sd.sched.config.num_train_timesteps, sd.sched.config.prediction_type == "v_prediction"
+    T = sd.sched.config.num_train_timesteps
     sd.unet.train()
     for _ in range(cfg.epochs):
         perm, loss_sum = torch.randperm(len(z0), generator=gen), 0.0
@@ -516,7 +532,7 @@ def finetune(sd, images: list, prompts: list[str], cfg: DiffusionConfig, seed: i
             noise = torch.randn(z0[idx].shape, generator=gen).to(sd.device)
             t = torch.randint(0, T, (len(idx),), generator=gen).to(sd.device)
             noisy = sd.sched.add_noise(z0[idx], noise, t)  # √ᾱ_t z0 + √(1-ᾱ_t) ε
-            target = sd.sched.get_velocity(z0[idx], noise, t) if vpred else noise
+            target = denoising_target(sd.sched, z0[idx], noise, t)
             with sd.amp():
                 pred = sd.unet(noisy, t, encoder_hidden_states=ctx[idx]).sample
             loss = F.mse_loss(pred.float(), target)
