@@ -589,7 +589,9 @@ def save_stage(out_dir, t, metrics, files: dict):
 
 
 def stage_line(m):
-    s = f"stage {m['iteration']:>3} | eval reward {m.get('eval_reward_mean', math.nan):+.4f}"
+    s = f"stage {m['iteration']:>3}"
+    if "eval_reward_mean" in m:  # absent with --eval_images 0
+        s += f" | eval reward {m['eval_reward_mean']:+.4f}"
     if m["iteration"] > 0:
         s += (
             f" | samples {m['reward_mean']:+.4f} kept {m['selected_reward_mean']:+.4f} | loss "
@@ -788,7 +790,7 @@ def main(argv=None):
         cfg.model = prepare_demo(cfg.demo_dir)
     t0 = time.time()
     rows, _ = run(cfg)
-    if demo:
+    if demo and cfg.eval_images:  # --eval_images 0: no eval reward to compare
         print(
             f"\ndemo: eval {'+'.join(cfg.reward)} {rows[0]['eval_reward_mean']:.4f} -> "
             f"{rows[-1]['eval_reward_mean']:.4f} after {cfg.iterations} stages ({time.time() - t0:.0f}s)"

@@ -385,3 +385,14 @@ def test_training_target_is_v_or_the_noise(tmp_path, monkeypatch, kind):
     ((z0, noise, t),), (target,) = noised, targets  # one batch: one noising, one loss
     want = sd.sched.get_velocity(z0, noise, t) if kind == "v_prediction" else noise
     assert torch.equal(target, want) and not torch.equal(sd.sched.get_velocity(z0, noise, t), noise)
+
+
+def test_no_eval_images_runs_to_the_end(demo_model, tmp_path, capsys):
+    out = tmp_path / "o"
+    argv = ["--demo_dir", demo_model, "--out_dir", str(out), "--device", "cpu", "--eval_images", "0"]
+    rows = D.main(argv + ["--iterations", "1", "--prompts_per_iter", "2", "--K", "2", "--steps", "2", "--epochs", "1"])
+    assert [r["iteration"] for r in rows] == [0, 1] and not any(k.startswith("eval_") for r in rows for k in r)
+    assert rows[1]["n_selected"] == 2 and rows[1]["train_loss"] > 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("stage")]
+    assert len(lines) == 2 and not any("eval reward" in line for line in lines), lines
+    assert (out / "metrics.jsonl").exists() and not (out / "iter_0001" / "eval_grid.png").exists()
