@@ -18,7 +18,8 @@ Stage 0 evaluates the starting model, and every stage is evaluated after its fin
 prompt from noise that is the same every stage (eval_grid.png shows the same seeds changing), mean reward logged.
 
 Where our notes of the paper give nothing, each field's help says where its default comes from: DDIM with eta 0
-(DDPO's sampler; an image is a function of its noise), the LoRA shape and learning rate of diffusers'
+(the kit's choice, not DDPO's, which samples with eta 1.0 and guidance 5.0: with eta 0 an image is a function of its
+noise, so a kept image can be made again from its seed), the LoRA shape and learning rate of diffusers'
 train_text_to_image_lora.py, K and epochs from the paper's LLM runs. The denoising loop is our own 20 lines over
 diffusers' UNet, VAE and scheduler rather than StableDiffusionPipeline.__call__: sampling and training share one text
 encoding, every image of a batch gets its own seeded noise, and no safety checker or feature extractor is needed.
