@@ -404,3 +404,9 @@ def test_demo_pretraining_captions_show_every_class_name():
     assert caps.count("") == 96  # every 10th: the unconditional rows guidance needs
     counts = [caps.count(c) for c in D.CIFAR10]
     assert max(counts) - min(counts) <= 1, counts
+
+
+def test_global_ranking_keeps_only_valid_images_when_fewer_than_b():
+    nan = float("nan")
+    r = torch.tensor([[nan, 0.5, nan], [nan, nan, nan], [0.2, nan, nan]])  # b = 3 prompts, 2 valid images
+    assert D.rank(r, "global", torch.Generator().manual_seed(0)) == [1, 6]
