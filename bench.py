@@ -34,9 +34,12 @@ forward pass, 6·params for training), the speed-up over each baseline and the p
   paper's setup (10 CIFAR-10 prompts, K=8, 50 DDIM steps, guidance 7.5, 256×256, LoRA) with the offline
   `brightness` reward standing in for the aesthetic model; --shape tiny: a toy UNet at 32×32, 4 steps.
 - memory: computed, not measured (any shape, on a CPU in seconds, from meta-device models): per memory mode, the
-  resident weights, what training adds (grads, AdamW), a sampling-time copy (--gen_dequantized's bf16 copy, the
-  gathered FSDP2 weights, autocast's bf16 copy of fp32 master weights), fastgen's KV cache for --gen_batch_size × K
-  rows and the reward model; activations excluded. tests/test_bench.py checks the counts against real models.
+  resident weights, what training adds (grads, AdamW states), the larger of training's two transients (AdamW's
+  foreach step allocates a 4-byte temporary per trained parameter; between forward and backward autocast holds a
+  bf16 copy of the fp32 weights it computed with, 2 bytes per matmul parameter, or FSDP2 the gathered bf16 weights
+  of its root group and one layer), a sampling-time copy (--gen_dequantized's bf16 copy, the gathered FSDP2
+  weights, autocast's bf16 copy of fp32 master weights), fastgen's KV cache for --gen_batch_size × K rows and the
+  reward model; activations excluded. tests/test_bench.py checks the counts and the KV bytes against real models.
 """
 
 import argparse
@@ -552,7 +555,7 @@ def param_counts(shape: str, cls=LlamaForCausalLM, lora_r: int = 16, **kw) -> di
     cfg = LlamaConfig(**SHAPES[shape], pad_token_id=0, **kw)
     with torch.device("meta"):
         model = cls(cfg)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = model.get_output_embeddings() if model.get_output_embeddings() is not None else model.score
     lins = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}."]
     total = sum(p.numel() for p in model.parameters())
     linear = sum(m.weight.numel() for m in lins)
@@ -563,10 +566,18 @@ def param_counts(shape: str, cls=LlamaForCausalLM, lora_r: int = 16, **kw) -> di
         "total": total,
         "linear": linear,
         "rest": total - linear,
+        "head": head.weight.numel(),
+        "layers": cfg.num_hidden_layers,
         "lora": lora,
         "kv_token_bytes": kv_token,
         "int8_scales": sum(m.out_features for m in lins),
     }
+
+
+def kv_bytes(p: dict, prompts: int, K: int, prompt_len: int, new_tokens: int) -> int:
+    """fastgen's KV cache for `prompts` prompts × K samples: each prompt's keys and values once, each sample's new
+    tokens' once per sample (p from param_counts)."""
+    return prompts * (prompt_len + K * new_tokens) * p["kv_token_bytes"]
 
 
 def memory_rows(a) -> list[dict]:
@@ -577,17 +588,25 @@ def memory_rows(a) -> list[dict]:
     p, r = param_counts(a.shape), param_counts(a.reward_shape, LlamaForSequenceClassification, num_labels=1)
     int8 = p["linear"] + 4 * p["int8_scales"] + 4 * p["rest"]  # int8 projections + fp32 row scales; the rest fp32
     reward = {"bf16": 2 * r["total"], "int8": r["linear"] + 4 * r["int8_scales"] + 2 * r["rest"]}
-    kv = a.gen_batch_size * (a.K * a.new_tokens + a.prompt_len) * p["kv_token_bytes"]
-    n = a.ranks
-    modes = [  # (name, resident weights, extra while training, extra while sampling, reward)
-        ("8-bit base + LoRA", int8 + 4 * p["lora"], 12 * p["lora"], 0, reward["int8"]),
-        ("8-bit base + LoRA, --gen_dequantized", int8 + 4 * p["lora"], 12 * p["lora"], 2 * p["total"], reward["int8"]),
-        ("bf16 base + LoRA", 2 * p["total"] + 4 * p["lora"], 12 * p["lora"], 0, reward["bf16"]),
-        ("full, fp32 master + bf16 compute, 1 GPU", 4 * p["total"], 12 * p["total"], 2 * p["total"], reward["bf16"]),
-        (f"full, FSDP2 over {n} GPUs", 4 * p["total"] / n, 12 * p["total"] / n, 2 * p["total"], reward["bf16"]),
+    kv = kv_bytes(p, a.gen_batch_size, a.K, a.prompt_len, a.new_tokens)
+    n, P, lora = a.ranks, p["total"], p["lora"]
+    # Training's transient, the larger of two moments: AdamW's foreach step allocates a temporary as large as the
+    # trained parameters in fp32 (its sqrt of exp_avg_sq), after the backward has freed autocast's bf16 copies of the
+    # fp32 weights, which are held from the forward to the backward (2 bytes per matmul parameter). LoRA: the
+    # adapters' step temporary (their bf16 copies are smaller; the base is bf16 or int8 already). FSDP2 (bf16
+    # param_dtype): the sharded step temporary, or the gathered bf16 weights of the root group (embeddings, head)
+    # and one layer at a time.
+    step_lora, step_full = 4 * lora, max(4 * P, 2 * (p["linear"] + p["head"]))
+    step_fsdp = max(4 * P / n, 2 * (p["rest"] + p["linear"] / p["layers"]))
+    modes = [  # (name, resident weights, grads + AdamW states, training transient, extra while sampling, reward)
+        ("8-bit base + LoRA", int8 + 4 * lora, 12 * lora, step_lora, 0, reward["int8"]),
+        ("8-bit base + LoRA, --gen_dequantized", int8 + 4 * lora, 12 * lora, step_lora, 2 * P, reward["int8"]),
+        ("bf16 base + LoRA", 2 * P + 4 * lora, 12 * lora, step_lora, 0, reward["bf16"]),
+        ("full, fp32 master + bf16 compute, 1 GPU", 4 * P, 12 * P, step_full, 2 * P, reward["bf16"]),
+        (f"full, FSDP2 over {n} GPUs", 4 * P / n, 12 * P / n, step_fsdp, 2 * P, reward["bf16"]),
     ]
     rows = []
-    for name, weights, train, sample, rm in modes:
+    for name, weights, train, transient, sample, rm in modes:
         rows.append(
             {
                 "phase": "memory",
@@ -597,11 +616,12 @@ def memory_rows(a) -> list[dict]:
                 "params": p["total"],
                 "weights_gb": weights / G,
                 "train_extra_gb": train / G,
+                "train_transient_gb": transient / G,
                 "sample_extra_gb": sample / G,
                 "kv_gb": kv / G,
                 "reward_gb": rm / G,
                 "sample_peak_gb": (weights + sample + kv + rm) / G,
-                "train_peak_gb": (weights + train + rm) / G,
+                "train_peak_gb": (weights + train + transient + rm) / G,
             }
         )
     return rows
@@ -611,13 +631,14 @@ def memory_table(rows: list[dict], a) -> str:
     out = [
         f"computed, not measured: {a.shape} policy, {a.reward_shape} reward, --gen_batch_size {a.gen_batch_size} "
         f"× K {a.K}, {a.prompt_len} + {a.new_tokens} tokens; GB = 1e9 bytes; activations excluded",
-        "| mode | weights | + training (grads, AdamW) | + sampling copy | KV cache | reward | sampling peak | "
-        "training peak |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mode | weights | + training (grads, AdamW) | + training transient (AdamW step / bf16 copies) "
+        "| + sampling copy | KV cache | reward | sampling peak | training peak |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         out.append(
-            f"| {r['variant']} | {r['weights_gb']:.1f} | {r['train_extra_gb']:.1f} | {r['sample_extra_gb']:.1f} "
+            f"| {r['variant']} | {r['weights_gb']:.1f} | {r['train_extra_gb']:.1f} | {r['train_transient_gb']:.1f} "
+            f"| {r['sample_extra_gb']:.1f} "
             f"| {r['kv_gb']:.1f} | {r['reward_gb']:.1f} | {r['sample_peak_gb']:.1f} | "
             f"{r['train_peak_gb']:.1f} |"
         )
