@@ -11,20 +11,32 @@
     python bench.py --shape 7b --reward_shape 3b --phase memory --gen_batch_size 8   # computed GB per memory mode
 
 Random-weight Llama-shaped models (no hub access; speed and memory do not depend on the weights). Each row prints
-tokens/s, its fraction of the compute roofline (the measured bf16 matmul rate over 2·params FLOP per token for a
-forward pass, 6·params for training), the speed-up over each baseline and the peak memory of that row.
+tokens/s, its fraction of the compute roofline, the speed-up over each baseline and the peak memory of that row.
+
+"of roofline" is model FLOPs per second over the measured dense matmul rate in the compute dtype (best of several
+runs over about a second). Model FLOPs are the work the phase needs, the same for every variant of a phase, not the
+FLOPs a variant happens to execute (padding, logits no loss reads and re-done prefills earn nothing). They count only
+the parameters that do matmuls, N: the linear layers and the LM head (or score head), not the input embedding (a
+lookup), norms or attention scores; 2 FLOPs per parameter per token forward, 6 for a training step.
+  generate: 2·N per new token (the prompts' prefill is not counted);  score: 2·N per text token;
+  train: 6·N_body per real token + 6·N_head per labelled token. An SFT loss needs logits only where a label is: the
+  kit's finetune runs the LM head on those positions only (which is what it executes, less its packing's padding);
+  the baseline executes more (the head on every position, padding included) for the same model FLOPs.
 
 - generate: b prompts of --prompt_len random tokens, K samples each, forced to exactly --new_tokens new tokens
   (no EOS) at temperature 1, top_k 0, top_p 1 (the paper's sampling). Baselines: `hf-1`, model.generate with one
   prompt (K rows) per call, as the authors' LMFlow code did (timed on --hf1_prompts prompts: it is slow); `hf-B`,
   model.generate with --gen_batch_size prompts × K rows per call (the best plain-HF figure in NOTES.md). The kit:
   fastgen.sample (raft.py --gen_backend fast), CUDA-graph captures included in its time. Also a greedy check:
-  the share of identical tokens between fastgen and model.generate on the same prompts (1.0 on CPU in fp32).
+  the share of identical tokens between fastgen and model.generate on the same prompts, both stopping at EOS
+  (1.0 on CPU in fp32).
 - score: b·K texts of --prompt_len + a random response length, scored by a sequence-classification model of
   --reward_shape (default: the policy's shape) with reward.score_ids (length-sorted batches, bf16); baseline: one
   text per forward pass, as LMFlow did.
 - train: raft.finetune (one epoch) on b (prompt, response) rows; tokens/s counts every real, non-padding token;
-  baseline: right-padded micro-batches through the model's own loss (labels=...), the usual HF SFT step.
+  baseline: right-padded micro-batches through the model's own loss (labels=...), the usual HF SFT step. Each
+  variant runs once on one batch before it is timed (kernels, allocator, cuBLAS), so no one-time cost lands on
+  whichever runs first.
 - stage / diffusion: one stage of raft.py / diffusion.py on random weights saved to a temporary directory (a
   word-level tokenizer for the LM; the byte-level ByT5 tokenizer for SD), seconds and (GPU) peak GiB per phase.
   stage: --bf16 on a GPU; the reward is a word count unless --reward_shape is given, then a random
@@ -190,10 +202,48 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def matmul_params(model) -> tuple[int, int]:
+    """(N, N_head): the parameters that do matmuls (every nn.Linear weight, a tied one once; the input embedding is
+    a lookup and does none) and, of those, the output head's (the LM head, or a classifier's score head)."""
+    weights = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    head = model.get_output_embeddings() if model.get_output_embeddings() is not None else model.score
+    return sum(weights.values()), head.weight.numel()
+
+
+def greedy_agreement(model, prompts: list[list[int]], new_tokens: int, cuda_graphs: bool, eos_id: int = 2) -> float:
+    """The share of positions where fastgen's greedy tokens equal model.generate's on the same prompts. Like with
+    like: both stop at EOS (generate with min_new_tokens would mask EOS, which fastgen never does, and report a
+    disagreement that is not there); a row is compared up to and including its EOS, a length mismatch counting as
+    disagreement on the extra positions."""
+    ids = torch.tensor(prompts, device=DEV)
+    ref = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        generation_config=GenerationConfig(
+            do_sample=False, max_new_tokens=new_tokens, pad_token_id=0, eos_token_id=eos_id
+        ),
+    )[:, ids.shape[1] :].tolist()
+    ref = [r[: r.index(eos_id) + 1] if eos_id in r else r for r in ref]  # generate pads after EOS; fastgen stops
+    got = [
+        r[0]
+        for r in fastgen.sample(
+            model,
+            prompts,
+            1,
+            max_new_tokens=new_tokens,
+            eos_ids={eos_id},
+            pad_id=0,
+            temperature=0,
+            cuda_graphs=cuda_graphs,
+        )
+    ]
+    same = sum(x == y for r, g in zip(ref, got) for x, y in zip(r, g))
+    return same / sum(max(len(r), len(g)) for r, g in zip(ref, got))
+
+
 def generate_rows(a, rate: float) -> list[dict]:
     model = build(a.shape)
-    P = n_params(model)
-    roof = rate / (2 * P)
+    P, (N, _) = n_params(model), matmul_params(model)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, SHAPES[a.shape]["vocab_size"], (a.prompts, a.prompt_len), generator=g).tolist()
     gc = GenerationConfig(
@@ -236,7 +286,7 @@ def generate_rows(a, rate: float) -> list[dict]:
         (f"hf-{a.gen_batch_size}", lambda: hf(prompts, a.gen_batch_size)),
         ("kit fastgen", lambda: fast(prompts)),
     ):
-        row = {"phase": "generate", "shape": a.shape, "params": P, "variant": name}
+        row = {"phase": "generate", "shape": a.shape, "params": P, "matmul_params": N, "variant": name}
         try:
             with timed(row):
                 row["tokens"] = fn()
@@ -244,38 +294,16 @@ def generate_rows(a, rate: float) -> list[dict]:
             row.update(tokens=0, secs=math.nan, peak_gib=math.nan, note="out of memory")
             torch.cuda.empty_cache()
         row["tok_s"] = row["tokens"] / row["secs"]
-        row["frac_roofline"] = row["tok_s"] / roof
+        row["frac_roofline"] = row["tok_s"] * 2 * N / rate  # model FLOPs: 2·N per new token
         rows.append(row)
     # greedy: does the fast path give model.generate's tokens? (bf16 on a GPU may split ties differently)
-    ps = prompts[:4]
-    ref = model.generate(
-        input_ids=torch.tensor(ps, device=DEV),
-        attention_mask=torch.ones(4, a.prompt_len, dtype=torch.long, device=DEV),
-        generation_config=GenerationConfig(
-            do_sample=False, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, pad_token_id=0, eos_token_id=2
-        ),
-    )[:, a.prompt_len :].tolist()
-    got = [
-        r[0]
-        for r in fastgen.sample(
-            model,
-            ps,
-            1,
-            max_new_tokens=a.new_tokens,
-            eos_ids=set(),
-            pad_id=0,
-            temperature=0,
-            cuda_graphs=not a.no_cuda_graphs,
-        )
-    ]
-    same = sum(x == y for r, s in zip(ref, got) for x, y in zip(r, s)) / sum(map(len, ref))
-    rows[-1]["greedy_same_as_generate"] = same
+    rows[-1]["greedy_same_as_generate"] = greedy_agreement(model, prompts[:4], a.new_tokens, not a.no_cuda_graphs)
     return rows
 
 
 def score_rows(a, rate: float) -> list[dict]:
     model = build(a.reward_shape, LlamaForSequenceClassification, num_labels=1)
-    P = n_params(model)
+    P, (N, _) = n_params(model), matmul_params(model)
     g = torch.Generator().manual_seed(1)
     V = SHAPES[a.reward_shape]["vocab_size"]
     lens = torch.randint(
@@ -293,11 +321,11 @@ def score_rows(a, rate: float) -> list[dict]:
             sum(lens),
         ),
     ):
-        row = {"phase": "score", "shape": a.reward_shape, "params": P, "variant": name, "tokens": n}
+        row = {"phase": "score", "shape": a.reward_shape, "params": P, "matmul_params": N, "variant": name, "tokens": n}
         with timed(row):
             fn()
         row["tok_s"] = n / row["secs"]
-        row["frac_roofline"] = row["tok_s"] * 2 * P / rate
+        row["frac_roofline"] = row["tok_s"] * 2 * N / rate  # model FLOPs: 2·N per text token
         rows.append(row)
     return rows
 
@@ -326,6 +354,7 @@ def train_rows(a, rate: float) -> list[dict]:
         ).tolist()
         examples.append(raft.build_example(p, r, 2))
     tokens = sum(len(x) for x, _ in examples)
+    labelled = sum(sum(t != -100 for t in y[1:]) for _, y in examples)  # positions with a loss: the head's work
     cfg = raft.Config(
         epochs=1,
         lr=1e-5,
@@ -334,7 +363,7 @@ def train_rows(a, rate: float) -> list[dict]:
         bf16=DEV.type == "cuda",
     )
 
-    def baseline(model):
+    def baseline(model, examples):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         model.train()
         for s in range(0, len(examples), cfg.train_batch_size):
@@ -349,18 +378,20 @@ def train_rows(a, rate: float) -> list[dict]:
     rows = []
     for name, fn in (
         ("plain HF loss, padded", baseline),
-        ("kit finetune", lambda m: raft.finetune(m, examples, cfg, seed=0)),
+        ("kit finetune", lambda m, exs: raft.finetune(m, exs, cfg, seed=0)),
     ):
         model = build(a.shape).float()  # fp32 master weights, bf16 autocast: the kit's --bf16 full fine-tuning
-        P = n_params(model)
-        row = {"phase": "train", "shape": a.shape, "params": P, "variant": name, "tokens": tokens}
+        P, (N, head) = n_params(model), matmul_params(model)
+        flops = 6 * ((N - head) * tokens + head * labelled)  # model FLOPs: the head's work only where a label is
+        row = {"phase": "train", "shape": a.shape, "params": P, "matmul_params": N, "variant": name, "tokens": tokens}
         try:
+            fn(model, examples[: cfg.train_batch_size])  # warm-up, untimed: one-time costs on no variant's clock
             with timed(row):
-                fn(model)
+                fn(model, examples)
         except torch.OutOfMemoryError:
             row.update(secs=math.nan, peak_gib=math.nan, note="out of memory")
         row["tok_s"] = tokens / row["secs"]
-        row["frac_roofline"] = row["tok_s"] * 6 * P / rate  # MFU, real (non-padding) tokens only
+        row["frac_roofline"] = flops / row["secs"] / rate
         rows.append(row)
         del model
         if DEV.type == "cuda":
@@ -662,7 +693,8 @@ def word_count(prompts, responses):
 def table(rows: list[dict]) -> str:
     """One markdown table; speed-ups are over the other rows of the same phase."""
     out = [
-        "| phase | shape | variant | tokens | s | tok/s | of roofline | speed-up over baselines | peak GiB |",
+        "| phase | shape | variant | tokens | s | tok/s | of roofline (model FLOPs) | speed-up over baselines "
+        "| peak GiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -102,6 +102,23 @@ def test_memory_counts_are_those_of_the_real_models(tmp_path):
     assert [r["variant"] for r in rows][0] == "8-bit base + LoRA" and "computed, not measured" in stdout
 
 
+def test_flop_counts_leave_out_the_input_embedding_and_count_a_tied_head_once():
+    """The roofline's N: the parameters that do matmuls. The input embedding (a lookup) is not among them; the LM
+    head is, also when it shares the embedding's weight."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import bench
+
+    for tied in (False, True):
+        cfg = LlamaConfig(**bench.SHAPES["tiny"], pad_token_id=0, tie_word_embeddings=tied)
+        model = LlamaForCausalLM(cfg)
+        h, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
+        kv = cfg.num_key_value_heads * h // cfg.num_attention_heads
+        layer = 2 * h * h + 2 * h * kv + 3 * h * cfg.intermediate_size  # q, o; k, v; gate, up, down
+        assert bench.matmul_params(model) == (L * layer + V * h, V * h), tied
+        assert bench.n_params(model) == L * layer + (1 if tied else 2) * V * h + (2 * L + 1) * h  # + norms
+
+
 def cache_bytes(model, rows: int, tokens: int) -> int:
     """Bytes of the keys and values a real forward pass caches for rows × tokens."""
     import torch
@@ -124,3 +141,20 @@ def test_kv_cache_figure_is_the_bytes_a_real_cache_holds():
     B, K, Lp, S = 3, 4, 7, 5
     real = cache_bytes(model, B, Lp) + cache_bytes(model, B * K, S)
     assert bench.kv_bytes(bench.param_counts("tiny"), B, K, Lp, S) == real
+
+
+def test_greedy_check_compares_like_with_like():
+    """A model that picks EOS greedily after a few tokens: fastgen (which never masks EOS) and model.generate agree
+    on every token, so the check reports no disagreement that is not there."""
+    import torch
+
+    import bench
+    from fastgen import sample
+
+    model = bench.build("tiny")
+    with torch.no_grad():
+        model.lm_head.weight[2] = model.lm_head.weight[3:].mean(0) + model.lm_head.weight[3:].std(0) * 8
+    prompts = torch.randint(3, 512, (4, 16), generator=torch.Generator().manual_seed(0)).tolist()
+    greedy = sample(model, prompts, 1, max_new_tokens=16, eos_ids={2}, pad_id=0, temperature=0, cuda_graphs=False)
+    assert sorted(len(r[0]) for r in greedy) == [1, 2, 3, 4]  # EOS is picked, after 0 to 3 other tokens
+    assert bench.greedy_agreement(model, prompts, 16, cuda_graphs=False) == 1.0
