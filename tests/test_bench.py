@@ -1,5 +1,6 @@
 """bench.py --shape tiny runs on the CPU in seconds (as a user runs it, a subprocess) and reports every phase: the
-kit's generation does the same work as the baselines, its greedy tokens equal model.generate's, a stage runs."""
+kit's generation does the same work as the baselines, its greedy tokens equal model.generate's, a stage runs. The
+stage tests are smoke tests (they run and report); benchmarks are not timed tests: bench.py measures and prints."""
 
 import json
 import os
@@ -36,14 +37,14 @@ def test_bench_tiny_all_phases(tmp_path):
     assert "| generate | tiny | kit fastgen" in stdout and "× hf-1" in stdout and "× hf-64" in stdout
 
 
-def test_bench_tiny_stage(tmp_path):
+def test_smoke_bench_tiny_stage(tmp_path):
     _, rows = run_bench(tmp_path, "--phase", "stage", "--prompts", "16")
     (row,) = rows
     assert row["variant"] == "b=16 K=8" and all(row[k] >= 0 for k in ("time_sample", "time_train", "time_eval"))
     assert not any(k.startswith("peak_gib") for k in row)  # GPU memory only on a GPU
 
 
-def test_bench_tiny_stage_with_a_reward_model_and_raft_options_under_torchrun(tmp_path):
+def test_smoke_bench_tiny_stage_with_a_reward_model_and_raft_options_under_torchrun(tmp_path):
     """The commands BENCHMARKS.md lists for the memory modes (#4) and the world-size-1 engines (#5), tiny: a
     reward model of --reward_shape, --raft_args passed to raft.py, and a run under torchrun."""
     _, rows = run_bench(
@@ -63,7 +64,7 @@ def test_bench_tiny_stage_with_a_reward_model_and_raft_options_under_torchrun(tm
     assert row["time_sample"] > 0 and row["time_train"] > 0
 
 
-def test_bench_tiny_diffusion_stage(tmp_path):
+def test_smoke_bench_tiny_diffusion_stage(tmp_path):
     _, rows = run_bench(tmp_path, "--phase", "diffusion")
     (row,) = rows
     assert row["variant"] == "diffusion b=4 K=8" and row["time_sample"] > 0 and row["time_train"] > 0
