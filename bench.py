@@ -127,6 +127,7 @@ def parse(argv=None):
     ap.add_argument("--reward_batch_size", type=int, default=32)
     ap.add_argument("--micro_batch_size", type=int, default=8)
     ap.add_argument("--no_cuda_graphs", action="store_true")
+    ap.add_argument("--vllm", action="store_true", help="generate: also time vLLM on the same work (needs vllm, a GPU)")
     ap.add_argument("--raft_args", default="", help='stage: extra raft.py options, e.g. "--lora_r 16 --bf16"')
     ap.add_argument("--json", default=None, help="also append every row as JSON to this file")
     a = ap.parse_args(argv)
@@ -298,7 +299,37 @@ def generate_rows(a, rate: float) -> list[dict]:
         rows.append(row)
     # greedy: does the fast path give model.generate's tokens? (bf16 on a GPU may split ties differently)
     rows[-1]["greedy_same_as_generate"] = greedy_agreement(model, prompts[:4], a.new_tokens, not a.no_cuda_graphs)
+    if a.vllm:
+        del model  # vLLM sizes its KV cache from the GPU memory free when it starts
+        torch.cuda.empty_cache()
+        rows.append(vllm_row(a, prompts, P, N, rate))
     return rows
+
+
+def vllm_row(a, prompts, P: int, N: int, rate: float) -> dict:
+    """The same work through vLLM (not a baseline the kit beats by construction: a reference point): the random
+    model saved to disk, n=K samples per prompt, exactly --new_tokens each (EOS ignored), temperature 1, no top-k or
+    top-p. Its engine start-up is not timed; its first call (warm-up) is not either."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    with tempfile.TemporaryDirectory() as d:
+        save_random(d, a.shape)
+        llm = LLM(model=d, dtype="bfloat16", seed=0, skip_tokenizer_init=True, gpu_memory_utilization=0.85)
+        sp = SamplingParams(
+            n=a.K, temperature=1.0, top_p=1.0, max_tokens=a.new_tokens, min_tokens=a.new_tokens, ignore_eos=True
+        )
+        ps = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+        llm.generate(ps[:1], sp, use_tqdm=False)  # warm-up
+        row = {"phase": "generate", "shape": a.shape, "params": P, "matmul_params": N, "variant": "vllm"}
+        with timed(row):
+            out = llm.generate(ps, sp, use_tqdm=False)
+        row["peak_gib"] = math.nan  # vLLM's engine allocates in its own process: this process's peak says nothing
+        row["tokens"] = sum(len(c.token_ids) for o in out for c in o.outputs)
+        row["tok_s"] = row["tokens"] / row["secs"]
+        row["frac_roofline"] = row["tok_s"] * 2 * N / rate
+        del llm
+    return row
 
 
 def score_rows(a, rate: float) -> list[dict]:

@@ -159,3 +159,36 @@ def test_greedy_check_compares_like_with_like():
     greedy = sample(model, prompts, 1, max_new_tokens=16, eos_ids={2}, pad_id=0, temperature=0, cuda_graphs=False)
     assert sorted(len(r[0]) for r in greedy) == [1, 2, 3, 4]  # EOS is picked, after 0 to 3 other tokens
     assert bench.greedy_agreement(model, prompts, 16, cuda_graphs=False) == 1.0
+
+
+def test_bench_gpu_script_tiny_mode_writes_a_section_and_reports_what_it_skipped(tmp_path):
+    """bench_gpu.sh at the tiny shape on the CPU (BENCH_SHAPE=tiny), one step selected: it appends one dated section
+    to BENCH_OUT (whatever the file held stays), with the device, versions and command, the step's command and
+    table, and a list of what it did not run and why: vLLM (no GPU here) and each step not selected."""
+    import re
+
+    out = tmp_path / "BENCH.md"
+    out.write_text("# earlier\n")
+    p = subprocess.run(
+        ["bash", "bench_gpu.sh"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "BENCH_SHAPE": "tiny", "BENCH_OUT": str(out), "BENCH_STEPS": "memory"},
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    text = out.read_text()
+    assert text.startswith("# earlier\n") and text.count("\n## ") == 1
+    section = text.split("\n## ", 1)[1]
+    assert re.match(r"CPU \(\d+ cores, no GPU\), \d{4}-\d\d-\d\d \(bench_gpu\.sh\)\n", section), section[:200]
+    assert "`BENCH_SHAPE=tiny " in section and "bench_gpu.sh" in section
+    for lib in ("torch", "transformers", "peft", "bitsandbytes", "vllm", "diffusers"):
+        assert re.search(rf"\b{lib} (\S+\d|not importable)", section), lib
+    head, notrun = section.split("### Not run or failed\n")
+    assert "### memory per mode, computed" in head and "`python bench.py --shape tiny --reward_shape tiny" in head
+    assert "exit 0)" in head and "| full, fp32 master + bf16 compute, 1 GPU |" in head
+    skipped = re.findall(r"^- (\w+) .*: (.+)$", notrun, re.M)
+    assert ("vLLM", "no GPU") in [(n, why) for n, why in skipped]
+    names = {"gen1b", "gen7b", "score", "train", "mem8bit", "memlora", "memfull", "diffusion", "nccl_ddp", "nccl_fsdp"}
+    assert {n for n, why in skipped if why == "not in BENCH_STEPS"} == names
