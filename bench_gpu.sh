@@ -114,7 +114,7 @@ for step in "${STEPS[@]}"; do
     echo
     echo "\`$cmd\` (${secs} s, exit $rc)"
     echo
-    grep -E '^(device |computed, not measured)' "$LOG"
+    grep -E '^(device |computed, not measured|note: )' "$LOG"
     echo
     grep -E '^\|' "$LOG"
   } >>"$SECTION"
