@@ -33,7 +33,6 @@ One process (no torchrun), no --resume. Time per stage on a GPU is not yet measu
 import dataclasses
 import hashlib
 import io
-import itertools
 import json
 import math
 import os
@@ -677,20 +676,13 @@ def run(cfg: DiffusionConfig):
 
 
 # ---- the demo's model, the command line --------------------------------------------------------------------
-def demo_captions(n: int) -> list[str]:
-    """The demo UNet's pretraining captions: every 10th empty (SD's recipe, so guidance has an unconditional
-    prediction to push away from), the others cycling through all ten CIFAR-10 names, "airplane" included."""
-    names = itertools.cycle(CIFAR10)
-    return ["" if i % 10 == 9 else next(names) for i in range(n)]
-
-
 def prepare_demo(demo_dir: str) -> str:
     """Build once (cached in demo_dir) a tiny SD-shaped model from configs and pretrain it on synthetic images, as
     raft.py's demo pretrains its Llama: smooth random 32×32 images (a 4×4 colour field, upsampled, at a random
     overall brightness). The byte-level ByT5 tokenizer (needs no files) and a random CLIP text encoder; a VAE
     trained 60 steps to reconstruct the images (a random VAE is no autoencoder: the kept images, encoded again, would
     give latents unrelated to those that made them); a UNet trained 150 steps on them with `finetune`, the CIFAR-10
-    names as captions (`demo_captions`); SD 1.5's noise schedule under DDIM."""
+    names as captions (every 10th empty, SD's recipe for guidance); SD 1.5's noise schedule under DDIM."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModel
 
@@ -764,7 +756,7 @@ def prepare_demo(demo_dir: str) -> str:
         device=torch.device("cpu"),
         amp=lambda: torch.autocast("cpu", enabled=False),
     )
-    captions = demo_captions(960)
+    captions = [CIFAR10[i % 10] if i % 10 else "" for i in range(960)]
     pre = DiffusionConfig(lr=2e-3, epochs=5, train_batch_size=32, weight_decay=0.0)  # 150 steps
     unet_loss = finetune(sd, to_pil(smooth_images(960)), captions, pre, seed=0)
     tmp = demo_dir.rstrip("/") + ".tmp"
