@@ -11,20 +11,32 @@
     python bench.py --shape 7b --reward_shape 3b --phase memory --gen_batch_size 8   # computed GB per memory mode
 
 Random-weight Llama-shaped models (no hub access; speed and memory do not depend on the weights). Each row prints
-tokens/s, its fraction of the compute roofline (the measured bf16 matmul rate over 2·params FLOP per token for a
-forward pass, 6·params for training), the speed-up over each baseline and the peak memory of that row.
+tokens/s, its fraction of the compute roofline, the speed-up over each baseline and the peak memory of that row.
+
+"of roofline" is model FLOPs per second over the measured dense matmul rate in the compute dtype (best of several
+runs over about a second). Model FLOPs are the work the phase needs, the same for every variant of a phase, not the
+FLOPs a variant happens to execute (padding, logits no loss reads and re-done prefills earn nothing). They count only
+the parameters that do matmuls, N: the linear layers and the LM head (or score head), not the input embedding (a
+lookup), norms or attention scores; 2 FLOPs per parameter per token forward, 6 for a training step.
+  generate: 2·N per new token (the prompts' prefill is not counted);  score: 2·N per text token;
+  train: 6·N_body per real token + 6·N_head per labelled token. An SFT loss needs logits only where a label is: the
+  kit's finetune runs the LM head on those positions only (which is what it executes, less its packing's padding);
+  the baseline executes more (the head on every position, padding included) for the same model FLOPs.
 
 - generate: b prompts of --prompt_len random tokens, K samples each, forced to exactly --new_tokens new tokens
   (no EOS) at temperature 1, top_k 0, top_p 1 (the paper's sampling). Baselines: `hf-1`, model.generate with one
   prompt (K rows) per call, as the authors' LMFlow code did (timed on --hf1_prompts prompts: it is slow); `hf-B`,
   model.generate with --gen_batch_size prompts × K rows per call (the best plain-HF figure measured). The kit:
   fastgen.sample (raft.py --gen_backend fast), CUDA-graph captures included in its time. Also a greedy check:
-  the share of identical tokens between fastgen and model.generate on the same prompts (1.0 on CPU in fp32).
+  the share of identical tokens between fastgen and model.generate on the same prompts, both stopping at EOS
+  (1.0 on CPU in fp32).
 - score: b·K texts of --prompt_len + a random response length, scored by a sequence-classification model of
   --reward_shape (default: the policy's shape) with reward.score_ids (length-sorted batches, bf16); baseline: one
   text per forward pass, as LMFlow did.
 - train: raft.finetune (one epoch) on b (prompt, response) rows; tokens/s counts every real, non-padding token;
-  baseline: right-padded micro-batches through the model's own loss (labels=...), the usual HF SFT step.
+  baseline: right-padded micro-batches through the model's own loss (labels=...), the usual HF SFT step. Each
+  variant runs once on one batch before it is timed (kernels, allocator, cuBLAS), so no one-time cost lands on
+  whichever runs first.
 - stage / diffusion: one stage of raft.py / diffusion.py on random weights saved to a temporary directory (a
   word-level tokenizer for the LM; the byte-level ByT5 tokenizer for SD), seconds and (GPU) peak GiB per phase.
   stage: --bf16 on a GPU; the reward is a word count unless --reward_shape is given, then a random
@@ -34,9 +46,12 @@ forward pass, 6·params for training), the speed-up over each baseline and the p
   paper's setup (10 CIFAR-10 prompts, K=8, 50 DDIM steps, guidance 7.5, 256×256, LoRA) with the offline
   `brightness` reward standing in for the aesthetic model; --shape tiny: a toy UNet at 32×32, 4 steps.
 - memory: computed, not measured (any shape, on a CPU in seconds, from meta-device models): per memory mode, the
-  resident weights, what training adds (grads, AdamW), a sampling-time copy (--gen_dequantized's bf16 copy, the
-  gathered FSDP2 weights, autocast's bf16 copy of fp32 master weights), fastgen's KV cache for --gen_batch_size × K
-  rows and the reward model; activations excluded. tests/test_bench.py checks the counts against real models.
+  resident weights, what training adds (grads, AdamW states), the larger of training's two transients (AdamW's
+  foreach step allocates a 4-byte temporary per trained parameter; between forward and backward autocast holds a
+  bf16 copy of the fp32 weights it computed with, 2 bytes per matmul parameter, or FSDP2 the gathered bf16 weights
+  of its root group and one layer), a sampling-time copy (--gen_dequantized's bf16 copy, the gathered FSDP2
+  weights, autocast's bf16 copy of fp32 master weights), fastgen's KV cache for --gen_batch_size × K rows and the
+  reward model; activations excluded. tests/test_bench.py checks the counts and the KV bytes against real models.
 """
 
 import argparse
@@ -113,6 +128,7 @@ def parse(argv=None):
     ap.add_argument("--reward_batch_size", type=int, default=32)
     ap.add_argument("--micro_batch_size", type=int, default=8)
     ap.add_argument("--no_cuda_graphs", action="store_true")
+    ap.add_argument("--vllm", action="store_true", help="generate: also time vLLM on the same work (needs vllm, a GPU)")
     ap.add_argument("--raft_args", default="", help='stage: extra raft.py options, e.g. "--lora_r 16 --bf16"')
     ap.add_argument("--json", default=None, help="also append every row as JSON to this file")
     a = ap.parse_args(argv)
@@ -151,18 +167,27 @@ def timed(row: dict):
     row["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if DEV.type == "cuda" else 0.0
 
 
-def matmul_rate() -> float:
-    """The measured dense matmul FLOP/s in the compute dtype: the roofline every row is compared with."""
+def matmul_rate(runs: int = 5) -> float:
+    """The measured dense matmul FLOP/s in the compute dtype: the roofline every row is compared with. The best of
+    `runs` runs of about 0.2 s each (a few ms, as ten 8192² matmuls take on an H100, is mostly launch and clock
+    ramp-up); 0.05 s each on a CPU, whose figure is only a smoke number."""
     n = 8192 if DEV.type == "cuda" else 512
     x = torch.randn(n, n, device=DEV, dtype=DTYPE)
     for _ in range(3):
         x @ x
     sync()
-    t, reps = time.perf_counter(), 10
-    for _ in range(reps):
-        x @ x
+    t = time.perf_counter()
+    x @ x
     sync()
-    return reps * 2 * n**3 / (time.perf_counter() - t)
+    reps = max(1, round((0.2 if DEV.type == "cuda" else 0.05) / (time.perf_counter() - t)))
+    best = math.inf
+    for _ in range(runs):
+        t = time.perf_counter()
+        for _ in range(reps):
+            x @ x
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return reps * 2 * n**3 / best
 
 
 def build(shape: str, cls=LlamaForCausalLM, **kw):
@@ -179,10 +204,48 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def matmul_params(model) -> tuple[int, int]:
+    """(N, N_head): the parameters that do matmuls (every nn.Linear weight, a tied one once; the input embedding is
+    a lookup and does none) and, of those, the output head's (the LM head, or a classifier's score head)."""
+    weights = {id(m.weight): m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    head = model.get_output_embeddings() if model.get_output_embeddings() is not None else model.score
+    return sum(weights.values()), head.weight.numel()
+
+
+def greedy_agreement(model, prompts: list[list[int]], new_tokens: int, cuda_graphs: bool, eos_id: int = 2) -> float:
+    """The share of positions where fastgen's greedy tokens equal model.generate's on the same prompts. Like with
+    like: both stop at EOS (generate with min_new_tokens would mask EOS, which fastgen never does, and report a
+    disagreement that is not there); a row is compared up to and including its EOS, a length mismatch counting as
+    disagreement on the extra positions."""
+    ids = torch.tensor(prompts, device=DEV)
+    ref = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        generation_config=GenerationConfig(
+            do_sample=False, max_new_tokens=new_tokens, pad_token_id=0, eos_token_id=eos_id
+        ),
+    )[:, ids.shape[1] :].tolist()
+    ref = [r[: r.index(eos_id) + 1] if eos_id in r else r for r in ref]  # generate pads after EOS; fastgen stops
+    got = [
+        r[0]
+        for r in fastgen.sample(
+            model,
+            prompts,
+            1,
+            max_new_tokens=new_tokens,
+            eos_ids={eos_id},
+            pad_id=0,
+            temperature=0,
+            cuda_graphs=cuda_graphs,
+        )
+    ]
+    same = sum(x == y for r, g in zip(ref, got) for x, y in zip(r, g))
+    return same / sum(max(len(r), len(g)) for r, g in zip(ref, got))
+
+
 def generate_rows(a, rate: float) -> list[dict]:
     model = build(a.shape)
-    P = n_params(model)
-    roof = rate / (2 * P)
+    P, (N, _) = n_params(model), matmul_params(model)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, SHAPES[a.shape]["vocab_size"], (a.prompts, a.prompt_len), generator=g).tolist()
     gc = GenerationConfig(
@@ -225,7 +288,7 @@ def generate_rows(a, rate: float) -> list[dict]:
         (f"hf-{a.gen_batch_size}", lambda: hf(prompts, a.gen_batch_size)),
         ("kit fastgen", lambda: fast(prompts)),
     ):
-        row = {"phase": "generate", "shape": a.shape, "params": P, "variant": name}
+        row = {"phase": "generate", "shape": a.shape, "params": P, "matmul_params": N, "variant": name}
         try:
             with timed(row):
                 row["tokens"] = fn()
@@ -233,38 +296,56 @@ def generate_rows(a, rate: float) -> list[dict]:
             row.update(tokens=0, secs=math.nan, peak_gib=math.nan, note="out of memory")
             torch.cuda.empty_cache()
         row["tok_s"] = row["tokens"] / row["secs"]
-        row["frac_roofline"] = row["tok_s"] / roof
+        row["frac_roofline"] = row["tok_s"] * 2 * N / rate  # model FLOPs: 2·N per new token
         rows.append(row)
     # greedy: does the fast path give model.generate's tokens? (bf16 on a GPU may split ties differently)
-    ps = prompts[:4]
-    ref = model.generate(
-        input_ids=torch.tensor(ps, device=DEV),
-        attention_mask=torch.ones(4, a.prompt_len, dtype=torch.long, device=DEV),
-        generation_config=GenerationConfig(
-            do_sample=False, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, pad_token_id=0, eos_token_id=2
-        ),
-    )[:, a.prompt_len :].tolist()
-    got = [
-        r[0]
-        for r in fastgen.sample(
-            model,
-            ps,
-            1,
-            max_new_tokens=a.new_tokens,
-            eos_ids=set(),
-            pad_id=0,
-            temperature=0,
-            cuda_graphs=not a.no_cuda_graphs,
-        )
-    ]
-    same = sum(x == y for r, s in zip(ref, got) for x, y in zip(r, s)) / sum(map(len, ref))
-    rows[-1]["greedy_same_as_generate"] = same
+    rows[-1]["greedy_same_as_generate"] = greedy_agreement(model, prompts[:4], a.new_tokens, not a.no_cuda_graphs)
+    if a.vllm:
+        del model  # vLLM sizes its KV cache from the GPU memory free when it starts
+        torch.cuda.empty_cache()
+        try:  # a failure here (vLLM's versions, memory) must not lose the rows measured above
+            rows.append(vllm_row(a, prompts, P, N, rate))
+        except Exception as e:
+            print(f"note: vllm not measured ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     return rows
+
+
+def vllm_row(a, prompts, P: int, N: int, rate: float) -> dict:
+    """The same work through vLLM (not a baseline the kit beats by construction: a reference point): the random
+    model saved to disk, n=K samples per prompt, exactly --new_tokens each (EOS ignored), temperature 1, no top-k or
+    top-p. Its engine start-up is not timed; its first call (warm-up) is not either."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    with tempfile.TemporaryDirectory() as d:
+        save_random(d, a.shape)
+        # half the GPU: this process's allocator may still hold memory that vLLM's start-up check counts as used
+        llm = LLM(model=d, dtype="bfloat16", seed=0, skip_tokenizer_init=True, gpu_memory_utilization=0.5)
+        sp = SamplingParams(
+            n=a.K,
+            temperature=1.0,
+            top_p=1.0,
+            max_tokens=a.new_tokens,
+            min_tokens=a.new_tokens,
+            ignore_eos=True,
+            detokenize=False,  # token ids in, token ids out: there is no tokenizer
+        )
+        ps = [TokensPrompt(prompt_token_ids=p) for p in prompts]
+        llm.generate(ps[:1], sp, use_tqdm=False)  # warm-up
+        row = {"phase": "generate", "shape": a.shape, "params": P, "matmul_params": N, "variant": "vllm"}
+        with timed(row):
+            out = llm.generate(ps, sp, use_tqdm=False)
+        row["peak_gib"] = math.nan  # vLLM's engine allocates in its own process: this process's peak says nothing
+        row["tokens"] = sum(len(c.token_ids) for o in out for c in o.outputs)
+        row["tok_s"] = row["tokens"] / row["secs"]
+        row["frac_roofline"] = row["tok_s"] * 2 * N / rate
+        del llm
+    return row
 
 
 def score_rows(a, rate: float) -> list[dict]:
     model = build(a.reward_shape, LlamaForSequenceClassification, num_labels=1)
-    P = n_params(model)
+    P, (N, _) = n_params(model), matmul_params(model)
     g = torch.Generator().manual_seed(1)
     V = SHAPES[a.reward_shape]["vocab_size"]
     lens = torch.randint(
@@ -282,11 +363,11 @@ def score_rows(a, rate: float) -> list[dict]:
             sum(lens),
         ),
     ):
-        row = {"phase": "score", "shape": a.reward_shape, "params": P, "variant": name, "tokens": n}
+        row = {"phase": "score", "shape": a.reward_shape, "params": P, "matmul_params": N, "variant": name, "tokens": n}
         with timed(row):
             fn()
         row["tok_s"] = n / row["secs"]
-        row["frac_roofline"] = row["tok_s"] * 2 * P / rate
+        row["frac_roofline"] = row["tok_s"] * 2 * N / rate  # model FLOPs: 2·N per text token
         rows.append(row)
     return rows
 
@@ -315,6 +396,7 @@ def train_rows(a, rate: float) -> list[dict]:
         ).tolist()
         examples.append(build_example(p, r, 2))
     tokens = sum(len(x) for x, _ in examples)
+    labelled = sum(sum(t != -100 for t in y[1:]) for _, y in examples)  # positions with a loss: the head's work
     cfg = raft.Config(
         epochs=1,
         lr=1e-5,
@@ -323,7 +405,7 @@ def train_rows(a, rate: float) -> list[dict]:
         bf16=DEV.type == "cuda",
     )
 
-    def baseline(model):
+    def baseline(model, examples):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
         model.train()
         for s in range(0, len(examples), cfg.train_batch_size):
@@ -338,18 +420,20 @@ def train_rows(a, rate: float) -> list[dict]:
     rows = []
     for name, fn in (
         ("plain HF loss, padded", baseline),
-        ("kit finetune", lambda m: raft.finetune(m, examples, cfg, seed=0)),
+        ("kit finetune", lambda m, exs: raft.finetune(m, exs, cfg, seed=0)),
     ):
         model = build(a.shape).float()  # fp32 master weights, bf16 autocast: the kit's --bf16 full fine-tuning
-        P = n_params(model)
-        row = {"phase": "train", "shape": a.shape, "params": P, "variant": name, "tokens": tokens}
+        P, (N, head) = n_params(model), matmul_params(model)
+        flops = 6 * ((N - head) * tokens + head * labelled)  # model FLOPs: the head's work only where a label is
+        row = {"phase": "train", "shape": a.shape, "params": P, "matmul_params": N, "variant": name, "tokens": tokens}
         try:
+            fn(model, examples[: cfg.train_batch_size])  # warm-up, untimed: one-time costs on no variant's clock
             with timed(row):
-                fn(model)
+                fn(model, examples)
         except torch.OutOfMemoryError:
             row.update(secs=math.nan, peak_gib=math.nan, note="out of memory")
         row["tok_s"] = tokens / row["secs"]
-        row["frac_roofline"] = row["tok_s"] * 6 * P / rate  # MFU, real (non-padding) tokens only
+        row["frac_roofline"] = flops / row["secs"] / rate
         rows.append(row)
         del model
         if DEV.type == "cuda":
@@ -455,7 +539,7 @@ def stage_rows(a) -> list[dict]:
 
 
 def phase_metrics(m: dict) -> dict:
-    """A stage's seconds and (GPU) peak GiB per phase, as raft.phase records them in raft.py and diffusion.py."""
+    """A stage's seconds and (GPU) peak GiB per phase, as dist.phase records them in raft.py and diffusion.py."""
     return {k: v for k, v in m.items() if k.startswith(("time_", "peak_gib_"))}
 
 
@@ -553,7 +637,7 @@ def param_counts(shape: str, cls=LlamaForCausalLM, lora_r: int = 16, **kw) -> di
     cfg = LlamaConfig(**SHAPES[shape], pad_token_id=0, **kw)
     with torch.device("meta"):
         model = cls(cfg)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = model.get_output_embeddings() if model.get_output_embeddings() is not None else model.score
     lins = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in f".{n}."]
     total = sum(p.numel() for p in model.parameters())
     linear = sum(m.weight.numel() for m in lins)
@@ -564,10 +648,18 @@ def param_counts(shape: str, cls=LlamaForCausalLM, lora_r: int = 16, **kw) -> di
         "total": total,
         "linear": linear,
         "rest": total - linear,
+        "head": head.weight.numel(),
+        "layers": cfg.num_hidden_layers,
         "lora": lora,
         "kv_token_bytes": kv_token,
         "int8_scales": sum(m.out_features for m in lins),
     }
+
+
+def kv_bytes(p: dict, prompts: int, K: int, prompt_len: int, new_tokens: int) -> int:
+    """fastgen's KV cache for `prompts` prompts × K samples: each prompt's keys and values once, each sample's new
+    tokens' once per sample (p from param_counts)."""
+    return prompts * (prompt_len + K * new_tokens) * p["kv_token_bytes"]
 
 
 def memory_rows(a) -> list[dict]:
@@ -578,17 +670,25 @@ def memory_rows(a) -> list[dict]:
     p, r = param_counts(a.shape), param_counts(a.reward_shape, LlamaForSequenceClassification, num_labels=1)
     int8 = p["linear"] + 4 * p["int8_scales"] + 4 * p["rest"]  # int8 projections + fp32 row scales; the rest fp32
     reward = {"bf16": 2 * r["total"], "int8": r["linear"] + 4 * r["int8_scales"] + 2 * r["rest"]}
-    kv = a.gen_batch_size * (a.K * a.new_tokens + a.prompt_len) * p["kv_token_bytes"]
-    n = a.ranks
-    modes = [  # (name, resident weights, extra while training, extra while sampling, reward)
-        ("8-bit base + LoRA", int8 + 4 * p["lora"], 12 * p["lora"], 0, reward["int8"]),
-        ("8-bit base + LoRA, --gen_dequantized", int8 + 4 * p["lora"], 12 * p["lora"], 2 * p["total"], reward["int8"]),
-        ("bf16 base + LoRA", 2 * p["total"] + 4 * p["lora"], 12 * p["lora"], 0, reward["bf16"]),
-        ("full, fp32 master + bf16 compute, 1 GPU", 4 * p["total"], 12 * p["total"], 2 * p["total"], reward["bf16"]),
-        (f"full, FSDP2 over {n} GPUs", 4 * p["total"] / n, 12 * p["total"] / n, 2 * p["total"], reward["bf16"]),
+    kv = kv_bytes(p, a.gen_batch_size, a.K, a.prompt_len, a.new_tokens)
+    n, P, lora = a.ranks, p["total"], p["lora"]
+    # Training's transient, the larger of two moments: AdamW's foreach step allocates a temporary as large as the
+    # trained parameters in fp32 (its sqrt of exp_avg_sq), after the backward has freed autocast's bf16 copies of the
+    # fp32 weights, which are held from the forward to the backward (2 bytes per matmul parameter). LoRA: the
+    # adapters' step temporary (their bf16 copies are smaller; the base is bf16 or int8 already). FSDP2 (bf16
+    # param_dtype): the sharded step temporary, or the gathered bf16 weights of the root group (embeddings, head)
+    # and one layer at a time.
+    step_lora, step_full = 4 * lora, max(4 * P, 2 * (p["linear"] + p["head"]))
+    step_fsdp = max(4 * P / n, 2 * (p["rest"] + p["linear"] / p["layers"]))
+    modes = [  # (name, resident weights, grads + AdamW states, training transient, extra while sampling, reward)
+        ("8-bit base + LoRA", int8 + 4 * lora, 12 * lora, step_lora, 0, reward["int8"]),
+        ("8-bit base + LoRA, --gen_dequantized", int8 + 4 * lora, 12 * lora, step_lora, 2 * P, reward["int8"]),
+        ("bf16 base + LoRA", 2 * P + 4 * lora, 12 * lora, step_lora, 0, reward["bf16"]),
+        ("full, fp32 master + bf16 compute, 1 GPU", 4 * P, 12 * P, step_full, 2 * P, reward["bf16"]),
+        (f"full, FSDP2 over {n} GPUs", 4 * P / n, 12 * P / n, step_fsdp, 2 * P, reward["bf16"]),
     ]
     rows = []
-    for name, weights, train, sample, rm in modes:
+    for name, weights, train, transient, sample, rm in modes:
         rows.append(
             {
                 "phase": "memory",
@@ -598,11 +698,12 @@ def memory_rows(a) -> list[dict]:
                 "params": p["total"],
                 "weights_gb": weights / G,
                 "train_extra_gb": train / G,
+                "train_transient_gb": transient / G,
                 "sample_extra_gb": sample / G,
                 "kv_gb": kv / G,
                 "reward_gb": rm / G,
                 "sample_peak_gb": (weights + sample + kv + rm) / G,
-                "train_peak_gb": (weights + train + rm) / G,
+                "train_peak_gb": (weights + train + transient + rm) / G,
             }
         )
     return rows
@@ -612,13 +713,14 @@ def memory_table(rows: list[dict], a) -> str:
     out = [
         f"computed, not measured: {a.shape} policy, {a.reward_shape} reward, --gen_batch_size {a.gen_batch_size} "
         f"× K {a.K}, {a.prompt_len} + {a.new_tokens} tokens; GB = 1e9 bytes; activations excluded",
-        "| mode | weights | + training (grads, AdamW) | + sampling copy | KV cache | reward | sampling peak | "
-        "training peak |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mode | weights | + training (grads, AdamW) | + training transient (AdamW step / bf16 copies) "
+        "| + sampling copy | KV cache | reward | sampling peak | training peak |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         out.append(
-            f"| {r['variant']} | {r['weights_gb']:.1f} | {r['train_extra_gb']:.1f} | {r['sample_extra_gb']:.1f} "
+            f"| {r['variant']} | {r['weights_gb']:.1f} | {r['train_extra_gb']:.1f} | {r['train_transient_gb']:.1f} "
+            f"| {r['sample_extra_gb']:.1f} "
             f"| {r['kv_gb']:.1f} | {r['reward_gb']:.1f} | {r['sample_peak_gb']:.1f} | "
             f"{r['train_peak_gb']:.1f} |"
         )
@@ -633,7 +735,8 @@ def word_count(prompts, responses):
 def table(rows: list[dict]) -> str:
     """One markdown table; speed-ups are over the other rows of the same phase."""
     out = [
-        "| phase | shape | variant | tokens | s | tok/s | of roofline | speed-up over baselines | peak GiB |",
+        "| phase | shape | variant | tokens | s | tok/s | of roofline (model FLOPs) | speed-up over baselines "
+        "| peak GiB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -3,7 +3,7 @@ diffusion model in the Stable Diffusion layout (unet/, vae/, text_encoder/, toke
 
 The paper's setup: Stable Diffusion 1.5 at 256×256, the 10 CIFAR-10 class names as prompts, LAION's CLIP-based
 aesthetic predictor as the reward, LoRA fine-tuning; it reports ≈50× less time than DDPO. Each stage t = 1..stages:
-  1. Sample    the next b = --prompts_per_stage prompts of a shuffled stream over the prompts (raft.stage_prompts; a b
+  1. Sample    the next b = --prompts_per_stage prompts of a shuffled stream over the prompts (data.stage_prompts; a b
                larger than the prompt set repeats prompts within a stage); K = --K images each: DDIM (eta 0), --steps
                steps, classifier-free guidance --guidance, each image from its own initial noise seeded by (--seed,
                t, position in the batch, k), so any kept image can be made again from kept.jsonl.
@@ -18,7 +18,8 @@ Stage 0 evaluates the starting model, and every stage is evaluated after its fin
 prompt from noise that is the same every stage (eval_grid.png shows the same seeds changing), mean reward logged.
 
 Where our notes of the paper give nothing, each field's help says where its default comes from: DDIM with eta 0
-(DDPO's sampler; an image is a function of its noise), the LoRA shape and learning rate of diffusers'
+(the kit's choice, not DDPO's, which samples with eta 1.0 and guidance 5.0: with eta 0 an image is a function of its
+noise, so a kept image can be made again from its seed), the LoRA shape and learning rate of diffusers'
 train_text_to_image_lora.py, K and epochs from the paper's LLM runs. The denoising loop is our own 20 lines over
 diffusers' UNet, VAE and scheduler rather than StableDiffusionPipeline.__call__: sampling and training share one text
 encoding, every image of a batch gets its own seeded noise, and no safety checker or feature extractor is needed.
@@ -53,6 +54,7 @@ from raft import RANKINGS, select
 from reward import load_reward, parse_weights, score
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+PREDICTIONS = ("epsilon", "v_prediction")  # what the UNet predicts; finetune has a training target for these only
 
 
 @dataclass
@@ -396,6 +398,7 @@ def load_sd(cfg: DiffusionConfig, device) -> SimpleNamespace:
             f"--model {cfg.model!r}: cannot load a Stable Diffusion checkpoint in diffusers layout "
             f"(unet/ vae/ text_encoder/ tokenizer/ scheduler/): {str(e).splitlines()[0]}"
         )
+    prediction_type(sd.sched)  # a "sample" model trained toward the noise would be wrong without a word: stop now
     for m in (sd.text, sd.vae, sd.unet):
         m.requires_grad_(False).to(device).eval()
     sd.factor = 2 ** (len(sd.vae.config.block_out_channels) - 1)  # the VAE's downsampling: 8 for SD
@@ -489,6 +492,20 @@ def rank(rewards: torch.Tensor, mode: str, gen: torch.Generator) -> list[int]:
 
 
 # ---- step 3: fine-tune -------------------------------------------------------------------------------------
+def prediction_type(sched) -> str:
+    kind = sched.config.prediction_type
+    if kind not in PREDICTIONS:
+        raise SystemExit(
+            f"--model: its scheduler's prediction_type is {kind!r}; diffusion.py trains epsilon or v_prediction"
+        )
+    return kind
+
+
+def denoising_target(sched, z0, noise, t):
+    """What the UNet learns to predict from the noisy latents: the noise (epsilon) or v = √ᾱ_t ε - √(1-ᾱ_t) z0."""
+    return sched.get_velocity(z0, noise, t) if prediction_type(sched) == "v_prediction" else noise
+
+
 def finetune(sd, images: list, prompts: list[str], cfg: DiffusionConfig, seed: int) -> float:
     """Train what requires grad in sd.unet (the LoRA adapters) on (image, prompt) pairs with the denoising loss.
     Returns the mean loss of the last epoch."""
@@ -509,7 +526,7 @@ def finetune(sd, images: list, prompts: list[str], cfg: DiffusionConfig, seed: i
         ctx = encode_text(sd, prompts)  # [N, L, D]
     params = [p for p in sd.unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    T, vpred = sd.sched.config.num_train_timesteps, sd.sched.config.prediction_type == "v_prediction"
+    T = sd.sched.config.num_train_timesteps
     sd.unet.train()
     for _ in range(cfg.epochs):
         perm, loss_sum = torch.randperm(len(z0), generator=gen), 0.0
@@ -518,7 +535,7 @@ def finetune(sd, images: list, prompts: list[str], cfg: DiffusionConfig, seed: i
             noise = torch.randn(z0[idx].shape, generator=gen).to(sd.device)
             t = torch.randint(0, T, (len(idx),), generator=gen).to(sd.device)
             noisy = sd.sched.add_noise(z0[idx], noise, t)  # √ᾱ_t z0 + √(1-ᾱ_t) ε
-            target = sd.sched.get_velocity(z0[idx], noise, t) if vpred else noise
+            target = denoising_target(sd.sched, z0[idx], noise, t)
             with sd.amp():
                 pred = sd.unet(noisy, t, encoder_hidden_states=ctx[idx]).sample
             loss = F.mse_loss(pred.float(), target)
@@ -575,7 +592,9 @@ def save_stage(out_dir, t, metrics, files: dict):
 
 
 def stage_line(m):
-    s = f"stage {m['stage']:>3} | eval reward {m.get('eval_reward_mean', math.nan):+.4f}"
+    s = f"stage {m['stage']:>3}"
+    if "eval_reward_mean" in m:  # absent with --eval_images 0
+        s += f" | eval reward {m['eval_reward_mean']:+.4f}"
     if m["stage"] > 0:
         s += (
             f" | samples {m['reward_mean']:+.4f} kept {m['selected_reward_mean']:+.4f} | loss "
@@ -774,7 +793,7 @@ def main(argv=None):
         cfg.model = prepare_demo(cfg.demo_dir)
     t0 = time.time()
     rows, _ = run(cfg)
-    if demo:
+    if demo and cfg.eval_images:  # --eval_images 0: no eval reward to compare
         print(
             f"\ndemo: eval {'+'.join(cfg.reward)} {rows[0]['eval_reward_mean']:.4f} -> "
             f"{rows[-1]['eval_reward_mean']:.4f} after {cfg.stages} stages ({time.time() - t0:.0f}s)"

@@ -1,5 +1,6 @@
 """bench.py --shape tiny runs on the CPU in seconds (as a user runs it, a subprocess) and reports every phase: the
-kit's generation does the same work as the baselines, its greedy tokens equal model.generate's, a stage runs."""
+kit's generation does the same work as the baselines, its greedy tokens equal model.generate's, a stage runs. The
+stage tests are smoke tests (they run and report); benchmarks are not timed tests: bench.py measures and prints."""
 
 import json
 import os
@@ -36,14 +37,14 @@ def test_bench_tiny_all_phases(tmp_path):
     assert "| generate | tiny | kit fastgen" in stdout and "× hf-1" in stdout and "× hf-64" in stdout
 
 
-def test_bench_tiny_stage(tmp_path):
+def test_smoke_bench_tiny_stage(tmp_path):
     _, rows = run_bench(tmp_path, "--phase", "stage", "--prompts", "16")
     (row,) = rows
     assert row["variant"] == "b=16 K=8" and all(row[k] >= 0 for k in ("time_sample", "time_train", "time_eval"))
     assert not any(k.startswith("peak_gib") for k in row)  # GPU memory only on a GPU
 
 
-def test_bench_tiny_stage_with_a_reward_model_and_raft_options_under_torchrun(tmp_path):
+def test_smoke_bench_tiny_stage_with_a_reward_model_and_raft_options_under_torchrun(tmp_path):
     """The commands BENCHMARKS.md lists for the memory modes (#4) and the world-size-1 engines (#5), tiny: a
     reward model of --reward_shape, --raft_args passed to raft.py, and a run under torchrun."""
     _, rows = run_bench(
@@ -63,7 +64,7 @@ def test_bench_tiny_stage_with_a_reward_model_and_raft_options_under_torchrun(tm
     assert row["time_sample"] > 0 and row["time_train"] > 0
 
 
-def test_bench_tiny_diffusion_stage(tmp_path):
+def test_smoke_bench_tiny_diffusion_stage(tmp_path):
     _, rows = run_bench(tmp_path, "--phase", "diffusion")
     (row,) = rows
     assert row["variant"] == "diffusion b=4 K=8" and row["time_sample"] > 0 and row["time_train"] > 0
@@ -100,5 +101,94 @@ def test_memory_counts_are_those_of_the_real_models(tmp_path):
     assert counts["lora"] == sum(p.numel() for p in lora.parameters() if p.requires_grad)
     stdout, rows = run_bench(tmp_path, "--phase", "memory", "--gen_batch_size", "8")
     assert [r["variant"] for r in rows][0] == "8-bit base + LoRA" and "computed, not measured" in stdout
-    for r in rows:
-        assert abs(r["sample_peak_gb"] - r["weights_gb"] - r["sample_extra_gb"] - r["kv_gb"] - r["reward_gb"]) < 1e-9
+
+
+def test_flop_counts_leave_out_the_input_embedding_and_count_a_tied_head_once():
+    """The roofline's N: the parameters that do matmuls. The input embedding (a lookup) is not among them; the LM
+    head is, also when it shares the embedding's weight."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import bench
+
+    for tied in (False, True):
+        cfg = LlamaConfig(**bench.SHAPES["tiny"], pad_token_id=0, tie_word_embeddings=tied)
+        model = LlamaForCausalLM(cfg)
+        h, V, L = cfg.hidden_size, cfg.vocab_size, cfg.num_hidden_layers
+        kv = cfg.num_key_value_heads * h // cfg.num_attention_heads
+        layer = 2 * h * h + 2 * h * kv + 3 * h * cfg.intermediate_size  # q, o; k, v; gate, up, down
+        assert bench.matmul_params(model) == (L * layer + V * h, V * h), tied
+        assert bench.n_params(model) == L * layer + (1 if tied else 2) * V * h + (2 * L + 1) * h  # + norms
+
+
+def cache_bytes(model, rows: int, tokens: int) -> int:
+    """Bytes of the keys and values a real forward pass caches for rows × tokens."""
+    import torch
+
+    with torch.no_grad():
+        cache = model(input_ids=torch.randint(3, 500, (rows, tokens)), use_cache=True).past_key_values
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def test_kv_cache_figure_is_the_bytes_a_real_cache_holds():
+    """The memory table's KV cache, B prompts × K samples: fastgen keeps each prompt's keys and values once and each
+    sample's new tokens' once per sample, in bf16. A real bf16 cache of B rows × prompt tokens plus one of B·K rows ×
+    new tokens holds exactly the bytes bench.kv_bytes computes (grouped-query heads, layers and dtype included)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import bench
+
+    model = LlamaForCausalLM(LlamaConfig(**bench.SHAPES["tiny"], pad_token_id=0)).to(torch.bfloat16).eval()
+    B, K, Lp, S = 3, 4, 7, 5
+    real = cache_bytes(model, B, Lp) + cache_bytes(model, B * K, S)
+    assert bench.kv_bytes(bench.param_counts("tiny"), B, K, Lp, S) == real
+
+
+def test_greedy_check_compares_like_with_like():
+    """A model that picks EOS greedily after a few tokens: fastgen (which never masks EOS) and model.generate agree
+    on every token, so the check reports no disagreement that is not there."""
+    import torch
+
+    import bench
+    from fastgen import sample
+
+    model = bench.build("tiny")
+    with torch.no_grad():
+        model.lm_head.weight[2] = model.lm_head.weight[3:].mean(0) + model.lm_head.weight[3:].std(0) * 8
+    prompts = torch.randint(3, 512, (4, 16), generator=torch.Generator().manual_seed(0)).tolist()
+    greedy = sample(model, prompts, 1, max_new_tokens=16, eos_ids={2}, pad_id=0, temperature=0, cuda_graphs=False)
+    assert sorted(len(r[0]) for r in greedy) == [1, 2, 3, 4]  # EOS is picked, after 0 to 3 other tokens
+    assert bench.greedy_agreement(model, prompts, 16, cuda_graphs=False) == 1.0
+
+
+def test_bench_gpu_script_tiny_mode_writes_a_section_and_reports_what_it_skipped(tmp_path):
+    """bench_gpu.sh at the tiny shape on the CPU (BENCH_SHAPE=tiny), one step selected: it appends one dated section
+    to BENCH_OUT (whatever the file held stays), with the device, versions and command, the step's command and
+    table, and a list of what it did not run and why: vLLM (no GPU here) and each step not selected."""
+    import re
+
+    out = tmp_path / "BENCH.md"
+    out.write_text("# earlier\n")
+    p = subprocess.run(
+        ["bash", "bench_gpu.sh"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "BENCH_SHAPE": "tiny", "BENCH_OUT": str(out), "BENCH_STEPS": "memory"},
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    text = out.read_text()
+    assert text.startswith("# earlier\n") and text.count("\n## ") == 1
+    section = text.split("\n## ", 1)[1]
+    assert re.match(r"CPU \(\d+ cores, no GPU\), \d{4}-\d\d-\d\d \(bench_gpu\.sh\)\n", section), section[:200]
+    assert "`BENCH_SHAPE=tiny " in section and "bench_gpu.sh" in section
+    for lib in ("torch", "transformers", "peft", "bitsandbytes", "vllm", "diffusers"):
+        assert re.search(rf"\b{lib} (\S+\d|not importable)", section), lib
+    head, notrun = section.split("### Not run or failed\n")
+    assert "### memory per mode, computed" in head and "`python bench.py --shape tiny --reward_shape tiny" in head
+    assert "exit 0)" in head and "| full, fp32 master + bf16 compute, 1 GPU |" in head
+    skipped = re.findall(r"^- (\w+) .*: (.+)$", notrun, re.M)
+    assert ("vLLM", "no GPU") in [(n, why) for n, why in skipped]
+    names = {"gen1b", "gen7b", "score", "train", "mem8bit", "memlora", "memfull", "diffusion", "nccl_ddp", "nccl_fsdp"}
+    assert {n for n, why in skipped if why == "not in BENCH_STEPS"} == names

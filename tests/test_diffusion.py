@@ -311,3 +311,94 @@ def test_prompt_files(tmp_path):
     assert D.load_prompt_list(D.DiffusionConfig(prompts=str(tmp_path / "p.txt"))) == ["a red car", "a blue boat"]
     assert D.load_prompt_list(D.DiffusionConfig(prompts=str(tmp_path / "p.jsonl"))) == ["a cat", "a dog"]
     assert D.load_prompt_list(D.DiffusionConfig()) == D.CIFAR10 and len(D.CIFAR10) == 10
+
+
+def save_tiny_sd(path, prediction_type):
+    """A random SD-layout checkpoint at toy size (no training: for checks that need the parts, not good images)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    tok = ByT5Tokenizer()
+    parts = dict(
+        tokenizer=tok,
+        text_encoder=CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tok),
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=4,
+                max_position_embeddings=16,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        ),
+        unet=UNet2DConditionModel(
+            sample_size=8,
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            norm_num_groups=8,
+            cross_attention_dim=32,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            attention_head_dim=8,
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        ),
+        vae=AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(16, 32, 32),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=32,
+        ),
+        scheduler=DDIMScheduler(prediction_type=prediction_type),
+    )
+    for name, part in parts.items():
+        part.save_pretrained(os.path.join(path, name))
+    return str(path)
+
+
+def test_a_scheduler_predicting_neither_noise_nor_v_is_refused_before_training(tmp_path):
+    model = save_tiny_sd(tmp_path / "sd", "sample")
+    argv = ["--model", model, "--reward", "brightness", "--resolution", "32", "--out_dir", str(tmp_path / "o")]
+    fails(argv, "prediction_type", "'sample'", "epsilon", "v_prediction")
+    assert not (tmp_path / "o").exists()  # stopped before the run directory, let alone any sampling or training
+
+
+@pytest.mark.parametrize("kind", ["v_prediction", "epsilon"])
+def test_training_target_is_v_or_the_noise(tmp_path, monkeypatch, kind):
+    """finetune regresses the UNet's output onto get_velocity(z0, noise, t) for a v-prediction scheduler and onto
+    the noise for an epsilon one, with the (z0, noise, t) it noised the latents with."""
+    cfg = D.DiffusionConfig(
+        model=save_tiny_sd(tmp_path / "sd", kind), resolution=32, epochs=1, train_batch_size=2, out_dir=str(tmp_path)
+    )
+    sd = D.load_sd(cfg, torch.device("cpu"))
+    noised, targets = [], []
+    add_noise = sd.sched.add_noise
+    sd.sched.add_noise = lambda z0, noise, t: noised.append((z0, noise, t)) or add_noise(z0, noise, t)
+    mse = D.F.mse_loss
+    monkeypatch.setattr(D.F, "mse_loss", lambda pred, target: targets.append(target) or mse(pred, target))
+    images = [Image.new("RGB", (32, 32), c) for c in ("red", "navy")]
+    D.finetune(sd, images, ["cat", "ship"], cfg, seed=0)
+    ((z0, noise, t),), (target,) = noised, targets  # one batch: one noising, one loss
+    want = sd.sched.get_velocity(z0, noise, t) if kind == "v_prediction" else noise
+    assert torch.equal(target, want) and not torch.equal(sd.sched.get_velocity(z0, noise, t), noise)
+
+
+def test_no_eval_images_runs_to_the_end(demo_model, tmp_path, capsys):
+    out = tmp_path / "o"
+    argv = ["--demo_dir", demo_model, "--out_dir", str(out), "--device", "cpu", "--eval_images", "0"]
+    rows = D.main(argv + ["--stages", "1", "--prompts_per_stage", "2", "--K", "2", "--steps", "2", "--epochs", "1"])
+    assert [r["stage"] for r in rows] == [0, 1] and not any(k.startswith("eval_") for r in rows for k in r)
+    assert rows[1]["n_selected"] == 2 and rows[1]["train_loss"] > 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("stage")]
+    assert len(lines) == 2 and not any("eval reward" in line for line in lines), lines
+    assert (out / "metrics.jsonl").exists() and not (out / "stage_0001" / "eval_grid.png").exists()
+
+
+def test_global_ranking_keeps_only_valid_images_when_fewer_than_b():
+    nan = float("nan")
+    r = torch.tensor([[nan, 0.5, nan], [nan, nan, nan], [0.2, nan, nan]])  # b = 3 prompts, 2 valid images
+    assert D.rank(r, "global", torch.Generator().manual_seed(0)) == [1, 6]
