@@ -48,6 +48,7 @@ from PIL import Image, ImageDraw
 from transformers import HfArgumentParser
 
 from data import completed_stages, load_prompts, write_jsonl, write_metrics, write_text
+from eval import plot_rewards
 from dist import phase, pick_device
 from data import stage_prompts
 from raft import RANKINGS, select
@@ -671,7 +672,8 @@ def run(cfg: DiffusionConfig):
         if eval_images:
             files.update({"eval_grid.png": grid(eval_images, cfg.eval_images), "eval.jsonl": eval_rows})
         save_stage(cfg.out_dir, t, m, files)
-        write_metrics(cfg.out_dir, completed_stages(cfg.out_dir))  # metrics.jsonl and reward_curve.png
+        rows = write_metrics(cfg.out_dir, completed_stages(cfg.out_dir))  # metrics.jsonl, then the curve
+        plot_rewards(rows, os.path.join(cfg.out_dir, "reward_curve.png"))
         print(stage_line(m), flush=True)
     with open(os.path.join(cfg.out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f], sd
