@@ -3,6 +3,10 @@
 
 - reviews (the default): short movie reviews of mixed sentiment from a small grammar; RAFT then aligns the model
   toward positive reviews with VADER sentiment as the reward, as the paper's first version aligned GPT-2 on IMDB.
+- arithmetic: two-digit additions "37+45=" whose written answers in pretraining are often wrong (off by ±1 or ±10),
+  so the right answer is among a prompt's samples but not always first; the reward is the exact answer (0/1) and
+  RAFT keeps every correct sample (--ranking positive). Held-out pass@1 and pass@8 show whether RAFT sharpens what
+  the model could already do (pass@1 rises, pass@8 holds) or teaches something new.
 
 The model is pretrained with the same fine-tune step as a RAFT stage (raft.py hands it in), on whole texts whose
 prompt is just BOS. This file leaves out anything a real run needs: a real run brings --model, --dataset, --reward.
@@ -32,7 +36,30 @@ SETTINGS = {
         out_dir="runs/demo",
         reward=["reward:vader_sentiment"],
     ),
+    "arithmetic": dict(
+        ranking="positive",
+        prompts_per_stage=128,
+        K=8,
+        max_new_tokens=8,
+        stages=5,
+        lr=3e-4,
+        epochs=2,
+        train_batch_size=32,
+        micro_batch_size=32,
+        eval_split="test",
+        eval_prompts=128,
+        eval_samples=16,
+        pass_k="1,8",
+        out_dir="runs/demo_arithmetic",
+        demo_dir="runs/demo_arithmetic_model",
+        reward=["reward:exact_number"],
+    ),
 }
+DATASET = {"reviews": "prompts.jsonl", "arithmetic": "data"}  # a directory of train.jsonl and test.jsonl
+# pretraining of the arithmetic model: ≈1,560 AdamW steps of 64 pairs, 60% of the written answers wrong
+ARITH_PRETRAIN = dict(n=100_000, p_wrong=0.6, lr=3e-3, epochs=1, batch=64)
+ARITH_OFFSETS = (-10, -1, 1, 10)  # the slips of a noisy answer: the ones digit, or a carry dropped or doubled
+ARITH_CHARS = "0123456789+-=: abcdefghijklmnopqrstuvwxyz"
 
 # ---- the offline demo: a grammar of short movie reviews -------------------------------------------------
 # Openers are neutral, so a prompt (the opener) says nothing about the sentiment of what follows. Each review
@@ -155,7 +182,7 @@ def apply(cfg, argv: list[str]):
         if k not in given:
             assert hasattr(cfg, k), f"demo setting {k} is not an option"
             setattr(cfg, k, v)
-    cfg.dataset = cfg.dataset or os.path.join(cfg.demo_dir, "prompts.jsonl")
+    cfg.dataset = cfg.dataset or os.path.join(cfg.demo_dir, DATASET[cfg.demo])
 
 
 def prepare(kind: str, demo_dir: str, finetune) -> tuple[str, str]:
@@ -163,6 +190,8 @@ def prepare(kind: str, demo_dir: str, finetune) -> tuple[str, str]:
     finetune(model, examples, **options) is raft.py's fine-tune step with those options changed."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    if kind == "arithmetic":
+        return prepare_arithmetic(demo_dir, finetune)
     model_dir, prompts_file = os.path.join(demo_dir, "model"), os.path.join(demo_dir, "prompts.jsonl")
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         t0 = time.time()
@@ -197,15 +226,114 @@ def prepare(kind: str, demo_dir: str, finetune) -> tuple[str, str]:
 
 
 def summary(rows: list[dict], out_dir: str, seconds: float):
-    """The demo's closing lines: the held-out reward and diversity before and after, and a few samples of each."""
+    """The demo's closing lines: the held-out reward and diversity (or pass@k) before and after, and a few samples."""
     first, last = rows[0], rows[-1]
-    print(
-        f"\ndemo: held-out VADER reward {first['eval_reward_mean']:+.3f} -> {last['eval_reward_mean']:+.3f}, "
-        f"distinct-2 {first['eval_distinct_2']:.3f} -> {last['eval_distinct_2']:.3f} ({seconds:.0f}s)"
-    )
+    if "eval_pass@1" in first:
+        print(
+            f"\ndemo: held-out pass@1 {first['eval_pass@1']:.3f} -> {last['eval_pass@1']:.3f}, pass@8 "
+            f"{first['eval_pass@8']:.3f} -> {last['eval_pass@8']:.3f} ({seconds:.0f}s)"
+        )
+    else:
+        print(
+            f"\ndemo: held-out VADER reward {first['eval_reward_mean']:+.3f} -> {last['eval_reward_mean']:+.3f}, "
+            f"distinct-2 {first['eval_distinct_2']:.3f} -> {last['eval_distinct_2']:.3f} ({seconds:.0f}s)"
+        )
     for t in (first["stage"], last["stage"]):
         with open(os.path.join(out_dir, f"stage_{t:04d}", "eval_samples.jsonl")) as f:
             samples = [json.loads(line) for line in f][:4]
         print(f"held-out samples after stage {t}:")
         for s in samples:
             print(f"  [{s['reward']:+.2f}] {s['prompt']} >>{s['response']}")
+
+
+# ---- the arithmetic demo ------------------------------------------------------------------------------------------
+def problems(n: int, seed: int, hi: int = 99) -> list[dict]:
+    """n distinct problems a+b with a, b in 0..hi, in random order: dicts prompt ("37+45=") and answer ("82")."""
+    if n > (hi + 1) ** 2:
+        raise ValueError(f"only {(hi + 1) ** 2} distinct problems with operands 0..{hi}, asked for {n}")
+    rng = random.Random(seed)
+    pairs = rng.sample(range((hi + 1) ** 2), n)  # distinct without rejection loops
+    return [{"prompt": f"{i // (hi + 1)}+{i % (hi + 1)}=", "answer": str(sum(divmod(i, hi + 1)))} for i in pairs]
+
+
+def noisy_answer(answer: str, p_wrong: float, rng: random.Random) -> str:
+    """The gold answer, or with probability p_wrong the answer with one slip from ARITH_OFFSETS (never negative)."""
+    x = int(answer)
+    if rng.random() >= p_wrong:
+        return answer
+    slips = [d for d in ARITH_OFFSETS if x + d >= 0]  # "-1" would teach a sign the prompts never need
+    return str(x + rng.choice(slips))
+
+
+def pretraining_examples(n: int, probs: list[dict], seed: int, p_wrong: float = 0.6) -> list[dict]:
+    """n pretraining pairs (prompt, response) drawn with replacement from probs, each answer wrong with
+    probability p_wrong. Train the response (and EOS) only: the operands are random and would only add noise."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        p = probs[rng.randrange(len(probs))]
+        out.append({"prompt": p["prompt"], "response": noisy_answer(p["answer"], p_wrong, rng)})
+    return out
+
+
+def char_tokenizer():
+    """A character-level tokenizer (one token per digit, so numbers split the same way everywhere) with <s> put in
+    front of every text, </s>, <pad> and <unk>; a transformers tokenizer that saves and loads like any other."""
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(("<pad>", "<s>", "</s>", "<unk>") + tuple(ARITH_CHARS))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # no merges: characters only
+    tok.decoder = decoders.Fuse()  # join the characters back without spaces between them
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", vocab["<s>"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def arithmetic_config(tok):
+    """The tiny Llama (≈0.43M parameters): the review demo's shape with a context fitting prompt + max_new_tokens."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
+
+
+def prepare_arithmetic(demo_dir: str, finetune) -> tuple[str, str]:
+    """Held-out problems (test.jsonl) never appear in pretraining; the training problems (train.jsonl) are both the
+    pretraining corpus, with noisy answers, and RAFT's prompts, with their gold answers."""
+    from transformers import LlamaForCausalLM
+
+    model_dir, data_dir = os.path.join(demo_dir, "model"), os.path.join(demo_dir, "data")
+    probs = problems(5000, seed=1)
+    held, train = probs[:500], probs[500:]
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        t0 = time.time()
+        print(f"demo: building the starting model in {model_dir} (once) ...", flush=True)
+        torch.manual_seed(0)
+        tok = char_tokenizer()
+        model = LlamaForCausalLM(arithmetic_config(tok))
+        pairs = pretraining_examples(ARITH_PRETRAIN["n"], train, seed=0, p_wrong=ARITH_PRETRAIN["p_wrong"])
+        examples = [build_example(encode_prompt(tok, p["prompt"]), tok(p["response"], add_special_tokens=False)
+                                  ["input_ids"], tok.eos_token_id) for p in pairs]  # fmt: skip
+        b = ARITH_PRETRAIN["batch"]
+        loss = finetune(model, examples, lr=ARITH_PRETRAIN["lr"], epochs=ARITH_PRETRAIN["epochs"],
+                        train_batch_size=b, micro_batch_size=b)  # fmt: skip
+        save_model_dir(model_dir, model, tok)
+        print(f"demo: pretrained on {len(pairs)} noisy sums in {time.time() - t0:.0f}s (final loss {loss:.2f})")
+    if not os.path.exists(os.path.join(data_dir, "test.jsonl")):
+        os.makedirs(data_dir, exist_ok=True)
+        write_jsonl(os.path.join(data_dir, "train.jsonl"), train)
+        write_jsonl(os.path.join(data_dir, "test.jsonl"), held)
+    return model_dir, data_dir

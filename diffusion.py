@@ -64,20 +64,24 @@ class DiffusionConfig:
     model: Optional[str] = field(
         default=None,
         metadata={
-            "help": "Hub id or path of a Stable Diffusion checkpoint in diffusers layout (the paper: SD 1.5, stable-diffusion-v1-5/stable-diffusion-v1-5). None runs the offline demo."
+            "help": "Hub id or path of a Stable Diffusion checkpoint in diffusers layout (the paper: SD 1.5, "
+            "stable-diffusion-v1-5/stable-diffusion-v1-5). None runs the offline demo."
         },
     )
     prompts: Optional[str] = field(
         default=None,
         metadata={
-            "help": "A .txt file (one prompt per line) or a .jsonl/.json file with a `prompt` field. Default: the 10 CIFAR-10 class names (the paper)."
+            "help": "A .txt file (one prompt per line) or a .jsonl/.json file with a `prompt` field. Default: the 10 "
+            "CIFAR-10 class names (the paper)."
         },
     )
     reward: list[str] = field(
         default_factory=list,
         metadata={
             "action": "extend",
-            "help": "aesthetic (the paper; the default), clip_score, jpeg_compressibility, jpeg_incompressibility, brightness, or file.py:function / module:function f(prompts, images: list[PIL.Image]) -> list[float]; repeat for a weighted sum.",
+            "help": "aesthetic (the paper; the default), clip_score, jpeg_compressibility, jpeg_incompressibility, "
+            "brightness, or file.py:function / module:function f(prompts, images: list[PIL.Image]) -> list[float]; "
+            "repeat for a weighted sum.",
         },
     )
     reward_weights: str = field(
@@ -86,13 +90,16 @@ class DiffusionConfig:
     clip_model: str = field(
         default="openai/clip-vit-large-patch14",
         metadata={
-            "help": "CLIP hub id or path for aesthetic (its image embedding) and clip_score: LAION's predictor reads CLIP ViT-L/14 image embeddings."
+            "help": "CLIP hub id or path for aesthetic (its image embedding) and clip_score: LAION's predictor reads "
+            "CLIP ViT-L/14 image embeddings."
         },
     )
     aesthetic_head: Optional[str] = field(
         default=None,
         metadata={
-            "help": "Path of LAION's aesthetic head (.pth or .safetensors): Linear(768, 1) (sa_0_4_vit_l_14_linear.pth) or improved-aesthetic-predictor's linear MLP (sac+logos+ava1-l14-linearMSE.pth)."
+            "help": "Path of LAION's aesthetic head (.pth or .safetensors): Linear(768, 1) "
+            "(sa_0_4_vit_l_14_linear.pth) or improved-aesthetic-predictor's linear MLP "
+            "(sac+logos+ava1-l14-linearMSE.pth)."
         },
     )
     reward_batch_size: int = field(default=32, metadata={"help": "Images per CLIP forward pass."})
@@ -100,7 +107,8 @@ class DiffusionConfig:
     prompts_per_stage: int = field(
         default=10,
         metadata={
-            "help": "b, prompts per stage (default: the 10 CIFAR-10 names once; the per-stage batch is not in our notes of the paper)."
+            "help": "b, prompts per stage (default: the 10 CIFAR-10 names once; the per-stage batch is not in our "
+            "notes of the paper)."
         },
     )
     K: int = field(
@@ -114,7 +122,8 @@ class DiffusionConfig:
     guidance: float = field(
         default=7.5,
         metadata={
-            "help": "Classifier-free guidance scale (7.5: StableDiffusionPipeline's default); ≤ 1 turns guidance off and halves the UNet passes."
+            "help": "Classifier-free guidance scale (7.5: StableDiffusionPipeline's default); ≤ 1 turns guidance off "
+            "and halves the UNet passes."
         },
     )
     sample_batch_size: int = field(
@@ -125,14 +134,16 @@ class DiffusionConfig:
     ranking: str = field(
         default="local",
         metadata={
-            "help": "local: the best image per prompt (paper); global: the top b of all b·K (paper appendix, LLM); random: one random image per prompt (control)."
+            "help": "local: the best image per prompt (paper); global: the top b of all b·K (paper appendix, LLM); "
+            "random: one random image per prompt (control)."
         },
     )
     # ---- step 3: fine-tune
     lora_r: int = field(
         default=4,
         metadata={
-            "help": "LoRA rank on the UNet (the paper fine-tunes with LoRA; 4 is diffusers' train_text_to_image_lora.py default)."
+            "help": "LoRA rank on the UNet (the paper fine-tunes with LoRA; 4 is diffusers' "
+            "train_text_to_image_lora.py default)."
         },
     )
     lora_alpha: int = field(
@@ -141,7 +152,8 @@ class DiffusionConfig:
     lora_target_modules: str = field(
         default="to_q,to_k,to_v,to_out.0",
         metadata={
-            "help": "Comma-separated UNet modules that get adapters: the attention projections (diffusers' LoRA script)."
+            "help": "Comma-separated UNet modules that get adapters: the attention projections (diffusers' LoRA "
+            "script)."
         },
     )
     lr: float = field(
@@ -160,7 +172,8 @@ class DiffusionConfig:
     bf16: bool = field(
         default=False,
         metadata={
-            "help": "Frozen weights stored and run in bf16 (autocast); the LoRA weights and AdamW states stay fp32. For GPUs."
+            "help": "Frozen weights stored and run in bf16 (autocast); the LoRA weights and AdamW states stay fp32. "
+            "For GPUs."
         },
     )
     # ---- loop and output
@@ -174,13 +187,15 @@ class DiffusionConfig:
     seed: int = field(
         default=42,
         metadata={
-            "help": "Seeds the prompt order, all noise, the LoRA init and the training order; a CPU run repeats exactly."
+            "help": "Seeds the prompt order, all noise, the LoRA init and the training order; a CPU run repeats "
+            "exactly."
         },
     )
     out_dir: Optional[str] = field(
         default=None,
         metadata={
-            "help": "Run directory, new or empty: config.json, metrics.jsonl, reward_curve.png, stage_XXXX/. Default runs/diffusion (runs/diffusion_demo for the demo)."
+            "help": "Run directory, new or empty: config.json, metrics.jsonl, reward_curve.png, stage_XXXX/. Default "
+            "runs/diffusion (runs/diffusion_demo for the demo)."
         },
     )
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cpu or cuda."})

@@ -1,8 +1,9 @@
 """Fast sampling for RAFT's step 1: K responses for each of many prompts, from any transformers causal LM whose
 attention runs through transformers' AttentionInterface (Llama, Mistral, Qwen2/3, Phi-3, ...; LoRA and 8-bit too).
 
-Why not `model.generate`: plain HF generation reached 2–8% of an H100's compute roofline (measured before the kit had its own sampler).
-RAFT's sample step is a special workload, K samples of the same prompt, and that is what this exploits:
+Why not `model.generate`: plain HF generation reached 2–8% of an H100's compute roofline (measured before the kit
+had its own sampler). RAFT's sample step is a special workload, K samples of the same prompt, and that is what
+this exploits:
 
   1. Prefill each prompt once, not K times. Its keys/values are kept once per prompt, [B, Hkv, Lp, D], and all K
      of its samples attend to them: no K-fold prefill compute, no K-fold copy of the prompt's cache.
@@ -16,9 +17,10 @@ RAFT's sample step is a special workload, K samples of the same prompt, and that
 
 It hooks in as a registered attention function ("raft_kv") that the model's own attention modules call, so the
 projections, RoPE, norms, LoRA adapters and 8-bit layers stay the model's code. Tested (greedy = model.generate):
-Llama, Qwen2, Qwen3, Phi-3, Gemma, Gemma-3, GPT-NeoX, GPT-2, OPT, Mistral with a window longer than the sequence. A model whose attention needs what
-this does not implement (a sliding window shorter than the sequence, logit soft-capping, attention sinks) raises
-`Unsupported` at the first prefill, before any sampling; raft.py then falls back to `model.generate`.
+Llama, Qwen2, Qwen3, Phi-3, Gemma, Gemma-3, GPT-NeoX, GPT-2, OPT, Mistral with a window longer than the sequence.
+A model whose attention needs what this does not implement (a sliding window shorter than the sequence,
+logit soft-capping, attention sinks) raises
+`Unsupported` at the first prefill, before any sampling; sampling.py then falls back to `model.generate`.
 
 Greedy decoding gives the tokens `model.generate` gives (tests/test_fastgen.py, fp32 on CPU); sampling follows
 the same distribution (tested against HF's warpers on a tiny vocabulary).
@@ -230,7 +232,7 @@ def sample(
                 st["cur"].copy_(nxt)
                 st["t"].add_(1)
 
-            def reset():
+            def reset(first=first):  # bound now: the graph replays this iteration's tensors
                 st["t"].zero_()
                 st["cur"].copy_(first)
                 st["tokens"].fill_(pad_id)

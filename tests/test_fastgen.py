@@ -1,6 +1,6 @@
 """fastgen.py, the fast sampler of step 1: greedy tokens equal model.generate's (Llama with GQA, Qwen2 with biases,
-LoRA, and seven more families), sampling follows HF's warpers exactly in distribution, raft.generate gives the same responses with either
-backend, and a model the fast path cannot run falls back to model.generate."""
+LoRA, and seven more families), sampling follows HF's warpers exactly in distribution, sampling.generate gives the
+same responses with either backend, and a model the fast path cannot run falls back to model.generate."""
 
 import pytest
 import torch

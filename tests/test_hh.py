@@ -335,8 +335,8 @@ def test_eval_py_draws_exactly_raft_pys_held_out_prompts(tiny_lm, tmp_path):
         f.write("\n".join([lines[0]] + lines) + "\n")  # 41 rows, one prompt twice
     raft.main(tiny_args(tiny_lm, path, tmp_path / "r", "--stages", "1", "--eval_prompts", "8"))
     held = [json.loads(line)["prompt"] for line in open(tmp_path / "r" / "stage_0000" / "eval_samples.jsonl")]
-    ev.main(["--model", tiny_lm, "--dataset", path, "--dataset_split", "train", "--reward", LETTERS,
-             "--eval_prompts", "8", "--max_new_tokens", "12", "--out_dir", str(tmp_path / "e"), "--device", "cpu"])  # fmt: skip
+    ev.main(["--model", tiny_lm, "--dataset", path, "--dataset_split", "train", "--reward", LETTERS, "--eval_prompts",
+             "8", "--max_new_tokens", "12", "--out_dir", str(tmp_path / "e"), "--device", "cpu"])  # fmt: skip
     picked = [json.loads(line)["prompt"] for line in open(tmp_path / "e" / "samples.jsonl")]
     assert len(held) == 8 and picked == held
 
