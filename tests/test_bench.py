@@ -45,7 +45,7 @@ def test_smoke_bench_tiny_stage(tmp_path):
 
 
 def test_smoke_bench_tiny_stage_with_a_reward_model_and_raft_options_under_torchrun(tmp_path):
-    """The commands BENCHMARKS.md lists for the memory modes (#4) and the world-size-1 engines (#5), tiny: a
+    """The commands BENCHMARKS.md lists for the memory modes and the world-size-1 engines, tiny: a
     reward model of --reward_shape, --raft_args passed to raft.py, and a run under torchrun."""
     _, rows = run_bench(
         tmp_path,

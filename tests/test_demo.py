@@ -1,4 +1,4 @@
-"""The offline demo, run as a user runs it (`python raft.py`, a subprocess), meets the issue's bar: held-out VADER
+"""The offline demo, run as a user runs it (`python raft.py`, a subprocess), meets its bar: held-out VADER
 reward up by ≥ 0.3, distinct-2 ≥ 70% of its stage-0 value, samples and outputs printed, the curve written."""
 
 import json

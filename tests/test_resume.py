@@ -51,7 +51,12 @@ def test_killed_anywhere_then_resumed_equals_uninterrupted(tiny_lm, prompts_file
 
 def test_keep_last_deletes_old_models_only_after_the_new_one(tiny_lm, prompts_file, tmp_path):
     out = tmp_path / "k"
-    raft.main(tiny_args(tiny_lm, prompts_file, out, "--stages", "3", "--keep_last", "1"))
+    # killed while stage 3's model is being written (before its rename): stage 2's model must still be there
+    killed = launch(tiny_args(tiny_lm, prompts_file, out, "--stages", "3", "--keep_last", "1"), crash_at="save@3")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (out / "stage_0002" / "model.safetensors").exists() and not (out / "stage_0003").exists()
+    assert not (out / "stage_0001" / "model.safetensors").exists()  # older than the last one: pruned already
+    raft.main(tiny_args(tiny_lm, prompts_file, out, "--stages", "3", "--keep_last", "1", "--resume"))
     assert (
         not (out / "stage_0001" / "model.safetensors").exists()
         and not (out / "stage_0002" / "model.safetensors").exists()
