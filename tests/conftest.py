@@ -125,3 +125,19 @@ def docs_text() -> str:
 
     paths = [os.path.join(ROOT, "README.md"), *sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))]
     return "\n".join(open(p, encoding="utf-8").read() for p in paths)
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    """The reviews demo's model and prompts, built once for the tests that run the demo (the same code as
+    `python raft.py` runs the first time)."""
+    import dataclasses
+
+    import demo
+    import raft
+
+    d = str(tmp_path_factory.mktemp("demo_model"))
+    cfg = raft.parse(["--demo_dir", d])
+    demo.prepare("reviews", d, lambda m, ex, **kw: raft.finetune(m, ex, dataclasses.replace(cfg, **kw), seed=0,
+                                                                 spread=False))  # fmt: skip
+    return d

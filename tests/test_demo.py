@@ -9,10 +9,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_demo_learns_offline(tmp_path):
+def test_demo_learns_offline(tmp_path, demo_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     out = subprocess.run(
-        [sys.executable, "raft.py", "--demo_dir", str(tmp_path / "demo_model"), "--out_dir", str(tmp_path / "demo")],
+        [sys.executable, "raft.py", "--demo_dir", demo_dir, "--out_dir", str(tmp_path / "demo")],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -34,7 +34,7 @@ def test_demo_learns_offline(tmp_path):
             sys.executable,
             "raft.py",
             "--demo_dir",
-            str(tmp_path / "demo_model"),
+            demo_dir,
             "--out_dir",
             str(tmp_path / "demo2"),
             "--stages",

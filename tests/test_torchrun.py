@@ -202,12 +202,12 @@ def test_sft_only_under_torchrun_saves_a_full_model(tiny_lm, tmp_path):
     assert any(not torch.equal(sft.state_dict()[k], base.state_dict()[k]) for k in base.state_dict())
 
 
-def test_the_headline_command_runs_on_8_processes(tmp_path):
+def test_the_headline_command_runs_on_8_processes(tmp_path, demo_dir):
     """`torchrun --nproc_per_node 8 raft.py` (the demo, typed exactly so) and its LoRA variant: any number of
-    processes that divides the global batch works; the demo's model is built once by rank 0."""
+    processes that divides the global batch works."""
     raft_py = os.path.join(os.path.dirname(HERE), "raft.py")
     for mode, extra in [("full", []), ("lora", ["--lora_r", "8"])]:
-        out = torchrun(["--stages", "1", "--demo_dir", str(tmp_path / "demo_model"), "--out_dir",
+        out = torchrun(["--stages", "1", "--demo_dir", demo_dir, "--out_dir",
                         str(tmp_path / mode), *extra], script=raft_py, nproc=8)  # fmt: skip
         rows = [json.loads(line) for line in open(tmp_path / mode / "metrics.jsonl")]
         assert [r["stage"] for r in rows] == [0, 1] and rows[1]["n_selected"] == 64, out.stdout[-2000:]
@@ -241,3 +241,20 @@ def test_two_nodes_equal_one_node_with_as_many_processes(tiny_lm, prompts_file, 
     assert sel[0] == sel[1] and sel[0].count("\n") == 8
     a, b = (saved_weights(tmp_path / d / "stage_0001") for d in ("two_nodes", "one_node"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+def test_two_ranks_train_exactly_as_one_process_on_the_same_global_batch(tiny_lm, tmp_path):
+    """One plain-SGD step on a fixed batch of 7 rows: 2 ranks (FSDP2 for full fine-tuning, DDP for LoRA, unequal
+    shares) give the weights of 1 process. Ranks that merely agree with each other (each training on the same half,
+    or a gradient scaled by the world size) would fail this."""
+    from finetune_probe import one_step
+
+    for mode in ("full", "lora"):
+        torchrun([mode, tiny_lm, str(tmp_path / f"{mode}.pt")], script=os.path.join(HERE, "finetune_probe.py"))
+        two, one = torch.load(tmp_path / f"{mode}.pt"), one_step(mode, tiny_lm, shard=False)
+        assert two.keys() == one.keys() and len(one) > 0
+        assert all(torch.allclose(two[k], one[k], atol=1e-6) for k in one), mode
+        base = saved_weights(tiny_lm)  # and the step did move the weights
+        moved = [not torch.equal(one[k], base[k]) for k in base if k in one] if mode == "full" else \
+            [bool(v.abs().sum() > 0) for k, v in one.items() if "lora_B" in k]  # fmt: skip
+        assert moved and any(moved)
