@@ -12,7 +12,7 @@
 #
 # Memory per GPU (computed from bytes per parameter, not yet measured):
 #   MODE=full (the paper: full fine-tuning, bf16 compute): FSDP2 shards the fp32 master weights, gradients and AdamW
-#     states, 7B × 16 B / 8 ≈ 14 GB per GPU while training (AdamW is made each stage and freed after it);
+#     states, 7B × 16 B / 8 ≈ 14 GB per GPU while training, ≈23.5 GB at the step with its transient (computed);
 #     generation holds the 3.4 GB weight shard, gathers the bf16 weights once per phase (≈13.5 GB) and adds the
 #     KV cache of GEN_BATCH × K sequences; the reward model (Open-LLaMA-3B, bf16 ≈ 6.9 GB) sits on every GPU
 #     unless --offload_reward is in EXTRA: ≈28 GB in all while sampling.

@@ -40,3 +40,14 @@ def length(prompts, responses):
 
 def not_numbers(prompts, responses):
     return ["good"] * len(responses)
+
+
+def letters_scored(prompts, responses):
+    """letters, and every (prompt, response, reward) of each call appended as one JSON line to $RAFT_TEST_SCORES."""
+    import json
+    import os
+
+    rewards = letters(prompts, responses)
+    with open(os.environ["RAFT_TEST_SCORES"], "a") as f:
+        f.write(json.dumps([prompts, responses, rewards]) + "\n")
+    return rewards

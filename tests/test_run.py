@@ -111,36 +111,53 @@ def test_same_seed_repeats_exactly_and_other_seed_differs(tiny_lm, prompts_file,
     assert strip(runs[0]) == strip(runs[1]) != strip(runs[2])
 
 
+def stage_scores(path, n):
+    """The (prompts, responses, rewards) of the reward call that scored n samples (a stage's b·K)."""
+    calls = [json.loads(line) for line in open(path)]
+    return next(c for c in calls if len(c[0]) == n)
+
+
 @pytest.mark.parametrize("ranking", ["global", "random"])
-def test_other_rankings_run(tiny_lm, prompts_file, tmp_path, ranking):
-    rows = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--stages", "1", "--ranking", ranking))
+def test_other_rankings_select_from_all_of_the_stages_samples(tiny_lm, prompts_file, tmp_path, monkeypatch, ranking):
+    """global keeps exactly select()'s top b of all b·K rewards the stage scored (rebuilt from the reward's own log,
+    prompts with nothing kept included); random keeps one valid sample per prompt, not always the best."""
+    monkeypatch.setenv("RAFT_TEST_SCORES", str(tmp_path / "scores.jsonl"))
+    reward = os.path.join(os.path.dirname(__file__), "rewards.py") + ":letters_scored"
+    rows = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--stages", "1", "--ranking", ranking,
+                               "--reward", reward))  # fmt: skip
     sel = [json.loads(line) for line in open(tmp_path / "r" / "stage_0001" / "selected.jsonl")]
     assert len(sel) == rows[1]["n_selected"] == 8
-    if ranking == "global":  # the top 8 of all 32 samples
-        everything = sorted((v for s in {x["prompt"]: x for x in sel}.values() for v in s["rewards"]), reverse=True)
-        assert min(s["reward"] for s in sel) >= everything[min(7, len(everything) - 1)] - 1e-9
+    prompts, responses, rewards = stage_scores(tmp_path / "scores.jsonl", 32)
+    scores = torch.tensor(rewards).view(8, 4)
+    valid = torch.tensor([bool(r) for r in responses]).view(8, 4)
+    kept = {(s["prompt"], s["response"]) for s in sel}
+    if ranking == "global":
+        want = raft.select(scores.masked_fill(~valid, 0.0), valid, "global", torch.Generator())
+        assert kept == {(prompts[i * 4 + j], responses[i * 4 + j]) for i, j in want}
+    else:
+        by_prompt = {}
+        for p, r, v in zip(prompts, responses, rewards):
+            by_prompt.setdefault(p, []).append((r, v))
+        assert len({s["prompt"] for s in sel}) == 8 and all(s["response"] for s in sel)
+        assert any(s["reward"] < max(v for _, v in by_prompt[s["prompt"]]) for s in sel)  # not the argmax
 
 
-def test_kl_beta_and_stop_strings_run(tiny_lm, prompts_file, tmp_path):
-    rows = raft.main(
-        tiny_args(
-            tiny_lm,
-            prompts_file,
-            tmp_path / "r",
-            "--stages",
-            "1",
-            "--kl_beta",
-            "0.1",
-            "--stop",
-            "e",
-            "--discard_regex",
-            "^$",
-        )
-    )
-    assert "kl_to_start" in rows[1] and "eval_kl_to_start" in rows[1]
-    assert rows[0]["eval_kl_to_start"] == pytest.approx(0.0, abs=1e-4)  # stage 0: the policy is p_0
-    sel = [json.loads(line) for line in open(tmp_path / "r" / "stage_0001" / "selected.jsonl")]
-    assert all("e" not in s["response"] for s in sel)
+def test_kl_beta_ranks_by_the_penalised_score_and_discard_and_stop_strings_hold(tiny_lm, prompts_file, tmp_path):
+    """Stage 1 samples from p_0 itself: its KL to the start is exactly 0; after fine-tuning stage 2's is not, and a
+    large β keeps other samples than β = 0 does from the same scored samples. Responses matching --discard_regex
+    are counted and never kept; a response ends before --stop."""
+    args = ["--stages", "2", "--kl_beta", "5", "--stop", "e", "--discard_regex", "a"]
+    rows = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "r", *args, "--lr", "1e-2"))
+    assert rows[0]["eval_kl_to_start"] == 0.0 and rows[1]["kl_to_start"] == 0.0
+    assert abs(rows[2]["kl_to_start"]) > 1e-3 and abs(rows[2]["eval_kl_to_start"]) > 1e-3
+    sel = [json.loads(line) for line in open(tmp_path / "r" / "stage_0002" / "selected.jsonl")]
+    assert all("e" not in s["response"] and "a" not in s["response"] for s in sel)
+    assert rows[1]["samples_discarded"] + rows[2]["samples_discarded"] > 0
+    # β = 0: stage 1 is the same (every log-ratio is 0 there), so stage 2 samples the same; only the ranking differs
+    raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "b0", *args[:2], *args[4:], "--lr", "1e-2"))
+    plain = [json.loads(line) for line in open(tmp_path / "b0" / "stage_0002" / "selected.jsonl")]
+    assert [s["rewards"] for s in plain] == [s["rewards"] for s in sel]  # the same samples were scored
+    assert [s["response"] for s in plain] != [s["response"] for s in sel]  # but others were kept
 
 
 def test_generator_model_generates_and_policy_trains(tiny_lm, prompts_file, tmp_path):
