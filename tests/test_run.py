@@ -198,7 +198,8 @@ def test_generator_model_generates_and_policy_trains(tiny_lm, prompts_file, tmp_
 
 
 def test_finetune_from_base_restarts_each_stage(tiny_lm, prompts_file, tmp_path, monkeypatch):
-    """ReST-EM: stage t trains the stage-0 weights (not stage t-1's) on samples of the current model."""
+    """ReST-EM: stage t trains the stage-0 weights (not stage t-1's) on samples of the current model, also after
+    --resume."""
     seen = []
     real = raft.finetune
 
@@ -212,6 +213,9 @@ def test_finetune_from_base_restarts_each_stage(tiny_lm, prompts_file, tmp_path,
     assert len(seen) == 2 and all(torch.equal(s[k], w0[k]) for s in seen for k in w0)
     s1, s2 = weights(tmp_path / "b" / "stage_0001"), weights(tmp_path / "b" / "stage_0002")
     assert any(not torch.equal(s1[k], s2[k]) for k in s1)
+    seen.clear()  # after --resume too, stage 3 starts from the stage-0 weights, not from the resumed stage 2
+    raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "b", "--stages", "3", "--finetune_from", "base", "--resume"))
+    assert len(seen) == 1 and all(torch.equal(seen[0][k], w0[k]) for k in w0)
     seen.clear()
     raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "c", "--stages", "2"))  # current: stage 2 starts at 1
     s1 = weights(tmp_path / "c" / "stage_0001")
