@@ -4,9 +4,10 @@
 - reviews (the default): short movie reviews of mixed sentiment from a small grammar; RAFT then aligns the model
   toward positive reviews with VADER sentiment as the reward, as the paper's first version aligned GPT-2 on IMDB.
 - arithmetic: two-digit additions "37+45=" whose written answers in pretraining are often wrong (off by ±1 or ±10),
-  so the right answer is among a prompt's samples but not always first; the reward is the exact answer (0/1) and
-  RAFT keeps every correct sample (--ranking positive). Held-out pass@1 and pass@8 show whether RAFT sharpens what
-  the model could already do (pass@1 rises, pass@8 holds) or teaches something new.
+  some bare ("82"), some worked ("12 7 82": the ones, the tens, the answer; less often wrong), so the right answer
+  is among a prompt's samples but not always first; the reward is the exact answer (0/1) and RAFT keeps every
+  correct sample (--ranking positive). Held-out pass@1 and pass@8 show whether RAFT sharpens what the model could
+  already do (pass@1 rises, pass@8 holds) or teaches something new.
 
 The model is pretrained with the same fine-tune step as a RAFT stage (raft.py hands it in), on whole texts whose
 prompt is just BOS. This file leaves out anything a real run needs: a real run brings --model, --dataset, --reward.
@@ -38,12 +39,12 @@ SETTINGS = {
     ),
     "arithmetic": dict(
         ranking="positive",
-        prompts_per_stage=128,
+        prompts_per_stage=512,
         K=8,
-        max_new_tokens=8,
-        stages=5,
-        lr=3e-4,
-        epochs=2,
+        max_new_tokens=12,
+        stages=10,
+        lr=1e-3,
+        epochs=3,
         train_batch_size=32,
         micro_batch_size=32,
         eval_split="test",
@@ -56,8 +57,9 @@ SETTINGS = {
     ),
 }
 DATASET = {"reviews": "prompts.jsonl", "arithmetic": "data"}  # a directory of train.jsonl and test.jsonl
-# pretraining of the arithmetic model: ≈1,560 AdamW steps of 64 pairs, 60% of the written answers wrong
-ARITH_PRETRAIN = dict(n=100_000, p_wrong=0.6, lr=3e-3, epochs=1, batch=64)
+# pretraining of the arithmetic model: ≈1,560 AdamW steps of 64 pairs in two styles, 70% bare answers ("82", wrong
+# 70% of the time) and 30% worked ones ("12 7 82", wrong 10%); RAFT then keeps the correct samples, more of them worked
+ARITH_PRETRAIN = dict(n=50_000, p_wrong=0.7, p_worked=0.3, p_wrong_worked=0.1, lr=3e-3, epochs=2, batch=64)
 ARITH_OFFSETS = (-10, -1, 1, 10)  # the slips of a noisy answer: the ones digit, or a carry dropped or doubled
 ARITH_CHARS = "0123456789+-=: abcdefghijklmnopqrstuvwxyz"
 
@@ -265,14 +267,29 @@ def noisy_answer(answer: str, p_wrong: float, rng: random.Random) -> str:
     return str(x + rng.choice(slips))
 
 
-def pretraining_examples(n: int, probs: list[dict], seed: int, p_wrong: float = 0.6) -> list[dict]:
+def worked_answer(prompt: str, answer: str) -> str:
+    """The answer written out: the ones summed, the tens summed, then the answer ("37+45=" -> "12 7 82"); the
+    answer is last, so reward:exact_number reads it, and a slip in it leaves the work right."""
+    a, b = (int(x) for x in prompt.removesuffix("=").split("+"))
+    return f"{a % 10 + b % 10} {a // 10 + b // 10} {answer}"
+
+
+def pretraining_examples(
+    n: int, probs: list[dict], seed: int, p_wrong: float = 0.6, p_worked: float = 0.0, p_wrong_worked: float = 0.1
+) -> list[dict]:
     """n pretraining pairs (prompt, response) drawn with replacement from probs, each answer wrong with
-    probability p_wrong. Train the response (and EOS) only: the operands are random and would only add noise."""
+    probability p_wrong; with probability p_worked the pair is written out instead (worked_answer), its answer
+    wrong with probability p_wrong_worked. Train the response (and EOS) only: the operands are random and would
+    only add noise."""
     rng = random.Random(seed)
     out = []
     for _ in range(n):
         p = probs[rng.randrange(len(probs))]
-        out.append({"prompt": p["prompt"], "response": noisy_answer(p["answer"], p_wrong, rng)})
+        if p_worked and rng.random() < p_worked:
+            response = worked_answer(p["prompt"], noisy_answer(p["answer"], p_wrong_worked, rng))
+        else:
+            response = noisy_answer(p["answer"], p_wrong, rng)
+        out.append({"prompt": p["prompt"], "response": response})
     return out
 
 
@@ -324,7 +341,9 @@ def prepare_arithmetic(demo_dir: str, finetune) -> tuple[str, str]:
         torch.manual_seed(0)
         tok = char_tokenizer()
         model = LlamaForCausalLM(arithmetic_config(tok))
-        pairs = pretraining_examples(ARITH_PRETRAIN["n"], train, seed=0, p_wrong=ARITH_PRETRAIN["p_wrong"])
+        pairs = pretraining_examples(ARITH_PRETRAIN["n"], train, seed=0, p_wrong=ARITH_PRETRAIN["p_wrong"],
+                                     p_worked=ARITH_PRETRAIN["p_worked"],
+                                     p_wrong_worked=ARITH_PRETRAIN["p_wrong_worked"])  # fmt: skip
         examples = [build_example(encode_prompt(tok, p["prompt"]), tok(p["response"], add_special_tokens=False)
                                   ["input_ids"], tok.eos_token_id) for p in pairs]  # fmt: skip
         b = ARITH_PRETRAIN["batch"]

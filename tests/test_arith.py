@@ -80,3 +80,26 @@ def test_model_config_builds_a_tiny_llama():
     assert longest <= cfg.max_position_embeddings
     logits = model(torch.tensor([tok("1+1=")["input_ids"]])).logits
     assert logits.shape == (1, 5, len(tok))
+
+
+def test_worked_answers_mix_with_bare_ones():
+    from reward import exact_number
+
+    assert demo.worked_answer("37+45=", "82") == "12 7 82"
+    assert demo.worked_answer("0+0=", "0") == "0 0 0"
+    probs = demo.problems(200, seed=1)
+    gold = {p["prompt"]: p["answer"] for p in probs}
+    ex = demo.pretraining_examples(10_000, probs, seed=2, p_wrong=0.7, p_worked=0.3, p_wrong_worked=0.1)
+    worked = [e for e in ex if " " in e["response"]]
+    bare = [e for e in ex if " " not in e["response"]]
+    assert abs(len(worked) / len(ex) - 0.3) < 0.03
+    wrong = [e["response"] != demo.worked_answer(e["prompt"], gold[e["prompt"]]) for e in worked]
+    assert abs(sum(wrong) / len(worked) - 0.1) < 0.03
+    assert abs(sum(e["response"] != gold[e["prompt"]] for e in bare) / len(bare) - 0.7) < 0.03
+    # the work stays right when the answer slips, and the reward reads the answer (the last number)
+    for e in worked:
+        assert e["response"].rsplit(" ", 1)[0] == demo.worked_answer(e["prompt"], "0").rsplit(" ", 1)[0]
+    rewards = exact_number(
+        [e["prompt"] for e in worked], [e["response"] for e in worked], [gold[e["prompt"]] for e in worked]
+    )
+    assert rewards == [float(not w) for w in wrong]
