@@ -190,7 +190,7 @@ def apply(cfg, argv: list[str]):
 def prepare(kind: str, demo_dir: str, finetune) -> tuple[str, str]:
     """Build once (cached in demo_dir) the demo's tiny Llama and its prompt file; return their paths.
     finetune(model, examples, **options) is raft.py's fine-tune step with those options changed."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     if kind == "arithmetic":
         return prepare_arithmetic(demo_dir, finetune)
@@ -201,19 +201,7 @@ def prepare(kind: str, demo_dir: str, finetune) -> tuple[str, str]:
         torch.manual_seed(0)
         reviews = demo_reviews(6000, seed=0)
         tok = train_demo_tokenizer(reviews)
-        config = LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=128,
-            intermediate_size=384,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=128,
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-            tie_word_embeddings=True,
-        )
+        config = arithmetic_config(tok, context=128)  # the same tiny Llama as the arithmetic demo's
         model = LlamaForCausalLM(config)
         bos = encode_prompt(tok, "")  # the prompt of a whole review is just BOS
         examples = [
@@ -308,8 +296,8 @@ def char_tokenizer():
     )
 
 
-def arithmetic_config(tok):
-    """The tiny Llama (≈0.43M parameters): the review demo's shape with a context fitting prompt + max_new_tokens."""
+def arithmetic_config(tok, context: int = 64):
+    """The demos' tiny Llama (≈0.4–0.5M parameters, tied embeddings); 64 tokens hold a sum and its worked answer."""
     from transformers import LlamaConfig
 
     return LlamaConfig(
@@ -319,7 +307,7 @@ def arithmetic_config(tok):
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=4,
-        max_position_embeddings=64,
+        max_position_embeddings=context,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
