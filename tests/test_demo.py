@@ -77,3 +77,15 @@ def test_arithmetic_demo_raises_pass_at_1_by_a_fifth(tmp_path):
     assert last["eval_pass@1"] >= first["eval_pass@1"] + 0.2, [r["eval_pass@1"] for r in rows]
     assert 0 <= first["eval_pass@8"] <= 1 and last["eval_pass@8"] >= last["eval_pass@1"]
     assert all(r["kept_per_prompt"] > 0 for r in rows[1:]) and "demo: held-out pass@1" in out.stdout
+
+
+def test_the_console_shows_the_kits_lines_only(tmp_path, demo_dir):
+    """Without TQDM_DISABLE: no library progress bars (transformers' "Loading weights", "Writing model shards")
+    on either stream, while the kit's own lines are there."""
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    out = subprocess.run([sys.executable, "raft.py", "--demo_dir", demo_dir, "--stages", "1", "--out_dir",
+                          str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    both = out.stdout + out.stderr
+    assert "Loading weights" not in both and "Writing model shards" not in both, out.stderr[-2000:]
+    assert "stage   1 |" in out.stdout
