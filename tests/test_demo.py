@@ -83,8 +83,8 @@ def test_the_console_shows_the_kits_lines_only(tmp_path, demo_dir):
     """Without TQDM_DISABLE: no library progress bars (transformers' "Loading weights", "Writing model shards")
     on either stream, while the kit's own lines are there."""
     env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
-    out = subprocess.run([sys.executable, "raft.py", "--demo_dir", demo_dir, "--stages", "1", "--out_dir",
-                          str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    args = [sys.executable, "raft.py", "--demo_dir", demo_dir, "--stages", "1", "--out_dir", str(tmp_path / "run")]
+    out = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     both = out.stdout + out.stderr
     assert "Loading weights" not in both and "Writing model shards" not in both, out.stderr[-2000:]
