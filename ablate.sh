@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The paper's ablations in miniature, on the offline demo (2-core CPU, ≈1–3 min per ablation and seed set):
-#   bash ablate.sh k | temperature | kl | ranking | distill | finetune_from | all
+#   bash ablate.sh k | temperature | kl | ranking | distill | finetune_from | reasoning | all
 # Every setting runs once per seed (SEEDS, default "1 2 3"); `python eval.py --sweep DIR` then prints, per setting,
 # the mean ± std over seeds of the last stage's held-out reward, its gain over stage 0, distinct-2 and KL to the
 # start. Runs are resumable: a finished run is skipped, a cut-off one continues (--resume).
@@ -45,13 +45,18 @@ ablation() {
       run distill teacher-generated --generator_model "$teacher" ;;
     finetune_from) # fine-tune the current model each stage (paper) or restart from the base (ReST-EM)
       run finetune_from current --finetune_from current; run finetune_from base --finetune_from base ;;
-    *) echo "unknown ablation: $1 (k, temperature, kl, ranking, distill, finetune_from, all)"; exit 2 ;;
+    reasoning)     # on the arithmetic demo (0/1 reward): best-of-K (the paper), keep-every-correct, RAFT++, control
+      run reasoning best-of-K --demo arithmetic --ranking local
+      run reasoning keep-correct --demo arithmetic --ranking positive
+      run reasoning raftpp --demo arithmetic --ranking positive --loss raftpp
+      run reasoning random --demo arithmetic --ranking random ;;
+    *) echo "unknown ablation: $1 (k, temperature, kl, ranking, distill, finetune_from, reasoning, all)"; exit 2 ;;
   esac
   "$PYTHON" eval.py --sweep "$OUT/$1"
 }
 
 if [ "${1:-}" = all ]; then
-  for a in k temperature kl ranking distill finetune_from; do ablation "$a"; done
+  for a in k temperature kl ranking distill finetune_from reasoning; do ablation "$a"; done
 else
-  ablation "${1:?usage: bash ablate.sh k|temperature|kl|ranking|distill|finetune_from|all}"
+  ablation "${1:?usage: bash ablate.sh k|temperature|kl|ranking|distill|finetune_from|reasoning|all}"
 fi

@@ -158,19 +158,22 @@ def sweep_table(root: str) -> str:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):+.3f} ± {spread:.3f}"
 
-    lines = [
-        "| setting | seeds | stages | eval reward (last) | gain over stage 0 | distinct-2 (last) | KL to start (last) "
-        "|",
-        "|---|---|---|---|---|---|---|",
-    ]
+    # reasoning sweeps (--pass_k) add pass@k and the entropy on the kept samples, each at the last stage
+    extra = [k for k in ("eval_pass@1", "eval_pass@8", "entropy_kept") if any(k in r[-1] for g in groups.values()
+                                                                             for r in g)]  # fmt: skip
+    head = ["eval reward (last)", "gain over stage 0", "distinct-2 (last)", "KL to start (last)"]
+    head += [f"{k.removeprefix('eval_')} (last)" for k in extra]
+    lines = ["| setting | seeds | stages | " + " | ".join(head) + " |", "|---" * (len(head) + 3) + "|"]
     for name, runs in groups.items():
         last = [r[-1] for r in runs]
-        lines.append(
-            f"| {name} | {len(runs)} | {last[0]['stage']} | {cell([x['eval_reward_mean'] for x in last])} "
-            f"| {cell([r[-1]['eval_reward_mean'] - r[0]['eval_reward_mean'] for r in runs])} "
-            f"| {cell([x['eval_distinct_2'] for x in last])} "
-            f"| {cell([x.get('eval_kl_to_start') for x in last])} |"
-        )
+        cells = [
+            cell([x["eval_reward_mean"] for x in last]),
+            cell([r[-1]["eval_reward_mean"] - r[0]["eval_reward_mean"] for r in runs]),
+            cell([x["eval_distinct_2"] for x in last]),
+            cell([x.get("eval_kl_to_start") for x in last]),
+        ]
+        cells += [cell([x.get(k) for x in last]) for k in extra]  # fmt: skip
+        lines.append(f"| {name} | {len(runs)} | {last[0]['stage']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
