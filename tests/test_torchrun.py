@@ -40,7 +40,8 @@ def check_ranks(out_dir, log_dir, b):
 
 
 def test_fsdp_full_and_ddp_lora_two_ranks_then_resume_on_one(tiny_lm, prompts_file, tmp_path):
-    for mode, extra in [("full", []), ("lora", ["--lora_r", "4"])]:
+    # RAFT++'s loss here (SFT's is checked against one process below): its π_old and clip run under FSDP2 and DDP too
+    for mode, extra in [("full", ["--loss", "raftpp"]), ("lora", ["--lora_r", "4", "--loss", "raftpp"])]:
         out, log = tmp_path / mode, tmp_path / f"log_{mode}"
         log.mkdir()
         torchrun(
@@ -50,6 +51,7 @@ def test_fsdp_full_and_ddp_lora_two_ranks_then_resume_on_one(tiny_lm, prompts_fi
             {"RAFT_TEST_LOG": str(log)},
         )
         check_ranks(out, log, 8)
+        assert 0 <= json.loads(open(out / "stage_0001" / "metrics.json").read())["clip_frac"] <= 1
         # full fine-tuning is sharded with FSDP2, LoRA replicated under DDP (one wrapper per fine-tune call)
         engines = [torch.load(out / f"rank{r}.mode.pt") for r in (0, 1)]
         assert engines == [{"fsdp": mode == "full", "ddp": 0 if mode == "full" else 1}] * 2
