@@ -545,7 +545,7 @@ def phase_metrics(m: dict) -> dict:
 
 def diffusion_rows(a) -> list[dict]:
     """One diffusion.py stage on random weights of SD 1.5's shapes (or a toy UNet for --shape tiny): time per phase."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModel
 
     import diffusion
@@ -592,14 +592,7 @@ def diffusion_rows(a) -> list[dict]:
         sample_size=32 if tiny else 512,
         scaling_factor=0.18215,
     )
-    sched = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    sched = diffusion.sd15_scheduler()
     with tempfile.TemporaryDirectory() as d:
         for name, part in dict(tokenizer=tok, text_encoder=text, unet=unet, vae=vae, scheduler=sched).items():
             part.save_pretrained(os.path.join(d, "sd", name))

@@ -695,6 +695,14 @@ def run(cfg: DiffusionConfig):
 
 
 # ---- the demo's model, the command line --------------------------------------------------------------------
+def sd15_scheduler():
+    """Stable Diffusion 1.5's DDIM noise schedule, for models built from configs (the demo, bench.py's shapes)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)  # fmt: skip
+
+
 def prepare_demo(demo_dir: str) -> str:
     """Build once (cached in demo_dir) a tiny SD-shaped model from configs and pretrain it on synthetic images, as
     raft.py's demo pretrains its Llama: smooth random 32×32 images (a 4×4 colour field, upsampled, at a random
@@ -702,7 +710,7 @@ def prepare_demo(demo_dir: str) -> str:
     trained 60 steps to reconstruct the images (a random VAE is no autoencoder: the kept images, encoded again, would
     give latents unrelated to those that made them); a UNet trained 150 steps on them with `finetune`, the CIFAR-10
     names as captions (every 10th empty, SD's recipe for guidance); SD 1.5's noise schedule under DDIM."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModel
 
     if os.path.exists(os.path.join(demo_dir, "unet", "config.json")):
@@ -758,14 +766,7 @@ def prepare_demo(demo_dir: str) -> str:
     with torch.no_grad():  # SD's convention: latents × scaling_factor have unit variance (0.18215 for SD's VAE)
         vae.register_to_config(scaling_factor=1 / vae.encode(smooth_images(64)).latent_dist.mean.std().item())
     vae.requires_grad_(False).eval()
-    sched = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )  # SD 1.5's schedule
+    sched = sd15_scheduler()
     sd = SimpleNamespace(
         tok=tok,
         text=text,

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import docs_text, tiny_args
+from conftest import docs_text, make_tiny_rm, tiny_args
 from safetensors.torch import load_file
 
 import raft
@@ -75,25 +75,7 @@ def test_nan_rewards_are_skipped_and_counted(tiny_lm, prompts_file, tmp_path):
 
 
 def test_reward_model_batched_equals_one_at_a_time(tmp_path):
-    from transformers import ByT5Tokenizer, LlamaConfig, LlamaForSequenceClassification
-
-    tok = ByT5Tokenizer()
-    torch.manual_seed(0)
-    rm = LlamaForSequenceClassification(
-        LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-            num_labels=1,
-            pad_token_id=tok.pad_token_id,
-            max_position_embeddings=64,
-        )
-    )
-    rm.save_pretrained(tmp_path / "rm")
-    tok.save_pretrained(tmp_path / "rm")
+    make_tiny_rm(tmp_path / "rm")  # seed 0, 64 positions: the same model as written out here before
     prompts = ["###Human: hi ###Assistant:", "###Human: a much longer question here ###Assistant:", "x"]
     responses = [" hello", " short", " a response that is rather long" * 3]
     fn = load_reward(str(tmp_path / "rm"), template="{prompt}{response}", batch_size=2)
