@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import tiny_args
 
@@ -39,37 +40,46 @@ def check_ranks(out_dir, log_dir, b):
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)  # identical after the stage
 
 
-def test_fsdp_full_and_ddp_lora_two_ranks_then_resume_on_one(tiny_lm, prompts_file, tmp_path):
+GREEDY_RAFTPP = ["--temperature", "0", "--loss", "raftpp"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_lm, prompts_file, tmp_path_factory):
+    """Two stages in one plain process, greedy (--temperature 0), so 1 and 2 processes sample the same responses
+    and keep the same sets: the reference a resumed run must end at."""
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    raft.main(tiny_args(tiny_lm, prompts_file, out, *GREEDY_RAFTPP, "--stages", "2"))
+    return out
+
+
+def same_stage(a, b, stage):
+    """Stage `stage` of two runs: the same kept set and the same weights up to float rounding."""
+    d = f"stage_{stage:04d}"
+    assert open(a / d / "selected.jsonl").read() == open(b / d / "selected.jsonl").read()
+    wa, wb = saved_weights(a / d), saved_weights(b / d)
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa), d
+
+
+def test_fsdp_full_and_ddp_lora_two_ranks_then_resume_on_one(tiny_lm, prompts_file, tmp_path, uninterrupted):
     # RAFT++'s loss here (SFT's is checked against one process below): its π_old and clip run under FSDP2 and DDP too
-    for mode, extra in [("full", ["--loss", "raftpp"]), ("lora", ["--lora_r", "4", "--loss", "raftpp"])]:
+    for mode, extra in [("full", GREEDY_RAFTPP), ("lora", ["--lora_r", "4", "--loss", "raftpp"])]:
         out, log = tmp_path / mode, tmp_path / f"log_{mode}"
         log.mkdir()
-        torchrun(
-            tiny_args(
-                tiny_lm, prompts_file, out, "--stages", "1", "--reward", f"{HERE}/rewards.py:letters_logged", *extra
-            ),
-            {"RAFT_TEST_LOG": str(log)},
-        )
+        args = tiny_args(tiny_lm, prompts_file, out, "--stages", "1", *extra)
+        args[args.index("--reward") + 1] = f"{HERE}/rewards.py:letters_logged"  # letters, and who scored what
+        torchrun(args, {"RAFT_TEST_LOG": str(log)})
         check_ranks(out, log, 8)
         assert 0 <= json.loads(open(out / "stage_0001" / "metrics.json").read())["clip_frac"] <= 1
         # full fine-tuning is sharded with FSDP2, LoRA replicated under DDP (one wrapper per fine-tune call)
         engines = [torch.load(out / f"rank{r}.mode.pt") for r in (0, 1)]
         assert engines == [{"fsdp": mode == "full", "ddp": 0 if mode == "full" else 1}] * 2
-        if mode == "full":  # a 2-rank checkpoint resumes on 1 process
+        if mode == "full":  # a 2-rank checkpoint resumes on 1 process and ends where one uninterrupted process ends
             rows = raft.main(
-                tiny_args(
-                    tiny_lm,
-                    prompts_file,
-                    out,
-                    "--stages",
-                    "2",
-                    "--reward",
-                    f"{HERE}/rewards.py:letters",
-                    "--resume",
-                    "--resume_force",
-                )
+                tiny_args(tiny_lm, prompts_file, out, *extra, "--stages", "2", "--resume", "--resume_force")
             )
             assert [r["stage"] for r in rows] == [0, 1, 2]
+            for stage in (1, 2):
+                same_stage(out, uninterrupted, stage)
 
 
 def saved_weights(stage_dir):
@@ -118,10 +128,11 @@ def test_global_ranking_sees_the_whole_batch(tiny_lm, prompts_file, tmp_path):
     assert sel[0] == sel[1] and len({s["prompt"] for s in sel[0]}) < 8  # global: several from the best prompts
 
 
-def test_a_rank_dying_ends_the_job_and_resume_continues(tiny_lm, prompts_file, tmp_path):
+def test_a_rank_dying_ends_the_job_and_resume_continues(tiny_lm, prompts_file, tmp_path, uninterrupted):
     """Rank 1 is SIGKILLed while training stage 2: torchrun ends the whole job (no hang, the timeout would fail the
-    test) and reports the failure; --resume under torchrun continues from stage 1, the last completed one."""
-    args = tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--stages", "2")
+    test) and reports the failure; --resume under torchrun continues from stage 1, the last completed one, and ends
+    where an uninterrupted run ends (greedy, so one plain process is that run)."""
+    args = tiny_args(tiny_lm, prompts_file, tmp_path / "r", *GREEDY_RAFTPP, "--stages", "2")
     out = torchrun(
         args, {"RAFT_CRASH_AT": "train@2:1"}, script=os.path.join(os.path.dirname(HERE), "raft.py"), ok=False
     )
@@ -131,6 +142,10 @@ def test_a_rank_dying_ends_the_job_and_resume_continues(tiny_lm, prompts_file, t
     assert "resuming after stage 1" in out.stdout
     rows = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
     assert [r["stage"] for r in rows] == [0, 1, 2]
+    for stage in (1, 2):
+        same_stage(tmp_path / "r", uninterrupted, stage)
+    ref = [json.loads(line) for line in open(uninterrupted / "metrics.jsonl")]
+    assert [r["eval_reward_mean"] for r in rows] == pytest.approx([r["eval_reward_mean"] for r in ref], abs=1e-6)
 
 
 def run_a40(**env):
