@@ -3,7 +3,8 @@
 #   bash ablate.sh k | temperature | kl | ranking | distill | finetune_from | reasoning | all
 # Every setting runs once per seed (SEEDS, default "1 2 3"); `python eval.py --sweep DIR` then prints, per setting,
 # the mean ± std over seeds of the last stage's held-out reward, its gain over stage 0, distinct-2 and KL to the
-# start. Runs are resumable: a finished run is skipped, a cut-off one continues (--resume).
+# start. Runs are resumable: a finished run (marked by SETTING__s<seed>.done) is skipped, a cut-off one continues
+# (--resume).
 # Environment: SEEDS, OUT (default runs/ablate), PYTHON, RAFT_ARGS (extra arguments for every run, e.g. another
 # --model/--dataset/--reward: the tests run a tiny sweep that way).
 set -euo pipefail
@@ -19,10 +20,12 @@ run() {  # run NAME SETTING [raft.py arguments...]: one run per seed into $OUT/N
   for seed in $SEEDS; do
     local dir="$OUT/$name/${setting}__s$seed"
     mkdir -p "$OUT/$name"
+    if [ -f "$dir.done" ]; then echo "ablation $name: $setting, seed $seed: done, skipped"; continue; fi
     echo "ablation $name: $setting, seed $seed -> $dir"
     # shellcheck disable=SC2086  # RAFT_ARGS is a list of words
     "$PYTHON" raft.py --seed "$seed" --out_dir "$dir" --resume $RAFT_ARGS "$@" >"$dir.log" 2>&1 ||
       { echo "failed: see $dir.log"; tail -5 "$dir.log"; exit 1; }
+    touch "$dir.done"  # written only after the run ended well: a rerun skips it without starting Python
   done
 }
 

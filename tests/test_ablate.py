@@ -29,3 +29,4 @@ def test_tiny_ranking_sweep(tiny_lm, prompts_file, tmp_path):
         ["bash", "ablate.sh", "ranking"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     assert [line for line in again.stdout.splitlines() if line.startswith("| ")] == table
+    assert again.stdout.count("done, skipped") == 6 and "seed 1 ->" not in again.stdout  # none started again
