@@ -703,13 +703,22 @@ def sd15_scheduler():
                          set_alpha_to_one=False, steps_offset=1)  # fmt: skip
 
 
+def demo_captions(n: int) -> list[str]:
+    """Captions of the demo's n pretraining images: image i has the CIFAR-10 name i % 10, and one image in ten gets the
+    empty caption instead (SD's recipe for classifier-free guidance). Which ones are empty does not follow the class:
+    in each run of 100 images, image i is empty where i // 10 and i % 10 agree, so each name loses one image in ten
+    to the empty caption and every name is shown, "airplane" too."""
+    return ["" if (i // 10) % 10 == i % 10 else CIFAR10[i % 10] for i in range(n)]
+
+
 def prepare_demo(demo_dir: str) -> str:
     """Build once (cached in demo_dir) a tiny SD-shaped model from configs and pretrain it on synthetic images, as
     raft.py's demo pretrains its Llama: smooth random 32×32 images (a 4×4 colour field, upsampled, at a random
     overall brightness). The byte-level ByT5 tokenizer (needs no files) and a random CLIP text encoder; a VAE
     trained 60 steps to reconstruct the images (a random VAE is no autoencoder: the kept images, encoded again, would
-    give latents unrelated to those that made them); a UNet trained 150 steps on them with `finetune`, the CIFAR-10
-    names as captions (every 10th empty, SD's recipe for guidance); SD 1.5's noise schedule under DDIM."""
+    give latents unrelated to those that made them); a UNet trained 150 steps on them with `finetune`, captioned by
+    `demo_captions` (the CIFAR-10 names, one in ten empty: SD's recipe for guidance); SD 1.5's noise schedule under
+    DDIM."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModel
 
@@ -776,7 +785,7 @@ def prepare_demo(demo_dir: str) -> str:
         device=torch.device("cpu"),
         amp=lambda: torch.autocast("cpu", enabled=False),
     )
-    captions = [CIFAR10[i % 10] if i % 10 else "" for i in range(960)]
+    captions = demo_captions(960)
     pre = DiffusionConfig(lr=2e-3, epochs=5, train_batch_size=32, weight_decay=0.0)  # 150 steps
     unet_loss = finetune(sd, to_pil(smooth_images(960)), captions, pre, seed=0)
     tmp = demo_dir.rstrip("/") + ".tmp"
