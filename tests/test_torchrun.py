@@ -52,12 +52,13 @@ def uninterrupted(tiny_lm, prompts_file, tmp_path_factory):
     return out
 
 
-def same_stage(a, b, stage):
-    """Stage `stage` of two runs: the same kept set and the same weights up to float rounding."""
+def same_stage(a, b, stage, atol=1e-5):
+    """Stage `stage` of two runs: the same kept set and the same weights up to float rounding. Returns a's weights."""
     d = f"stage_{stage:04d}"
-    assert open(a / d / "selected.jsonl").read() == open(b / d / "selected.jsonl").read()
+    assert open(a / d / "selected.jsonl").read() == open(b / d / "selected.jsonl").read(), d
     wa, wb = saved_weights(a / d), saved_weights(b / d)
-    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa), d
+    assert wa.keys() == wb.keys() and all(torch.allclose(wa[k], wb[k], atol=atol) for k in wa), d
+    return wa
 
 
 def test_fsdp_full_and_ddp_lora_two_ranks_then_resume_on_one(tiny_lm, prompts_file, tmp_path, uninterrupted):
@@ -102,11 +103,8 @@ def test_torchrun_with_one_process_uses_the_engines_and_matches_a_plain_run(tiny
             "ddp": 0 if mode == "full" else 1,
         }
         raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / f"plain_{mode}", *args))
-        sel = [open(tmp_path / f"{d}_{mode}" / "stage_0001" / "selected.jsonl").read() for d in ("tr", "plain")]
-        assert sel[0] == sel[1]
-        a, b = (saved_weights(tmp_path / f"{d}_{mode}" / "stage_0001") for d in ("tr", "plain"))
+        a = same_stage(tmp_path / f"tr_{mode}", tmp_path / f"plain_{mode}", 1)
         start = saved_weights(tiny_lm) if mode == "full" else None
-        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
         assert start is None or any(not torch.equal(a[k], start[k]) for k in a)  # and the stage did train
 
 
@@ -254,10 +252,8 @@ def test_two_nodes_equal_one_node_with_as_many_processes(tiny_lm, prompts_file, 
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
     torchrun(tiny_args(tiny_lm, prompts_file, tmp_path / "one_node", "--stages", "1"), script=script, nproc=4)
-    sel = [open(tmp_path / d / "stage_0001" / "selected.jsonl").read() for d in ("two_nodes", "one_node")]
-    assert sel[0] == sel[1] and sel[0].count("\n") == 8
-    a, b = (saved_weights(tmp_path / d / "stage_0001") for d in ("two_nodes", "one_node"))
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    same_stage(tmp_path / "two_nodes", tmp_path / "one_node", 1, atol=1e-6)
+    assert open(tmp_path / "two_nodes" / "stage_0001" / "selected.jsonl").read().count("\n") == 8
 
 
 def test_two_ranks_train_exactly_as_one_process_on_the_same_global_batch(tiny_lm, tmp_path):
