@@ -65,6 +65,7 @@ import time
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
+import dist
 import fastgen
 import raft
 from models import amp, build_example
@@ -788,3 +789,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    dist.exit_worker()  # under torchrun: see dist.exit_worker

@@ -4,9 +4,11 @@ collectives the loop needs, the device, phase timing, the metrics logger and the
 A plain `python raft.py` is rank 0 of 1 and every collective here is then a no-op. Imports no kit module.
 """
 
+import atexit
 import contextlib
 import os
 import signal
+import sys
 import time
 
 import torch
@@ -87,6 +89,18 @@ def stop(own: bool):
     if own:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+
+
+def exit_worker():
+    """Under torchrun, end the process here, after the atexit handlers but without Python's interpreter shutdown.
+    gloo's worker threads free a finished collective's tensors after the caller has moved on; a thread that needs
+    the GIL once the interpreter is shutting down is killed by Python 3.11 and aborts the process ("terminate called
+    without an active exception", SIGABRT), now and then on a loaded CPU. Call it last: files are closed by now."""
+    if DIST:
+        atexit._run_exitfuncs()  # what a normal exit runs first: reward workers reaped, wandb/tensorboard flushed
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def crash_point(phase: str, stage: int):

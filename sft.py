@@ -68,3 +68,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    dist.exit_worker()

@@ -31,4 +31,5 @@ torch.save(full, os.path.join(cfg.out_dir, f"rank{raft.RANK}.pt"))
 torch.save(
     {"fsdp": bool(raft.fsdp_modules(model)), "ddp": len(made)}, os.path.join(cfg.out_dir, f"rank{raft.RANK}.mode.pt")
 )
-torch.distributed.destroy_process_group()
+raft.dist.stop(True)  # the kit's own ending: barrier, destroy, then no interpreter shutdown
+raft.dist.exit_worker()

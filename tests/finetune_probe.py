@@ -7,6 +7,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dist  # noqa: E402
 import models  # noqa: E402
 import raft  # noqa: E402
 from models import build_example  # noqa: E402
@@ -38,5 +39,5 @@ if __name__ == "__main__":
     weights = one_step(mode, model_dir, shard=True)
     if int(os.environ["RANK"]) == 0:
         torch.save(weights, out)
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    dist.stop(True)  # the kit's own ending: barrier, destroy, then no interpreter shutdown
+    dist.exit_worker()

@@ -185,6 +185,29 @@ def test_run_a40_dry_run_resolves_the_paper_config():
     assert run_a40(MODE="fast").returncode == 2
 
 
+def test_a_torchrun_worker_ends_after_atexit_without_interpreter_shutdown():
+    """dist.exit_worker, the last call of every entry point: under torchrun it runs the atexit handlers, flushes
+    stdout and ends the process before Python's shutdown (where a gloo thread still freeing tensors would abort it);
+    in a plain process it does nothing."""
+    code = (
+        "import atexit, dist\n"
+        "class Late:\n"
+        "    def __del__(self): print(' shutdown ran', flush=True)\n"
+        "late = Late()  # a module global: freed by the interpreter's shutdown only\n"
+        "atexit.register(lambda: print(' atexit ran', flush=True))\n"
+        "print('buffered', end='')  # not flushed: exit_worker must flush it\n"
+        "dist.exit_worker()\n"
+        "print(' returned', end='')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONUNBUFFERED", "TORCHELASTIC_RUN_ID", "WORLD_SIZE")}
+    root = os.path.dirname(HERE)
+    worker = subprocess.run([sys.executable, "-c", code], cwd=root, env={**env, "TORCHELASTIC_RUN_ID": "t"},
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert (worker.returncode, worker.stdout) == (0, "buffered atexit ran\n"), worker.stderr[-2000:]
+    plain = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    assert (plain.returncode, plain.stdout) == (0, "buffered returned atexit ran\n shutdown ran\n"), plain.stderr
+
+
 def test_sft_only_under_torchrun_saves_a_full_model(tiny_lm, tmp_path):
     """--sft_only on 2 ranks (FSDP2): the saved model is a whole HF model that loads in one process."""
     fixture = os.path.join(HERE, "fixtures", "hh_rlhf.jsonl")
