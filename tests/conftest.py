@@ -6,7 +6,13 @@ import os
 import sys
 
 import pytest
-import torch
+
+# `pytest -n 2`: one core per worker, for its own torch and every process it starts (two workers with two threads
+# each would fight over two cores)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)

@@ -7,9 +7,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.xdist_group("demo")  # one worker builds the demo model for both tests that use it
 def test_demo_learns_offline(tmp_path, demo_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     out = subprocess.run(

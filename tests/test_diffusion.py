@@ -17,6 +17,9 @@ from safetensors.torch import load_file
 
 import diffusion as D
 
+# `pytest -n 2`: every test here on one worker, which builds the demo model and runs the two stages once
+pytestmark = pytest.mark.xdist_group("diffusion")
+
 HERE = os.path.abspath(__file__)
 
 

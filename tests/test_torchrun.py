@@ -61,6 +61,7 @@ def same_stage(a, b, stage, atol=1e-5):
     return wa
 
 
+@pytest.mark.xdist_group("uninterrupted")  # one worker computes the reference run
 def test_fsdp_full_and_ddp_lora_two_ranks_then_resume_on_one(tiny_lm, prompts_file, tmp_path, uninterrupted):
     # RAFT++'s loss here (SFT's is checked against one process below): its π_old and clip run under FSDP2 and DDP too
     for mode, extra in [("full", GREEDY_RAFTPP), ("lora", ["--lora_r", "4", "--loss", "raftpp"])]:
@@ -126,6 +127,7 @@ def test_global_ranking_sees_the_whole_batch(tiny_lm, prompts_file, tmp_path):
     assert sel[0] == sel[1] and len({s["prompt"] for s in sel[0]}) < 8  # global: several from the best prompts
 
 
+@pytest.mark.xdist_group("uninterrupted")  # one worker computes the reference run
 def test_a_rank_dying_ends_the_job_and_resume_continues(tiny_lm, prompts_file, tmp_path, uninterrupted):
     """Rank 1 is SIGKILLed while training stage 2: torchrun ends the whole job (no hang, the timeout would fail the
     test) and reports the failure; --resume under torchrun continues from stage 1, the last completed one, and ends
@@ -240,6 +242,7 @@ def test_sft_only_under_torchrun_saves_a_full_model(tiny_lm, tmp_path):
     assert any(not torch.equal(sft.state_dict()[k], base.state_dict()[k]) for k in base.state_dict())
 
 
+@pytest.mark.xdist_group("demo")  # with test_demo: the demo model is built once
 def test_the_headline_command_runs_on_8_processes(tmp_path, demo_dir):
     """`torchrun --nproc_per_node 8 raft.py` (the demo, typed exactly so) and its LoRA variant: any number of
     processes that divides the global batch works."""
