@@ -17,7 +17,7 @@ aesthetic predictor as the reward, LoRA fine-tuning; it reports ≈50× less tim
 Stage 0 evaluates the starting model, and every stage is evaluated after its fine-tuning: --eval_images images per
 prompt from noise that is the same every stage (eval_grid.png shows the same seeds changing), mean reward logged.
 
-Where our notes of the paper give nothing, each field's help says where its default comes from: DDIM with eta 0
+Where we found no value in the paper, each field's help says where its default comes from: DDIM with eta 0
 (the kit's choice, not DDPO's, which samples with eta 1.0 and guidance 5.0: with eta 0 an image is a function of its
 noise, so a kept image can be made again from its seed), the LoRA shape and learning rate of diffusers'
 train_text_to_image_lora.py, K and epochs from the paper's LLM runs. The denoising loop is our own 20 lines over
@@ -113,7 +113,7 @@ class DiffusionConfig:
     )
     K: int = field(
         default=8,
-        metadata={"help": "Images per prompt (not in our notes of the paper for diffusion; the LLM runs' smallest K)."},
+        metadata={"help": "Images per prompt (no diffusion value found in the paper; the LLM runs' smallest K)."},
     )
     resolution: int = field(default=256, metadata={"help": "Image height and width (the paper: 256)."})
     steps: int = field(
@@ -158,7 +158,7 @@ class DiffusionConfig:
     )
     lr: float = field(
         default=1e-4,
-        metadata={"help": "AdamW learning rate, constant (diffusers' LoRA script; not in our notes of the paper)."},
+        metadata={"help": "AdamW learning rate, constant (diffusers' LoRA script; no value found in the paper)."},
     )
     epochs: int = field(
         default=2,
