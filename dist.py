@@ -1,5 +1,6 @@
 """The process around the algorithm: who this process is under torchrun, rank-0 printing and progress bars, the few
-collectives the loop needs, the device, phase timing, the metrics logger and the test crash hook.
+collectives the loop needs, the device, phase timing, the metrics logger, the test crash hook and how a torchrun
+worker ends.
 
 A plain `python raft.py` is rank 0 of 1 and every collective here is then a no-op. Imports no kit module.
 """
