@@ -98,7 +98,7 @@ def exit_worker():
     the GIL once the interpreter is shutting down is killed by Python 3.11 and aborts the process ("terminate called
     without an active exception", SIGABRT), now and then on a loaded CPU. Call it last: files are closed by now."""
     if DIST:
-        atexit._run_exitfuncs()  # what a normal exit runs first: reward workers reaped, wandb/tensorboard flushed
+        atexit._run_exitfuncs()  # what a normal exit runs first: math-verify workers reaped, wandb finished
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)
@@ -131,7 +131,14 @@ def make_logger(report_to: str, out_dir: str, config: dict):
         from torch.utils.tensorboard import SummaryWriter
 
         w = SummaryWriter(os.path.join(out_dir, "tensorboard"))
-        return lambda m, step: [w.add_scalar(k, v, step) for k, v in m.items() if isinstance(v, (int, float))]
+
+        def log(m, step):
+            for k, v in m.items():
+                if isinstance(v, (int, float)):
+                    w.add_scalar(k, v, step)
+            w.flush()  # each stage on disk now: the writer registers no exit hook of its own
+
+        return log
     import wandb
 
     wandb.init(project="raft", config=config, dir=out_dir)
