@@ -5,16 +5,18 @@
 # the mean ± std over seeds of the last stage's held-out reward, its gain over stage 0, distinct-2 and KL to the
 # start. Runs are resumable: a finished run (marked by SETTING__s<seed>.done) is skipped, a cut-off one continues
 # (--resume).
-# Environment: SEEDS, OUT (default runs/ablate), PYTHON, RAFT_ARGS (extra arguments for every run, e.g. another
-# --model/--dataset/--reward: the tests run a tiny sweep that way).
+# Environment: SEEDS, OUT (default runs/ablate), PYTHON, SCRIPT (default demo.py; raft.py for your own model) and
+# RAFT_ARGS (extra arguments for every run; with SCRIPT=raft.py your --model/--dataset/--reward: the tests run a
+# tiny sweep that way).
 set -euo pipefail
 cd "$(dirname "$0")"
 SEEDS=${SEEDS:-"1 2 3"}
 OUT=${OUT:-runs/ablate}
 PYTHON=${PYTHON:-python}
+SCRIPT=${SCRIPT:-demo.py}
 RAFT_ARGS=${RAFT_ARGS:-}
 
-run() {  # run NAME SETTING [raft.py arguments...]: one run per seed into $OUT/NAME/SETTING__s<seed>
+run() {  # run NAME SETTING [$SCRIPT arguments...]: one run per seed into $OUT/NAME/SETTING__s<seed>
   local name=$1 setting=$2
   shift 2
   for seed in $SEEDS; do
@@ -23,7 +25,7 @@ run() {  # run NAME SETTING [raft.py arguments...]: one run per seed into $OUT/N
     if [ -f "$dir.done" ]; then echo "ablation $name: $setting, seed $seed: done, skipped"; continue; fi
     echo "ablation $name: $setting, seed $seed -> $dir"
     # shellcheck disable=SC2086  # RAFT_ARGS is a list of words
-    "$PYTHON" raft.py --seed "$seed" --out_dir "$dir" --resume $RAFT_ARGS "$@" >"$dir.log" 2>&1 ||
+    "$PYTHON" "$SCRIPT" --seed "$seed" --out_dir "$dir" --resume $RAFT_ARGS "$@" >"$dir.log" 2>&1 ||
       { echo "failed: see $dir.log"; tail -5 "$dir.log"; exit 1; }
     touch "$dir.done"  # written only after the run ended well: a rerun skips it without starting Python
   done

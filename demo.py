@@ -1,18 +1,20 @@
-"""The offline demos: a synthetic corpus, a tiny Llama pretrained on it once, and a prompt file, so that
-`python raft.py` runs with no hub and no download.
+"""The offline demos: a synthetic corpus, a tiny Llama pretrained on it once, and a prompt file, then raft.py's loop
+on them, with no hub and no download:
 
-- reviews (the default): short movie reviews of mixed sentiment from a small grammar; RAFT then aligns the model
-  toward positive reviews with VADER sentiment as the reward, as the paper's first version aligned GPT-2 on IMDB.
-- arithmetic: two-digit additions "37+45=" whose written answers in pretraining are often wrong (off by ±1 or ±10),
-  some bare ("82"), some worked ("12 7 82": the ones, the tens, the answer; less often wrong), so the right answer
-  is among a prompt's samples but not always first; the reward is the exact answer (0/1) and RAFT keeps every
-  correct sample (--ranking positive). Held-out pass@1 and pass@8 show whether RAFT sharpens what the model could
-  already do (pass@1 rises, pass@8 holds) or teaches something new.
+    python demo.py                      # reviews: a tiny Llama learns to write positive movie reviews (VADER reward)
+    python demo.py --demo arithmetic    # two-digit sums with a 0/1 reward: RAFT keeps every correct sample
+    torchrun --nproc_per_node 8 demo.py # the same on 8 processes (rank 0 builds the model, the others wait)
 
-The model is pretrained with the same fine-tune step as a RAFT stage (raft.py hands it in), on whole texts whose
-prompt is just BOS. This file leaves out anything a real run needs: a real run brings --model, --dataset, --reward.
+- reviews: short movie reviews of mixed sentiment from a small grammar, as the paper's first version aligned GPT-2
+  on IMDB. arithmetic: sums whose pretraining answers are often wrong (off by ±1 or ±10), some written out ("12 7
+  82"), so the right answer is among a prompt's samples but not always first; pass@1 and pass@8 show whether RAFT
+  sharpens what the model could already do (docs/reasoning.md).
+- The model is pretrained with raft.finetune, the fine-tune step of a stage, on whole texts whose prompt is BOS.
+Every other option is raft.py's; the demo's SETTINGS replace the paper's defaults where the command line is silent.
 """
 
+import argparse
+import dataclasses
 import json
 import os
 import random
@@ -20,6 +22,8 @@ import time
 
 import torch
 
+import dist
+import raft
 from data import encode_prompt, save_model_dir, write_jsonl
 from models import build_example
 
@@ -52,11 +56,11 @@ SETTINGS = {
         eval_samples=16,
         pass_k="1,8",
         out_dir="runs/demo_arithmetic",
-        demo_dir="runs/demo_arithmetic_model",
         reward=["reward:exact_number"],
     ),
 }
 DATASET = {"reviews": "prompts.jsonl", "arithmetic": "data"}  # a directory of train.jsonl and test.jsonl
+DEMO_DIR = {"reviews": "runs/demo_model", "arithmetic": "runs/demo_arithmetic_model"}  # built once, then reused
 # pretraining of the arithmetic model: ≈1,560 AdamW steps of 64 pairs in two styles, 70% bare answers ("82", wrong
 # 70% of the time) and 30% worked ones ("12 7 82", wrong 10%); RAFT then keeps the correct samples, more of them worked
 ARITH_PRETRAIN = dict(n=50_000, p_wrong=0.7, p_worked=0.3, p_wrong_worked=0.1, lr=3e-3, epochs=2, batch=64)
@@ -177,20 +181,28 @@ def train_demo_tokenizer(texts: list[str], vocab_size: int = 512):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def apply(cfg, argv: list[str]):
-    """The demo's settings for every option not given on the command line (typed, even at the paper's value)."""
+def raft_args(kind: str, demo_dir: str, argv: list[str]) -> list[str]:
+    """raft.py's arguments for a demo: its model and data, and its SETTINGS for every option argv does not give
+    (an option given wins, even at the paper's default), then argv."""
     given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
-    for k, v in SETTINGS[cfg.demo].items():
+    if "model" in given:
+        raise SystemExit("demo.py runs the offline demo on its own model; run raft.py for --model")
+    args = ["--model", os.path.join(demo_dir, "model")]
+    if "dataset" not in given:
+        args += ["--dataset", os.path.join(demo_dir, DATASET[kind])]
+    for k, v in SETTINGS[kind].items():
         if k not in given:
-            assert hasattr(cfg, k), f"demo setting {k} is not an option"
-            setattr(cfg, k, v)
-    cfg.dataset = cfg.dataset or os.path.join(cfg.demo_dir, DATASET[cfg.demo])
+            args += [f"--{k}", *map(str, v if isinstance(v, list) else [v])]
+    return args + list(argv)
 
 
-def prepare(kind: str, demo_dir: str, finetune) -> tuple[str, str]:
-    """Build once (cached in demo_dir) the demo's tiny Llama and its prompt file; return their paths.
-    finetune(model, examples, **options) is raft.py's fine-tune step with those options changed."""
+def prepare(kind: str, demo_dir: str, cfg) -> tuple[str, str]:
+    """Build once (cached in demo_dir) the demo's tiny Llama and its prompts; return their paths. The pretraining is
+    raft.finetune with cfg's options, some of them changed."""
     from transformers import LlamaForCausalLM
+
+    def finetune(model, examples, **options):
+        return raft.finetune(model, examples, dataclasses.replace(cfg, **options), seed=0, spread=False)
 
     if kind == "arithmetic":
         return prepare_arithmetic(demo_dir, finetune)
@@ -344,3 +356,37 @@ def prepare_arithmetic(demo_dir: str, finetune) -> tuple[str, str]:
         write_jsonl(os.path.join(data_dir, "train.jsonl"), train)
         write_jsonl(os.path.join(data_dir, "test.jsonl"), held)
     return model_dir, data_dir
+
+
+# ---- the command line ---------------------------------------------------------------------------------------------
+def main(argv=None):
+    ap = argparse.ArgumentParser(
+        description="The offline demos: build a tiny model once, then run raft.py on it.",
+        epilog="Every other option is raft.py's (python raft.py --help).",
+        allow_abbrev=False,
+    )
+    ap.add_argument("--demo", choices=tuple(SETTINGS), default="reviews", help="which demo (default: reviews)")
+    ap.add_argument("--demo_dir", help="where its model and prompts are built once (default: " + ", ".join(
+        f"{v} for {k}" for k, v in DEMO_DIR.items()) + ")")  # fmt: skip
+    ours, rest = ap.parse_known_args(argv)
+    demo_dir = ours.demo_dir or DEMO_DIR[ours.demo]
+    args = raft_args(ours.demo, demo_dir, rest)
+    cfg = raft.parse(args)  # every option is checked before the model is built
+    if cfg.dry_run:
+        return raft.main(args)
+    dist.quiet_libraries()
+    own = dist.start(dist.pick_device(cfg.device))
+    if dist.MASTER:  # built once by rank 0; the other ranks wait and read it
+        prepare(ours.demo, demo_dir, cfg)
+    dist.barrier()
+    t0 = time.time()
+    rows = raft.main(args)
+    if dist.MASTER:
+        summary(rows, cfg.out_dir, time.time() - t0)
+    dist.stop(own)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
+    dist.exit_worker()

@@ -5,11 +5,12 @@
   3. fine-tune  SFT of the current model on the kept set (response tokens and EOS; a fresh AdamW every stage)
 Stage 0 evaluates the starting model on held-out prompts; every stage after it is evaluated and saved the same way.
 
-    python raft.py                                      # the offline demo: a tiny Llama learns positive reviews
-    torchrun --nproc_per_node 8 raft.py --model M --reward R --dataset D --bf16   # the paper's 8 GPUs
+    python raft.py --model M --dataset D --reward R                         # one process
+    torchrun --nproc_per_node 8 raft.py --model M --dataset D --reward R --bf16   # the paper's 8 GPUs
 
 Each rank samples and scores its share of the prompts; every rank ranks the whole gathered batch and trains on its
-rows of it. The engines live in sampling.py, models.py and dist.py; docs/how-it-works.md follows this file.
+rows of it. The engines live in sampling.py, models.py and dist.py; docs/how-it-works.md follows this file. The
+offline demo (`python demo.py`) builds a tiny model and calls main() on it; this file knows nothing of it.
 """
 
 import contextlib
@@ -20,14 +21,12 @@ import math
 import os
 import re
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 from transformers import HfArgumentParser
 
-import demo
 import dist
 from data import FORMATS, check_run_dir, completed_stages, prune_models, save_stage, split_prompts, stage_prompts
 from data import PROMPT_TEMPLATE, stop_strings, write_metrics
@@ -64,7 +63,7 @@ class Config:  # defaults are the paper's; docs/options.md has each option's pro
     clip_eps: float = opt(0.2, "RAFT++: the ratio is clipped to [1 − ε, 1 + ε]")
     stages: int = opt(10, "RAFT stages (paper: about 10 to 18, until the reward stops rising)")
     # model, data, reward
-    model: Optional[str] = opt(None, "hub id or path of the causal LM to align; none runs the offline demo")
+    model: Optional[str] = opt(None, "hub id or path of the causal LM to align (python demo.py: the offline demo)")
     dataset: Optional[str] = opt(None, "a .jsonl/.json file or a dataset name with a prompt field")
     dataset_split: str = opt("train", "split (or key of a .json object) with the training prompts")
     prompt_field: str = opt("prompt", "the field that holds the prompt text")
@@ -120,8 +119,6 @@ class Config:  # defaults are the paper's; docs/options.md has each option's pro
     device: str = opt("auto", "auto, cpu or cuda")
     trust_remote_code: bool = opt(False, "allow model repositories to run their own code")
     dry_run: bool = opt(False, "check the options, print the resolved configuration and exit")
-    demo: str = opt("reviews", "which offline demo runs when no --model is given: " + ", ".join(demo.SETTINGS))
-    demo_dir: str = opt("runs/demo_model", "where the demo's model and prompts are built once")
 
 
 RANKINGS = ("local", "global", "random", "positive")
@@ -141,8 +138,7 @@ def validate(cfg: Config, needs_reward=True):
          f"{WORLD} processes; use a multiple of {WORLD}")  # fmt: skip
     need(cfg.micro_batch_size >= 1 and cfg.gen_batch_size >= 1, "--micro_batch_size and --gen_batch_size ≥ 1")
     choices = dict(gen_backend=("fast", "hf", "vllm"), ranking=RANKINGS, loss=("sft", "raftpp"), prompt_format=FORMATS,
-                   finetune_from=("current", "base"), report_to=("none", "tensorboard", "wandb"),
-                   demo=tuple(demo.SETTINGS))  # fmt: skip
+                   finetune_from=("current", "base"), report_to=("none", "tensorboard", "wandb"))  # fmt: skip
     for name, options in choices.items():
         need(getattr(cfg, name) in options, f"--{name} {getattr(cfg, name)!r}: choose one of {options}")
     need(cfg.clip_eps > 0, "--clip_eps must be > 0")
@@ -164,6 +160,7 @@ def validate(cfg: Config, needs_reward=True):
          "where it loads; drop --offload_reward (or load it in bf16)")  # fmt: skip
     need(cfg.keep_last >= 0, "--keep_last must be ≥ 0 (0 keeps every stage's model)")
     need(cfg.lr > 0 and cfg.epochs >= 1 and cfg.stages >= 1, "--lr > 0, --epochs ≥ 1, --stages ≥ 1")
+    need(cfg.model is not None, "--model is required (a hub id or a path); python demo.py runs the offline demo")
     need(cfg.reward or not needs_reward, "--reward is required with --model (file.py:function, module:function or "
          "a reward model)")  # fmt: skip
     need(cfg.dataset is not None, "--dataset is required with --model (a .jsonl file or a dataset name)")
@@ -411,8 +408,6 @@ def run(cfg: Config):
 def parse(argv=None) -> Config:
     argv = sys.argv[1:] if argv is None else list(argv)
     cfg = HfArgumentParser(Config).parse_args_into_dataclasses(args=argv)[0]
-    if cfg.model is None and cfg.demo in demo.SETTINGS:  # the offline demo
-        demo.apply(cfg, argv)
     cfg.out_dir = cfg.out_dir or "runs/raft"
     validate(cfg)
     return cfg
@@ -425,18 +420,8 @@ def main(argv=None):
                            "prompts_per_rank": cfg.prompts_per_stage // WORLD}, indent=1))  # fmt: skip
         return None
     quiet_libraries()
-    own = dist.start(pick_device(cfg.device))
-    is_demo = cfg.model is None
-    if is_demo:
-        if MASTER:  # built once by rank 0; the other ranks wait and read it
-            pretrain = lambda m, ex, **kw: finetune(m, ex, dataclasses.replace(cfg, **kw), seed=0, spread=False)  # noqa: E731
-            demo.prepare(cfg.demo, cfg.demo_dir, pretrain)
-        barrier()
-        cfg.model = os.path.join(cfg.demo_dir, "model")
-    t0 = time.time()
+    own = dist.start(pick_device(cfg.device))  # False under demo.py, which started it
     rows, _ = run(cfg)
-    if is_demo and MASTER:
-        demo.summary(rows, cfg.out_dir, time.time() - t0)
     print0(f"outputs: {os.path.abspath(cfg.out_dir)} (metrics.jsonl, reward_curve.png, stage_XXXX/)")
     dist.stop(own)
     return rows

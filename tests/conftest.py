@@ -136,14 +136,10 @@ def docs_text() -> str:
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
     """The reviews demo's model and prompts, built once for the tests that run the demo (the same code as
-    `python raft.py` runs the first time)."""
-    import dataclasses
-
+    `python demo.py` runs the first time)."""
     import demo
     import raft
 
     d = str(tmp_path_factory.mktemp("demo_model"))
-    cfg = raft.parse(["--demo_dir", d])
-    demo.prepare("reviews", d, lambda m, ex, **kw: raft.finetune(m, ex, dataclasses.replace(cfg, **kw), seed=0,
-                                                                 spread=False))  # fmt: skip
+    demo.prepare("reviews", d, raft.parse(demo.raft_args("reviews", d, [])))
     return d

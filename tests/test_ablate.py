@@ -12,7 +12,8 @@ def test_tiny_sweep_runs_every_setting_and_seed_once(tiny_lm, prompts_file, tmp_
     args = tiny_args(tiny_lm, prompts_file, "unused", "--stages", "1")
     i = args.index("--out_dir")
     raft_args = " ".join(args[:i] + args[i + 2 :])
-    env = {**os.environ, "SEEDS": "1 2", "OUT": str(tmp_path), "RAFT_ARGS": raft_args, "TQDM_DISABLE": "1"}
+    env = {**os.environ, "SEEDS": "1 2", "OUT": str(tmp_path), "RAFT_ARGS": raft_args, "SCRIPT": "raft.py",
+           "TQDM_DISABLE": "1"}  # fmt: skip
     out = subprocess.run(
         ["bash", "ablate.sh", "finetune_from"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )

@@ -1,4 +1,4 @@
-"""The offline demo, run as a user runs it (`python raft.py`, a subprocess), meets its bar: held-out VADER
+"""The offline demo, run as a user runs it (`python demo.py`, a subprocess), meets its bar: held-out VADER
 reward up by ≥ 0.3, distinct-2 ≥ 70% of its stage-0 value, samples and outputs printed, the curve written,
 no library progress bars on the console."""
 
@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_demo_learns_offline(tmp_path, demo_dir):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     out = subprocess.run(
-        [sys.executable, "raft.py", "--demo_dir", demo_dir, "--out_dir", str(tmp_path / "demo")],
+        [sys.executable, "demo.py", "--demo_dir", demo_dir, "--out_dir", str(tmp_path / "demo")],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -35,7 +35,7 @@ def test_demo_learns_offline(tmp_path, demo_dir):
     # a second run reuses the prepared model instead of pretraining again; without TQDM_DISABLE its console holds
     # the kit's lines and no library progress bars (transformers' "Loading weights", "Writing model shards")
     quiet = {k: v for k, v in env.items() if k != "TQDM_DISABLE"}
-    args = [sys.executable, "raft.py", "--demo_dir", demo_dir, "--out_dir", str(tmp_path / "demo2"), "--stages", "1"]
+    args = [sys.executable, "demo.py", "--demo_dir", demo_dir, "--out_dir", str(tmp_path / "demo2"), "--stages", "1"]
     again = subprocess.run(args, cwd=ROOT, env=quiet, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "building the starting model" not in again.stdout, again.stderr[-3000:]
     both = again.stdout + again.stderr
@@ -58,11 +58,11 @@ def test_eval_cli_text_metrics(tmp_path):
 
 
 def test_arithmetic_demo_raises_pass_at_1_by_a_fifth(tmp_path):
-    """`python raft.py --demo arithmetic`, model building included: held-out pass@1 rises by at least 0.2 (the
+    """`python demo.py --demo arithmetic`, model building included: held-out pass@1 rises by at least 0.2 (the
     demo's bar), pass@8 is reported beside it, and RAFT kept every correct sample (--ranking positive)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     out = subprocess.run(
-        [sys.executable, "raft.py", "--demo", "arithmetic", "--demo_dir", str(tmp_path / "m"), "--out_dir",
+        [sys.executable, "demo.py", "--demo", "arithmetic", "--demo_dir", str(tmp_path / "m"), "--out_dir",
          str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]

@@ -201,17 +201,33 @@ def test_micro_batch_size_is_a_per_process_cap_not_a_divisor(tiny_lm, prompts_fi
 
 
 def test_the_demo_never_overrides_an_option_given_on_the_command_line():
-    assert raft.parse([]).micro_batch_size == 16  # the demo's value where nothing was given
-    assert raft.parse(["--micro_batch_size", "8"]).micro_batch_size == 8  # the paper's default, typed: kept
-    assert raft.parse(["--micro_batch_size=8", "--K", "8"]).micro_batch_size == 8
-    assert raft.parse(["--lr", "2e-5"]).lr == 2e-5 and raft.parse([]).lr == 1e-4
+    import demo
+
+    def parse(argv, kind="reviews"):
+        return raft.parse(demo.raft_args(kind, "d", argv))
+
+    assert parse([]).micro_batch_size == 16  # the demo's value where nothing was given
+    assert parse(["--micro_batch_size", "8"]).micro_batch_size == 8  # the paper's default, typed: kept
+    assert parse(["--micro_batch_size=8", "--K", "8"]).micro_batch_size == 8
+    assert parse(["--lr", "2e-5"]).lr == 2e-5 and parse([]).lr == 1e-4
+    assert parse([]).reward == ["reward:vader_sentiment"] and parse(["--reward", "r.py:f"]).reward == ["r.py:f"]
+    arith = parse([], "arithmetic")
+    assert (arith.ranking, arith.pass_k, arith.eval_split, arith.dataset) == ("positive", "1,8", "test", "d/data")
+    with pytest.raises(SystemExit, match="run raft.py for --model"):
+        parse(["--model", "m"])
+
+
+def test_raft_py_without_a_model_says_how_to_run_the_demo(prompts_file):
+    with pytest.raises(SystemExit, match="--model is required.*python demo.py"):
+        raft.parse(["--dataset", prompts_file, "--reward", "r.py:f"])
 
 
 def test_every_entry_point_prints_its_help():
     import subprocess
     import sys
 
-    scripts = ["raft.py", "sft.py", "eval.py", "diffusion.py", "bench.py"]  # started together: they mostly import
+    # started together: they mostly import
+    scripts = ["raft.py", "demo.py", "sft.py", "eval.py", "diffusion.py", "bench.py"]
     procs = {s: subprocess.Popen([sys.executable, os.path.join(os.path.dirname(HERE), s), "--help"], text=True,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for s in scripts}  # fmt: skip
     for script, p in procs.items():

@@ -244,12 +244,18 @@ def test_sft_only_under_torchrun_saves_a_full_model(tiny_lm, tmp_path):
 
 @pytest.mark.xdist_group("demo")  # with test_demo: the demo model is built once
 def test_the_headline_command_runs_on_8_processes(tmp_path, demo_dir):
-    """`torchrun --nproc_per_node 8 raft.py` (the demo, typed exactly so) and its LoRA variant: any number of
-    processes that divides the global batch works."""
-    raft_py = os.path.join(os.path.dirname(HERE), "raft.py")
-    for mode, extra in [("full", []), ("lora", ["--lora_r", "8"])]:
-        out = torchrun(["--stages", "1", "--demo_dir", demo_dir, "--out_dir",
-                        str(tmp_path / mode), *extra], script=raft_py, nproc=8)  # fmt: skip
+    """`torchrun --nproc_per_node 8 demo.py` (the demo, typed so), and `torchrun --nproc_per_node 8 raft.py` with the
+    demo's model, data and settings under LoRA: any number of processes that divides the global batch works."""
+    import demo
+
+    root = os.path.dirname(HERE)
+    for mode, script in [("full", "demo.py"), ("lora", "raft.py")]:
+        args = ["--stages", "1", "--out_dir", str(tmp_path / mode)]
+        if script == "demo.py":
+            args += ["--demo_dir", demo_dir]
+        else:
+            args = demo.raft_args("reviews", demo_dir, [*args, "--lora_r", "8"])
+        out = torchrun(args, script=os.path.join(root, script), nproc=8)
         rows = [json.loads(line) for line in open(tmp_path / mode / "metrics.jsonl")]
         assert [r["stage"] for r in rows] == [0, 1] and rows[1]["n_selected"] == 64, out.stdout[-2000:]
         assert out.stdout.count("stage   1 |") == 1  # printed once, by rank 0

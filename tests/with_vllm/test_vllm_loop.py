@@ -1,6 +1,6 @@
-"""raft.py with --gen_backend vllm, run as a user runs it (a subprocess): the demo learns; after a stage the engine
-samples from the new weights (full fine-tuning pushes them, LoRA hands over the adapters); a killed run resumes to
-the same result as an uninterrupted one. Runs only in the vLLM environment (.ci/vllm)."""
+"""--gen_backend vllm, run as a user runs it (a subprocess): the demo (demo.py) learns; after a stage of raft.py the
+engine samples from the new weights (full fine-tuning pushes them, LoRA hands over the adapters); a killed run
+resumes to the same result as an uninterrupted one. Runs only in the vLLM environment (.ci/vllm)."""
 
 import json
 import os
@@ -16,8 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 ENV = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def raft_py(*args, env=None, ok=True):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "raft.py"), *args], cwd=ROOT, env={**ENV, **(env or {})},
+def raft_py(*args, env=None, ok=True, script="raft.py"):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env={**ENV, **(env or {})},
                          capture_output=True, text=True, timeout=900)  # fmt: skip
     assert (out.returncode == 0) == ok, out.stdout[-2000:] + out.stderr[-3000:]
     return out
@@ -35,9 +35,8 @@ def tiny(tmp_path_factory):
 
 
 def test_the_demo_learns_with_vllm(tmp_path):
-    raft_py(
-        "--gen_backend", "vllm", "--stages", "3", "--demo_dir", str(tmp_path / "m"), "--out_dir", str(tmp_path / "r")
-    )
+    dirs = ["--demo_dir", str(tmp_path / "m"), "--out_dir", str(tmp_path / "r")]
+    raft_py("--gen_backend", "vllm", "--stages", "3", *dirs, script="demo.py")
     curve = [r["eval_reward_mean"] for r in rows(tmp_path / "r")]
     assert curve[-1] > curve[0] + 0.15, curve
 
