@@ -1,21 +1,10 @@
 """Data in and out: prompts from files and datasets, text to token ids, the held-out split, and the run directory.
 
-- `load_rows` reads a .jsonl file (one split), a .json file (a list, or an object of splits), a directory of
-  <split>.jsonl files or a hub dataset; a malformed line is a one-line error naming the file and line.
-- `format_prompts` turns rows into records: `prompt` (what the policy sees), `reward_prompt` (what a reward sees)
-  and any response fields asked for. Formats: raw (the prompt as it is), hh (an HH-RLHF conversation written as
-  the paper's `###Human: q###Assistant:` text; rows with no human text are skipped and counted), auto (hh for rows
-  with HH-RLHF's chosen and rejected fields). --chat_template renders the turns with the tokenizer's template for
-  the policy, while rewards still see the text they were trained on. For reasoning: gsm8k (GSM8K's `question`, and
-  its `answer` whose final value follows `####`) and math (MATH-500's `problem` and `answer`) put the problem into
-  the prompt template (PROMPT_TEMPLATE: reason step by step, final answer in \boxed{}) and the gold answer into the
-  record's `answer`; auto picks them by those fields. Every record carries `columns`: the row's other string and
-  number fields (with the extracted `answer`), which rewards may take (reward.py).
-- `usable_prompts` and `held_out`: the prompts a run can use (no duplicates, short enough) and the held-out draw
-  that raft.py and eval.py share, so both evaluate on the same prompts.
-- The run directory: every file and stage directory is written aside, fsynced and renamed, so after a crash or a
-  power cut a stage directory that exists is complete and --resume continues after it.
-Imports no kit module.
+`load_prompts` reads rows (`load_rows`) and turns them into records (`format_prompts`): `prompt` (what the policy
+sees), `reward_prompt` (what a reward sees) and `columns` (the row's fields a reward may take), in the format that
+--prompt_format names (raw, hh, gsm8k, math, or auto by the rows' fields). `usable_prompts` and `held_out` give the
+prompts a run uses and the held-out draw that raft.py and eval.py share. Every file and stage directory is written
+aside, fsynced and renamed. Sampling, scoring and training are other files' work. Imports no kit module.
 """
 
 import dataclasses
@@ -156,13 +145,13 @@ def format_prompts(
     name: str = "--dataset",
     template: str = PROMPT_TEMPLATE,
 ) -> tuple[list[dict], str]:
-    """Records {row, prompt, reward_prompt, columns, <response fields>} (gsm8k and math: and the gold `answer`) of
-    the usable rows, and the resolved format. len(rows) - len(records) rows were skipped (hh: no human text or a
-    blank response). gsm8k and math read the problem from question / problem while `field` is the default prompt,
-    and write it into `template` at {question}."""
+    """(records, resolved format): per usable row {row, prompt, reward_prompt, columns, <response fields>}, and for
+    gsm8k and math the gold `answer`. hh rows with no human text or a blank response are skipped (the caller counts
+    len(rows) - len(records)). Raises SystemExit with a one-line reason: a bad row, no usable row, a `template`
+    without {question}, or --chat_template with a tokenizer that has none."""
     fmt = resolve_format(prompt_format, rows)
     if fmt in PROBLEM_FIELD:
-        field = PROBLEM_FIELD[fmt] if field == "prompt" else field
+        field = PROBLEM_FIELD[fmt] if field == "prompt" else field  # a --prompt_field given by name wins
         if "{question}" not in template:
             raise SystemExit(f"--prompt_template {template!r} has no {{question}}, where the problem goes; add it")
     if chat_template and (tok is None or not getattr(tok, "chat_template", None)):

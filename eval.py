@@ -6,12 +6,9 @@ reward plot, and the paper's Table 3 for any set of models.
     python eval.py --responses FILE.jsonl --pass_k 1,4                           # and pass@k, maj@n per prompt
     python eval.py --sweep runs/ablate/k                                         # an ablate.sh sweep's table
 
-For rule-checked rewards (a response is correct when its reward is >= 1.0): `pass_at_k` (Chen et al. 2021's unbiased
-estimator), `pass_at_k_table` over responses grouped by prompt, `maj_at_n` (majority vote over the extracted final
-answers, `extract_answer`).
-
-Table 3's prompts are the held-out prompts raft.py draws (data.held_out) for the same --dataset, split, seed and
---eval_prompts; every model samples with the same random numbers. Metric definitions: docs/metrics.md.
+Table 3's prompts are raft.py's held-out draw (data.held_out) for the same --dataset, split, seed and --eval_prompts,
+and every model samples with the same random numbers. pass@k and maj@n count a response correct when its reward is
+at least 1. Definitions: docs/metrics.md. Imports raft.py's modules, never raft.py itself.
 """
 
 import argparse

@@ -1,29 +1,11 @@
-"""Fast sampling for RAFT's step 1: K responses for each of many prompts, from any transformers causal LM whose
-attention runs through transformers' AttentionInterface (Llama, Mistral, Qwen2/3, Phi-3, ...; LoRA and 8-bit too).
-
-Why not `model.generate`: plain HF generation reached 2–8% of an H100's compute roofline (measured before the kit
-had its own sampler). RAFT's sample step is a special workload, K samples of the same prompt, and that is what
-this exploits:
-
-  1. Prefill each prompt once, not K times. Its keys/values are kept once per prompt, [B, Hkv, Lp, D], and all K
-     of its samples attend to them: no K-fold prefill compute, no K-fold copy of the prompt's cache.
-  2. Decode N = B·K rows one token per step. A step's new keys/values go into a preallocated buffer
-     [N, Hkv, S, D] at slot t; each row attends to [its prompt's prefix ‖ its own slots 0..t] in one softmax.
-  3. On CUDA the whole decode step (the model's forward + sampling + EOS bookkeeping) is captured once as a CUDA
-     graph and replayed every step: no Python, no kernel-launch overhead per step. Prompts are length-sorted and
-     the prefix length is rounded up to a bucket, so one capture serves many batches.
-  4. Sampling runs inside the step, as HF's warpers do it (temperature, then top_k, then top_p), and draws the
-     token by the exponential race argmax(p / E), E ~ Exp(1): an exact categorical sample with no host sync.
-
-It hooks in as a registered attention function ("raft_kv") that the model's own attention modules call, so the
-projections, RoPE, norms, LoRA adapters and 8-bit layers stay the model's code. Tested (greedy = model.generate):
-Llama, Qwen2, Qwen3, Phi-3, Gemma, Gemma-3, GPT-NeoX, GPT-2, OPT, Mistral with a window longer than the sequence.
-A model whose attention needs what this does not implement (a sliding window shorter than the sequence,
-logit soft-capping, attention sinks) raises
-`Unsupported` at the first prefill, before any sampling; sampling.py then falls back to `model.generate`.
-
-Greedy decoding gives the tokens `model.generate` gives (tests/test_fastgen.py, fp32 on CPU); sampling follows
-the same distribution (tested against HF's warpers on a tiny vocabulary).
+"""Fast sampling for RAFT's step 1, K responses per prompt, from any transformers causal LM whose attention runs
+through AttentionInterface (LoRA and 8-bit too). It beats `model.generate` on this workload by prefilling each
+prompt once for all K samples, decoding into a preallocated per-row cache, replaying each decode step as one CUDA
+graph on a GPU, and sampling inside the step with no host sync. It plugs in as the attention function "raft_kv", so
+the rest of the forward stays the model's own code; greedy decoding gives `model.generate`'s tokens. Left out:
+sliding windows shorter than the sequence, soft-capping and attention sinks (such a model raises `Unsupported` at
+the first prefill, before any sampling, and sampling.py falls back to `model.generate`), and early stops at stop
+strings. Why and how, and what is tested: docs/speed.md.
 """
 
 import contextlib

