@@ -1,57 +1,17 @@
 """Benchmarks of RAFT's three phases: the kit's code path against plain-HF baselines on the same inputs.
 
+Generation, reward scoring and fine-tuning each run the kit's way and the plain-HF way; each row prints tokens/s, its
+fraction of the compute roofline (model FLOPs over the measured matmul rate), the speed-up over each baseline and its
+peak memory. --phase stage / diffusion times one raft.py / diffusion.py stage per phase (--raft_args: raft.py options,
+such as a memory mode); --phase memory computes, not measures, GPU memory per memory mode. Left out: real weights
+(random weights of Llama or SD-1.5 shapes, no hub access; speed and memory do not depend on them), activations in the
+computed memory, runs of more than one process, and any pass/fail on speed. Each row's workload, baselines and FLOP
+count: docs/speed.md; measured numbers: BENCHMARKS.md.
+
     python bench.py --shape tiny --phase all          # CPU, seconds: the smoke test (tests/test_bench.py)
     python bench.py --shape 1b --phase all            # one GPU: Llama-3.2-1B shape (1.5B parameters)
-    python bench.py --shape 7b --phase generate       # LLaMA-7B shape
     python bench.py --shape 1b --phase stage          # one RAFT stage end to end (b=256, K=8), time per phase
-    python bench.py --shape 7b --reward_shape 3b --phase stage --prompts 64 \
-        --raft_args "--load_in_8bit --lora_r 16 --gradient_checkpointing"   # a memory mode: peak GiB per phase
-    torchrun --nproc_per_node 1 bench.py --shape 1b --phase stage --raft_args "--lora_r 16"   # DDP / FSDP2 path
-    python bench.py --shape sd15 --phase diffusion    # one diffusion.py stage, SD-1.5 shapes at 256×256
     python bench.py --shape 7b --reward_shape 3b --phase memory --gen_batch_size 8   # computed GB per memory mode
-
-Random-weight Llama-shaped models (no hub access; speed and memory do not depend on the weights). Each row prints
-tokens/s, its fraction of the compute roofline, the speed-up over each baseline and the peak memory of that row.
-
-"of roofline" is model FLOPs per second over the measured dense matmul rate in the compute dtype (best of several
-runs over about a second). Model FLOPs are the work the phase needs, the same for every variant of a phase, not the
-FLOPs a variant happens to execute (padding, logits no loss reads and re-done prefills earn nothing). They count only
-the parameters that do matmuls, N: the linear layers and the LM head (or score head), not the input embedding (a
-lookup), norms or attention scores; 2 FLOPs per parameter per token forward, 6 for a training step.
-  generate: 2·N per new token (the prompts' prefill is not counted);  score: 2·N per text token;
-  train: 6·N_body per real token + 6·N_head per labelled token. An SFT loss needs logits only where a label is: the
-  kit's finetune runs the LM head on those positions only (which is what it executes, less its packing's padding);
-  the baseline executes more (the head on every position, padding included) for the same model FLOPs.
-
-- generate: b prompts of --prompt_len random tokens, K samples each, forced to exactly --new_tokens new tokens
-  (no EOS) at temperature 1, top_k 0, top_p 1 (the paper's sampling). Baselines: `hf-1`, model.generate with one
-  prompt (K rows) per call, as the authors' LMFlow code did (timed on --hf1_prompts prompts: it is slow); `hf-B`,
-  model.generate with --gen_batch_size prompts × K rows per call (the best plain-HF figure measured). The kit:
-  fastgen.sample (raft.py --gen_backend fast), CUDA-graph captures included in its time. Also a greedy check:
-  the share of identical tokens between fastgen and model.generate on the same prompts, both stopping at EOS
-  (1.0 on CPU in fp32).
-- score: b·K texts of --prompt_len + a random response length, scored by a sequence-classification model of
-  --reward_shape (default: the policy's shape) with reward.score_ids (length-sorted batches, bf16); baseline: one
-  text per forward pass, as LMFlow did.
-- train: raft.finetune (one epoch) on b (prompt, response) rows; tokens/s counts every real, non-padding token;
-  baseline: right-padded micro-batches through the model's own loss (labels=...), the usual HF SFT step. Each
-  variant runs once on one batch before it is timed (kernels, allocator, cuBLAS), so no one-time cost lands on
-  whichever runs first.
-- stage / diffusion: one stage of raft.py / diffusion.py on random weights saved to a temporary directory (a
-  word-level tokenizer for the LM; the byte-level ByT5 tokenizer for SD), seconds and (GPU) peak GiB per phase.
-  stage: --bf16 on a GPU; the reward is a word count unless --reward_shape is given, then a random
-  sequence-classification model of that shape (the paper's 3B reward: --reward_shape 3b); --raft_args adds raft.py
-  options (a memory mode, --gen_batch_size, ...); under `torchrun --nproc_per_node 1` the stage runs through the
-  DDP (LoRA) / FSDP2 (full) engines, as on 8 GPUs. diffusion: the
-  paper's setup (10 CIFAR-10 prompts, K=8, 50 DDIM steps, guidance 7.5, 256×256, LoRA) with the offline
-  `brightness` reward standing in for the aesthetic model; --shape tiny: a toy UNet at 32×32, 4 steps.
-- memory: computed, not measured (any shape, on a CPU in seconds, from meta-device models): per memory mode, the
-  resident weights, what training adds (grads, AdamW states), the larger of training's two transients (AdamW's
-  foreach step allocates a 4-byte temporary per trained parameter; between forward and backward autocast holds a
-  bf16 copy of the fp32 weights it computed with, 2 bytes per matmul parameter, or FSDP2 the gathered bf16 weights
-  of its root group and one layer), a sampling-time copy (--gen_dequantized's bf16 copy, the gathered FSDP2
-  weights, autocast's bf16 copy of fp32 master weights), fastgen's KV cache for --gen_batch_size × K rows and the
-  reward model; activations excluded. tests/test_bench.py checks the counts and the KV bytes against real models.
 """
 
 import argparse

@@ -1,29 +1,11 @@
-"""RAFT for diffusion models (Dong et al., TMLR 2023, arXiv 2304.06767): raft.py's loop on a text-to-image latent
-diffusion model in the Stable Diffusion layout (unet/, vae/, text_encoder/, tokenizer/, scheduler/).
-
-The paper's setup: Stable Diffusion 1.5 at 256×256, the 10 CIFAR-10 class names as prompts, LAION's CLIP-based
-aesthetic predictor as the reward, LoRA fine-tuning; it reports ≈50× less time than DDPO. Each stage t = 1..stages:
-  1. Sample    the next b = --prompts_per_stage prompts of a shuffled stream over the prompts (data.stage_prompts; a b
-               larger than the prompt set repeats prompts within a stage); K = --K images each: DDIM (eta 0), --steps
-               steps, classifier-free guidance --guidance, each image from its own initial noise seeded by (--seed,
-               t, position in the batch, k), so any kept image can be made again from kept.jsonl.
-  2. Rank      score every (prompt, image) with --reward; keep the best image per prompt (--ranking local, the
-               paper), the top b of all b·K (global) or a random one (the control), with raft.select. An image with
-               a NaN/inf reward is never kept.
-  3. Fine-tune LoRA adapters on the UNet's attention projections, everything else frozen, on the kept images
-               (encoded by the VAE) with their prompts (encoded by the text encoder): the standard denoising loss, MSE
-               to the noise (or to v for a v-prediction scheduler) at uniform random timesteps; AdamW, a fresh
-               optimizer every stage (as raft.py); the adapters carry over from stage to stage.
-Stage 0 evaluates the starting model, and every stage is evaluated after its fine-tuning: --eval_images images per
-prompt from noise that is the same every stage (eval_grid.png shows the same seeds changing), mean reward logged.
-
-Where we found no value in the paper, each field's help says where its default comes from: DDIM with eta 0
-(the kit's choice, not DDPO's, which samples with eta 1.0 and guidance 5.0: with eta 0 an image is a function of its
-noise, so a kept image can be made again from its seed), the LoRA shape and learning rate of diffusers'
-train_text_to_image_lora.py, K and epochs from the paper's LLM runs. The denoising loop is our own 20 lines over
-diffusers' UNet, VAE and scheduler rather than StableDiffusionPipeline.__call__: sampling and training share one text
-encoding, every image of a batch gets its own seeded noise, and no safety checker or feature extractor is needed.
-One process (no torchrun), no --resume. Time per stage on a GPU is not yet measured.
+"""RAFT for diffusion models: raft.py's loop on a text-to-image model in the Stable Diffusion layout (unet/, vae/,
+text_encoder/, tokenizer/, scheduler/). Each stage samples K images per prompt with DDIM (eta 0, each image from its
+own seeded noise), ranks them by an image reward with raft.select (by default the best per prompt, as in the paper),
+and fine-tunes LoRA adapters on the UNet's attention projections on the kept images; the starting model and every
+stage are scored on the same eval noise. The denoising loop is our own over diffusers' UNet, VAE and scheduler, not
+StableDiffusionPipeline.
+Left out: one process only (no torchrun) and no --resume; GPU time per stage is not measured yet.
+docs/diffusion.md has the details: the paper's setup, where each default comes from, rewards, outputs, the demo.
 
     python diffusion.py      # offline demo: a tiny SD-shaped model learns brighter images (README)
     python diffusion.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --reward aesthetic \\
@@ -712,13 +694,9 @@ def demo_captions(n: int) -> list[str]:
 
 
 def prepare_demo(demo_dir: str) -> str:
-    """Build once (cached in demo_dir) a tiny SD-shaped model from configs and pretrain it on synthetic images, as
-    raft.py's demo pretrains its Llama: smooth random 32×32 images (a 4×4 colour field, upsampled, at a random
-    overall brightness). The byte-level ByT5 tokenizer (needs no files) and a random CLIP text encoder; a VAE
-    trained 60 steps to reconstruct the images (a random VAE is no autoencoder: the kept images, encoded again, would
-    give latents unrelated to those that made them); a UNet trained 150 steps on them with `finetune`, captioned by
-    `demo_captions` (the CIFAR-10 names, one in ten empty: SD's recipe for guidance); SD 1.5's noise schedule under
-    DDIM."""
+    """Build once (cached in demo_dir) a tiny SD-shaped model from configs and pretrain it on synthetic 32×32 images,
+    as demo.py pretrains its Llama: the VAE as an autoencoder, then the UNet with `finetune` on captions from
+    `demo_captions`; the CLIP text encoder stays random. Returns demo_dir."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import ByT5Tokenizer, CLIPTextConfig, CLIPTextModel
 
@@ -726,7 +704,7 @@ def prepare_demo(demo_dir: str) -> str:
         return demo_dir
     t0 = time.time()
     torch.manual_seed(0)
-    tok = ByT5Tokenizer()
+    tok = ByT5Tokenizer()  # byte-level: needs no files
     text = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=len(tok),
@@ -761,10 +739,12 @@ def prepare_demo(demo_dir: str) -> str:
     )
     gen = torch.Generator().manual_seed(0)
 
-    def smooth_images(n):  # [n, 3, 32, 32] in [-1, 1]
+    def smooth_images(n):  # [n, 3, 32, 32] in [-1, 1]: a random 4×4 colour field, upsampled, at a random brightness
         x = F.interpolate(torch.rand(n, 3, 4, 4, generator=gen) * 2 - 1, size=32, mode="bilinear")
         return (0.5 * x + torch.rand(n, 1, 1, 1, generator=gen) * 1.6 - 0.8).clamp(-1, 1)
 
+    # a random VAE is no autoencoder: the kept images, encoded again, would give latents unrelated to those that made
+    # them, and nothing would be learned
     opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
     for _ in range(60):
         x = smooth_images(16)
@@ -775,7 +755,7 @@ def prepare_demo(demo_dir: str) -> str:
     with torch.no_grad():  # SD's convention: latents × scaling_factor have unit variance (0.18215 for SD's VAE)
         vae.register_to_config(scaling_factor=1 / vae.encode(smooth_images(64)).latent_dist.mean.std().item())
     vae.requires_grad_(False).eval()
-    sched = sd15_scheduler()
+    sched = sd15_scheduler()  # SD 1.5's noise schedule under DDIM
     sd = SimpleNamespace(
         tok=tok,
         text=text,
