@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 from transformers import HfArgumentParser
 
 from data import completed_stages, load_prompts, write_jsonl, write_metrics, write_text
-from eval import plot_rewards
+from metrics import plot_rewards
 from dist import phase, pick_device
 from data import stage_prompts
 from raft import RANKINGS, select

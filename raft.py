@@ -32,7 +32,7 @@ from data import FORMATS, check_run_dir, completed_stages, prune_models, save_st
 from data import PROMPT_TEMPLATE, stop_strings, write_metrics
 from dist import DIST, MASTER, RANK, WORLD, bar, barrier, crash_point, gather, make_logger, phase, pick_device, print0
 from dist import quiet_libraries, shard
-from eval import evaluate, plot_rewards, score_samples, stage_line
+from metrics import evaluate, plot_rewards, score_samples, stage_line
 from models import example, fsdp_modules, full_state_dict, load_generator, load_policy, sampling_policy, token_logprobs
 from models import example_major, load_tokenizer, make_kl, release, restore, retokenize, save_merged, trainable_state
 from reward import load_rewards, parse_weights

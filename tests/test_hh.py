@@ -13,6 +13,7 @@ from conftest import docs_text, make_tiny_rm
 from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer
 
 import eval as ev
+import metrics
 import raft
 import sampling
 import sft
@@ -98,16 +99,16 @@ def test_encode_pair_gives_the_tokens_a_model_generates_after_the_prompt():
 
 
 def test_text_metrics_by_hand():
-    assert ev.tokenize("Don't STOP!!") == ["don", "'", "t", "stop", "!", "!"]
-    toks = [ev.tokenize("a a b"), ev.tokenize("c b d")]
+    assert metrics.tokenize("Don't STOP!!") == ["don", "'", "t", "stop", "!", "!"]
+    toks = [metrics.tokenize("a a b"), metrics.tokenize("c b d")]
     # unigrams a×2 b×2 c d: 6 tokens, 4 distinct, 2 seen once; bigrams (a,a) (a,b) | (c,b) (b,d): none crosses
-    assert ev.distinct_n(toks, 1) == pytest.approx(4 / 6) and ev.unique_n(toks, 1) == 2
-    assert ev.distinct_n(toks, 2) == 1.0 and ev.unique_n(toks, 2) == 4
+    assert metrics.distinct_n(toks, 1) == pytest.approx(4 / 6) and metrics.unique_n(toks, 1) == 2
+    assert metrics.distinct_n(toks, 2) == 1.0 and metrics.unique_n(toks, 2) == 4
     words = [[f"w{i}" for i in range(100)], ["x"] * 100, [f"y{i}" for i in range(50)]]
     # segments: 100 types / 100 = 1.0, then 1 / 100 = 0.01; the last 50 tokens are not a full segment: dropped
-    assert ev.msttr(words) == pytest.approx((1.0 + 0.01) / 2)
-    assert ev.msttr([["a"] * 99]) == 0.0
-    m = ev.text_metrics(["The cat.", "A dog barks"])
+    assert metrics.msttr(words) == pytest.approx((1.0 + 0.01) / 2)
+    assert metrics.msttr([["a"] * 99]) == 0.0
+    m = metrics.text_metrics(["The cat.", "A dog barks"])
     assert m["mean_length"] == 3.0 and m["unique_1"] == 6
 
 

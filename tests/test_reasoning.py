@@ -13,6 +13,7 @@ import pytest
 from transformers import ByT5Tokenizer
 
 import eval as ev
+import metrics as mt
 import reward
 from data import PROMPT_TEMPLATE, format_prompts, load_prompts, load_rows, resolve_format
 from reward import exact_number, load_rewards, math_verify, reward_columns, verify_answers
@@ -177,18 +178,18 @@ def test_math_verify_works_in_a_thread_and_bounds_a_pathological_response(monkey
 
 # ---- pass@k and majority vote --------------------------------------------------------------------------------
 def test_pass_at_k_by_hand_and_by_enumeration():
-    assert ev.pass_at_k(4, 1, 1) == pytest.approx(0.25)
-    assert ev.pass_at_k(4, 1, 2) == pytest.approx(0.5)
-    assert ev.pass_at_k(4, 1, 4) == 1.0 and ev.pass_at_k(4, 0, 4) == 0.0 and ev.pass_at_k(4, 4, 1) == 1.0
-    assert ev.pass_at_k(5, 2, 2) == pytest.approx(0.7)  # 1 - C(3,2)/C(5,2) = 1 - 3/10
+    assert mt.pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert mt.pass_at_k(4, 1, 2) == pytest.approx(0.5)
+    assert mt.pass_at_k(4, 1, 4) == 1.0 and mt.pass_at_k(4, 0, 4) == 0.0 and mt.pass_at_k(4, 4, 1) == 1.0
+    assert mt.pass_at_k(5, 2, 2) == pytest.approx(0.7)  # 1 - C(3,2)/C(5,2) = 1 - 3/10
     for n in range(1, 8):
         for c in range(n + 1):
             for k in range(1, n + 1):  # the share of k-subsets of n samples that hold a correct one
                 subsets = list(itertools.combinations([True] * c + [False] * (n - c), k))
-                assert ev.pass_at_k(n, c, k) == pytest.approx(sum(map(any, subsets)) / len(subsets), abs=1e-12)
-    assert 0 < ev.pass_at_k(2000, 3, 1000) < 1 and math.isfinite(ev.pass_at_k(2000, 3, 1000))  # no C(2000, 1000)
+                assert mt.pass_at_k(n, c, k) == pytest.approx(sum(map(any, subsets)) / len(subsets), abs=1e-12)
+    assert 0 < mt.pass_at_k(2000, 3, 1000) < 1 and math.isfinite(mt.pass_at_k(2000, 3, 1000))  # no C(2000, 1000)
     with pytest.raises(SystemExit, match="pass@5"):
-        ev.pass_at_k(4, 1, 5)
+        mt.pass_at_k(4, 1, 5)
 
 
 def rows_of(groups):
@@ -203,22 +204,22 @@ def test_pass_at_k_table_and_majority_vote_by_hand():
         "c": [("no idea", 0.0), ("none", float("nan")), ("?", 0.0), (r"\boxed{9}", 1.0)],  # one answer: 9, right
         "d": [("hmm", 0.0), ("no", 0.0), ("...", 0.0), ("?", 0.0)],  # nothing to vote on: left out of maj@n
     })  # fmt: skip
-    t = ev.pass_at_k_table(rows, [1, 2, 4])
+    t = mt.pass_at_k_table(rows, [1, 2, 4])
     # per prompt c = 2, 1, 1, 0 of n = 4: pass@1 = (0.5 + 0.25 + 0.25 + 0) / 4; pass@2 = (5/6 + 0.5 + 0.5 + 0) / 4
     assert t == pytest.approx({"pass@1": 0.25, "pass@2": (5 / 6 + 1) / 4, "pass@4": 0.75})
-    assert ev.maj_at_n(rows) == pytest.approx(2 / 3)
-    assert ev.maj_at_n(rows_of({"d": [("no", 1.0)]})) is None
+    assert mt.maj_at_n(rows) == pytest.approx(2 / 3)
+    assert mt.maj_at_n(rows_of({"d": [("no", 1.0)]})) is None
     with pytest.raises(SystemExit, match="--pass_k 4: a prompt has only 3"):
-        ev.pass_at_k_table(rows[:-1], [1, 4])
+        mt.pass_at_k_table(rows[:-1], [1, 4])
 
 
 def test_extract_answer():
-    assert ev.extract_answer(r"first \boxed{1}, finally \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"  # the last box
-    assert ev.extract_answer(r"\boxed{\left( 2, \frac{3 \pi}{2} \right)}") == r"\left( 2, \frac{3 \pi}{2} \right)"
-    assert ev.extract_answer(r"\boxed{1,000}") == ev.extract_answer("so 1000.0") == "1000"  # one spelling each
-    assert ev.extract_answer(r"\boxed{2} and then \boxed{3") == "2"  # a box cut off mid-answer is not an answer
-    assert ev.extract_answer("she pays $3.50.") == "3.5" and ev.extract_answer("it is -4") == "-4"
-    assert ev.extract_answer("no answer") is None
+    assert mt.extract_answer(r"first \boxed{1}, finally \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"  # the last box
+    assert mt.extract_answer(r"\boxed{\left( 2, \frac{3 \pi}{2} \right)}") == r"\left( 2, \frac{3 \pi}{2} \right)"
+    assert mt.extract_answer(r"\boxed{1,000}") == mt.extract_answer("so 1000.0") == "1000"  # one spelling each
+    assert mt.extract_answer(r"\boxed{2} and then \boxed{3") == "2"  # a box cut off mid-answer is not an answer
+    assert mt.extract_answer("she pays $3.50.") == "3.5" and mt.extract_answer("it is -4") == "-4"
+    assert mt.extract_answer("no answer") is None
 
 
 def test_eval_responses_with_pass_k(tmp_path, capsys):

@@ -12,7 +12,7 @@ import dist
 import models
 import raft
 import sampling
-from eval import distinct_n, msttr, score_samples, text_metrics, tokenize, unique_n
+from metrics import distinct_n, msttr, score_samples, text_metrics, tokenize, unique_n
 from models import build_example
 from data import stage_prompts
 from raft import Config, select
