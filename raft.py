@@ -161,9 +161,8 @@ def validate(cfg: Config, needs_reward=True):
     need(cfg.keep_last >= 0, "--keep_last must be ≥ 0 (0 keeps every stage's model)")
     need(cfg.lr > 0 and cfg.epochs >= 1 and cfg.stages >= 1, "--lr > 0, --epochs ≥ 1, --stages ≥ 1")
     need(cfg.model is not None, "--model is required (a hub id or a path); python demo.py runs the offline demo")
-    need(cfg.reward or not needs_reward, "--reward is required with --model (file.py:function, module:function or "
-         "a reward model)")  # fmt: skip
-    need(cfg.dataset is not None, "--dataset is required with --model (a .jsonl file or a dataset name)")
+    need(cfg.reward or not needs_reward, "--reward is required (file.py:function, module:function or a reward model)")
+    need(cfg.dataset is not None, "--dataset is required (a .jsonl file or a dataset name)")
     need(not (cfg.eval_split and str(cfg.dataset).endswith(".jsonl")), "--eval_split: a .jsonl file is one split; "
          "use a directory of <split>.jsonl files or a hub dataset, or drop --eval_split")  # fmt: skip
     parse_weights(cfg.reward_weights, len(cfg.reward))

@@ -218,8 +218,13 @@ def test_the_demo_never_overrides_an_option_given_on_the_command_line():
 
 
 def test_raft_py_without_a_model_says_how_to_run_the_demo(prompts_file):
+    """--model, --dataset and --reward are required; each missing one is a one-line error naming it."""
     with pytest.raises(SystemExit, match="--model is required.*python demo.py"):
         raft.parse(["--dataset", prompts_file, "--reward", "r.py:f"])
+    with pytest.raises(SystemExit, match="--dataset is required"):
+        raft.parse(["--model", "m", "--reward", "r.py:f"])
+    with pytest.raises(SystemExit, match="--reward is required"):
+        raft.parse(["--model", "m", "--dataset", prompts_file])
 
 
 def test_every_entry_point_prints_its_help():
