@@ -21,7 +21,7 @@ import torch
 from data import FORMATS, dataset_response, encode_pair, held_out, load_rows, read_jsonl, resolve_format
 from data import stop_strings, usable_prompts, write_jsonl
 from dist import pick_device, print0
-from metrics import maj_at_n, nanstd, pass_at_k_table, text_metrics
+from metrics import maj_at_n, nanstd, pass_at_k_table, pass_ks, text_metrics
 from models import build_example, load_policy, load_tokenizer, sequence_logprobs
 from reward import load_rewards, score
 from sampling import generate
@@ -158,12 +158,7 @@ def evaluate_models(args) -> list[dict]:
 
 def reasoning_metrics(path: str, rows: list[dict], pass_k: str) -> dict:
     """--pass_k "1,4": pass@1, pass@4 and maj@n of a --responses file's rows."""
-    try:
-        ks = [int(k) for k in pass_k.split(",")]
-    except ValueError:
-        ks = []
-    if not ks or min(ks) < 1:
-        raise SystemExit(f"--pass_k {pass_k!r}: give comma-separated positive integers, e.g. 1,4")
+    ks = pass_ks(pass_k)
     for i, r in enumerate(rows):
         if not isinstance(r.get("prompt"), str) or not isinstance(r.get("reward"), (int, float)):
             raise SystemExit(f"{path}: line {i + 1} needs a string `prompt` and a number `reward` for --pass_k")

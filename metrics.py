@@ -58,7 +58,7 @@ def evaluate(model, tok, prompts, reward_fn, cfg, seed: int, kl=None, engine=Non
     m.update({f"eval_{k}": v for k, v in stats.items()})  # per-reward means, reward-model truncations
     m.update({f"eval_{k}": v for k, v in text_metrics([r["response"] for r in rows]).items()})
     if cfg.pass_k:  # a response counts as correct when its reward is at least 1
-        m.update({f"eval_{k}": v for k, v in pass_at_k_table(rows, [int(k) for k in cfg.pass_k.split(",")]).items()})
+        m.update({f"eval_{k}": v for k, v in pass_at_k_table(rows, pass_ks(cfg.pass_k)).items()})
         m["eval_maj@n"] = maj_at_n(rows)
     if kl:
         m["eval_kl_to_start"] = sum(r.pop("log_ratio") for r in rows) / len(rows)
@@ -122,6 +122,15 @@ def text_metrics(responses: list[str]) -> dict:
 
 
 # ---- rule-checked answers: pass@k and majority vote ---------------------------------------------------------
+def pass_ks(text: str) -> list[int]:
+    """--pass_k "1,8" -> [1, 8], "" -> []; anything but comma-separated positive integers is a one-line error."""
+    if not text:
+        return []
+    if not re.fullmatch(r"\d+(,\d+)*", text) or min(int(k) for k in text.split(",")) < 1:
+        raise SystemExit(f"--pass_k {text!r}: give comma-separated positive integers, e.g. 1,8")
+    return [int(k) for k in text.split(",")]
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """The chance that at least one of k responses drawn without replacement from n, of which c are correct, is
     correct: 1 - C(n-c, k) / C(n, k), as the product 1 - Π_{i=n-c+1..n} (1 - k/i) (no huge binomials)."""

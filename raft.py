@@ -32,7 +32,7 @@ from data import FORMATS, check_run_dir, completed_stages, prune_models, save_st
 from data import PROMPT_TEMPLATE, stop_strings, write_metrics
 from dist import DIST, MASTER, RANK, WORLD, bar, barrier, crash_point, gather, make_logger, phase, pick_device, print0
 from dist import quiet_libraries, shard
-from metrics import evaluate, plot_rewards, score_samples, stage_line
+from metrics import evaluate, pass_ks, plot_rewards, score_samples, stage_line
 from models import example, fsdp_modules, full_state_dict, load_generator, load_policy, sampling_policy, token_logprobs
 from models import example_major, load_tokenizer, make_kl, release, restore, retokenize, save_merged, trainable_state
 from reward import load_rewards, parse_weights
@@ -148,8 +148,8 @@ def validate(cfg: Config, needs_reward=True):
     need(0 < cfg.top_p <= 1, "--top_p must be in (0, 1]")
     need(cfg.top_k >= 0 and cfg.max_new_tokens >= 1 and cfg.eval_prompts >= 0 and cfg.eval_samples >= 1,
          "--top_k, --eval_prompts ≥ 0; --max_new_tokens, --eval_samples ≥ 1")  # fmt: skip
-    need(re.fullmatch(r"(\d+(,\d+)*)?", cfg.pass_k) and all(0 < int(k) <= cfg.eval_samples for k in
-         re.findall(r"\d+", cfg.pass_k)), f"--pass_k {cfg.pass_k!r}: k in 1..--eval_samples, e.g. 1,8")  # fmt: skip
+    ks = pass_ks(cfg.pass_k)  # "1,8" -> [1, 8]; a malformed list is an error of its own
+    need(max(ks, default=1) <= cfg.eval_samples, f"--pass_k {cfg.pass_k}: each k must be ≤ --eval_samples")
     need(cfg.kl_beta >= 0, "--kl_beta must be ≥ 0")
     need(cfg.lora_r > 0 or not cfg.load_in_8bit, "--load_in_8bit trains adapters on a frozen 8-bit base; full "
          "fine-tuning of 8-bit weights is not possible: add --lora_r 16 (or drop --load_in_8bit)")  # fmt: skip

@@ -197,6 +197,20 @@ def rows_of(groups):
     return [{"prompt": p, "response": t, "reward": r} for p, rs in groups.items() for t, r in rs]
 
 
+def test_pass_k_lists_are_checked_before_anything_loads(prompts_file):
+    """--pass_k is comma-separated positive integers, each at most --eval_samples; raft.py checks it in parse()."""
+    import raft
+
+    assert mt.pass_ks("1,8") == [1, 8] and mt.pass_ks("") == []
+    for bad in ["x", "0", "1,", "1,,8", "-1", "1.5"]:
+        with pytest.raises(SystemExit, match="comma-separated positive integers"):
+            mt.pass_ks(bad)
+    base = ["--model", "m", "--dataset", prompts_file, "--reward", "r.py:f", "--pass_k", "1,8"]
+    with pytest.raises(SystemExit, match="each k must be ≤ --eval_samples"):
+        raft.parse([*base, "--eval_samples", "4"])
+    assert raft.parse([*base, "--eval_samples", "8"]).pass_k == "1,8"
+
+
 def test_pass_at_k_table_and_majority_vote_by_hand():
     rows = rows_of({
         "a": [(r"\boxed{4}", 1.0), (r"\boxed{5}", 0.0), (r"\boxed{5}", 0.0), ("so 4", 1.0)],  # tie: 4 came first
