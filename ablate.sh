@@ -5,7 +5,8 @@
 # the mean ± std over seeds of the last stage's held-out reward, its gain over stage 0, distinct-2 and KL to the
 # start. Runs are resumable: a finished run (marked by SETTING__s<seed>.done) is skipped, a cut-off one continues
 # (--resume).
-# Environment: SEEDS, OUT (default runs/ablate), PYTHON, SCRIPT (default demo.py; raft.py for your own model) and
+# Environment: SEEDS, OUT (default runs/ablate), PYTHON, SCRIPT (default demo.py; raft.py for your own model, except
+# in `reasoning`, which always runs the arithmetic demo) and
 # RAFT_ARGS (extra arguments for every run; with SCRIPT=raft.py your --model/--dataset/--reward: the tests run a
 # tiny sweep that way).
 set -euo pipefail
@@ -51,6 +52,7 @@ ablation() {
     finetune_from) # fine-tune the current model each stage (paper) or restart from the base (ReST-EM)
       run finetune_from current --finetune_from current; run finetune_from base --finetune_from base ;;
     reasoning)     # on the arithmetic demo (0/1 reward): best-of-K (the paper), keep-every-correct, RAFT++, control
+      local SCRIPT=demo.py  # --demo arithmetic is demo.py's option, whatever SCRIPT says
       run reasoning best-of-K --demo arithmetic --ranking local
       run reasoning keep-correct --demo arithmetic --ranking positive
       run reasoning raftpp --demo arithmetic --ranking positive --loss raftpp

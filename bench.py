@@ -619,7 +619,8 @@ def kv_bytes(p: dict, prompts: int, K: int, prompt_len: int, new_tokens: int) ->
 def memory_rows(a) -> list[dict]:
     """Computed, not measured: GPU memory of one RAFT stage per memory mode (weights, optimizer, KV cache, reward
     model; activations excluded), from bytes per parameter and per cached token of --shape / --reward_shape. These
-    are the README's "which mode for which GPU" figures; `--phase stage --raft_args ...` measures them."""
+    are docs/memory-and-torchrun.md's "which mode for which GPU" figures; `--phase stage --raft_args ...` measures
+    them."""
     G = 1e9
     p, r = param_counts(a.shape), param_counts(a.reward_shape, LlamaForSequenceClassification, num_labels=1)
     int8 = p["linear"] + 4 * p["int8_scales"] + 4 * p["rest"]  # int8 projections + fp32 row scales; the rest fp32

@@ -7,7 +7,7 @@ StableDiffusionPipeline.
 Left out: one process only (no torchrun) and no --resume; GPU time per stage is not measured yet.
 docs/diffusion.md has the details: the paper's setup, where each default comes from, rewards, outputs, the demo.
 
-    python diffusion.py      # offline demo: a tiny SD-shaped model learns brighter images (README)
+    python diffusion.py      # offline demo: a tiny SD-shaped model learns brighter images (docs/diffusion.md)
     python diffusion.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --reward aesthetic \\
         --aesthetic_head sa_0_4_vit_l_14_linear.pth --bf16 --out_dir runs/sd15_aesthetic   # the paper's setup
 """

@@ -110,7 +110,7 @@ class Config:  # defaults are the paper's; docs/options.md has each option's pro
     vllm_memory: float = opt(0.3, "vllm backend: the share of GPU memory the engine takes (weights and KV cache)")
     # the run
     seed: int = opt(42, "seeds prompt order, sampling, selection and training order")
-    out_dir: Optional[str] = opt(None, "the run directory (default runs/raft, runs/demo for the demo)")
+    out_dir: Optional[str] = opt(None, "the run directory (default runs/raft; demo.py: runs/demo)")
     resume: bool = opt(False, "continue from the last completed stage in --out_dir")
     resume_force: bool = opt(False, "with --resume: accept a config that differs from the saved one")
     keep_last: int = opt(0, "keep the model files of only the last N stages (0: all)")

@@ -153,7 +153,7 @@ def sample(
     """K continuations of each prompt (token ids, BOS etc. already in them) -> [len(prompts)][K] lists of new token
     ids: up to and including the first of eos_ids, else max_new_tokens long. All prompts go to the engine at once,
     n=K each (the engine schedules them and prefills each prompt once). lora: a saved PEFT adapter directory.
-    seed: per-prompt request seeds derived from it (None: the engine's global RNG)."""
+    seed: per-prompt request seeds derived from it (None: torch's global RNG)."""
     vllm = _vllm()
     if K < 1 or max_new_tokens < 1:
         raise SystemExit(f"--gen_backend vllm: K ({K}) and max_new_tokens ({max_new_tokens}) must be >= 1")

@@ -1,6 +1,7 @@
 """The paper's pipeline: HH-RLHF rows in the Dahoas schema (tests/fixtures/hh_rlhf.jsonl: multi-turn, too long, an
 empty conversation, odd spacing), prompt formats, stopping at the next human turn, the SFT starting point, reward
-models and weighted rewards, eval.py's metrics and table; and SFT -> RAFT -> eval end to end, offline."""
+models and weighted rewards, metrics.py's text metrics, eval.py's perplexity and table; and SFT -> RAFT -> eval end
+to end, offline."""
 
 import json
 import math

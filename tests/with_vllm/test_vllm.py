@@ -154,7 +154,7 @@ def test_seed_determines_samples_regardless_of_batch(engine):
     d = vllm_gen.sample(engine, PROMPTS, 4, **kw)
     torch.manual_seed(5)
     assert vllm_gen.sample(engine, PROMPTS, 4, **kw) == d
-    # and sampling, seeded or not, moves torch's global RNG on (the docstring tells the kit)
+    # and sampling, seeded or not, moves torch's global RNG on (docs/speed.md tells the user)
     torch.manual_seed(6)
     untouched = torch.rand(1)
     torch.manual_seed(6)
