@@ -56,7 +56,7 @@ SETTINGS = {
         eval_samples=16,
         pass_k="1,8",
         out_dir="runs/demo_arithmetic",
-        reward=["reward:exact_number"],
+        reward=["math_reward:exact_number"],
     ),
 }
 DATASET = {"reviews": "prompts.jsonl", "arithmetic": "data"}  # a directory of train.jsonl and test.jsonl
@@ -269,7 +269,7 @@ def noisy_answer(answer: str, p_wrong: float, rng: random.Random) -> str:
 
 def worked_answer(prompt: str, answer: str) -> str:
     """The answer written out: the ones summed, the tens summed, then the answer ("37+45=" -> "12 7 82"); the
-    answer is last, so reward:exact_number reads it, and a slip in it leaves the work right."""
+    answer is last, so math_reward:exact_number reads it, and a slip in it leaves the work right."""
     a, b = (int(x) for x in prompt.removesuffix("=").split("+"))
     return f"{a % 10 + b % 10} {a // 10 + b // 10} {answer}"
 

@@ -114,9 +114,10 @@ def evaluate_models(args) -> list[dict]:
         )
     pick = held_out(common, args.eval_prompts, args.seed)[0]  # raft.py's held-out draw
     reward_prompts = [r["reward_prompt"] for r in pick]
-    reward_fn = load_rewards(args.reward, args.reward_weights, args.reward_template, args.reward_batch_size, device,
-                             args.trust_remote_code, args.offload_reward, None, args.reward_load_in_8bit,
-                             {r["reward_prompt"]: r["columns"] for r in pick})  # fmt: skip
+    reward_fn = load_rewards(args.reward, args.reward_weights, None, {r["reward_prompt"]: r["columns"] for r in pick},
+                             template=args.reward_template, batch_size=args.reward_batch_size, device=device,
+                             trust_remote_code=args.trust_remote_code, offload=args.offload_reward,
+                             load_in_8bit=args.reward_load_in_8bit)  # fmt: skip
     table, samples = [], []
 
     def add_row(name, responses, ppl):

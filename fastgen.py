@@ -254,7 +254,7 @@ def sample(
 
 def left_pad(rows: list[list[int]], L: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token rows left-padded to L columns, so every prompt ends at column L and new tokens start there:
-    (ids [B, L], valid [B, L] bool). Also raft.py's --gen_backend hf batches."""
+    (ids [B, L], valid [B, L] bool)."""
     ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
     valid = torch.zeros((len(rows), L), dtype=torch.bool)
     for r, p in enumerate(rows):

@@ -321,9 +321,9 @@ def run(cfg: Config):
     cfg = dataclasses.replace(cfg, stop=stop_strings(fmt, cfg.stop))  # HH: the next human turn ends a response
     view = {r["prompt"]: r["reward_prompt"] for r in train_r + eval_r}  # rewards score the ###Human text
     columns = {r["prompt"]: r["columns"] for r in train_r + eval_r}  # and may see the dataset's answer column
-    reward_fn = load_rewards(cfg.reward, cfg.reward_weights, cfg.reward_template, cfg.reward_batch_size, device,
-                             cfg.trust_remote_code, cfg.offload_reward, view, cfg.reward_load_in_8bit,
-                             columns)  # fmt: skip
+    reward_fn = load_rewards(cfg.reward, cfg.reward_weights, view, columns, template=cfg.reward_template,
+                             batch_size=cfg.reward_batch_size, device=device, trust_remote_code=cfg.trust_remote_code,
+                             offload=cfg.offload_reward, load_in_8bit=cfg.reward_load_in_8bit)  # fmt: skip
     checkpoint = os.path.join(cfg.out_dir, f"stage_{start:04d}") if start else None
     model, tok = load_policy(cfg, device, checkpoint=checkpoint, shard=DIST)
     kl = make_kl(cfg, model, device)

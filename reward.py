@@ -2,28 +2,21 @@
 
 `load_rewards` builds the weighted sum r = Σ w_i r_i of the --reward specs, each a Python callable (`file.py:function`,
 whose file is executed, or `module:function`) or a sequence-classification reward model (`load_reward`), and passes
-each callable the dataset columns its signature names; `score` checks what a reward returns. The kit's own rewards:
-`vader_sentiment` (the offline demo), `math_verify` and `exact_number` (a response's final answer against the row's).
-Ranking and keeping samples are raft.py's, not this file's. Imports no kit module.
+each callable the dataset columns its signature names; `score` checks what a reward returns. The demo's reward,
+`vader_sentiment`, is here; the answer-checking rewards for reasoning are math_reward.py's. Ranking and keeping
+samples are raft.py's, not this file's. Imports no kit module.
 """
 
-import atexit
 import importlib
 import importlib.util
 import inspect
-import json
 import math
 import os
 import re
-import select
-import subprocess
-import sys
-import threading
-import time
-from decimal import Decimal
 
 import torch
 
+TEMPLATE = "{prompt} {response}"  # the text a reward model scores (--reward_template)
 _vader = None
 
 
@@ -37,7 +30,7 @@ def vader_sentiment(prompts: list[str], responses: list[str]) -> list[float]:
     return [_vader.polarity_scores(r)["compound"] for r in responses]
 
 
-# ---- rewards that check the answer --------------------------------------------------------------------------
+# ---- numbers in text: exact_number (math_reward.py) and maj@n (metrics.py) read them -----------------------------
 # a number: an optional minus not glued to a word (so "5-3" ends in 3, not -3), thousands commas, a decimal part;
 # a full stop after it is not part of it
 _NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<![\w.])-?\.\d+")
@@ -47,116 +40,6 @@ def last_number(text: str):
     """The last number in text without its thousands commas ("1,234.50" -> "1234.50"), or None."""
     found = _NUMBER.findall(text)
     return found[-1].replace(",", "") if found else None
-
-
-def exact_number(prompts: list[str], responses: list[str], answer: list) -> list[float]:
-    """1.0 when the last number in the response equals the row's numeric answer (3.50 == 3.5), else 0.0."""
-    out = []
-    for response, gold in zip(responses, answer):
-        g = str(gold).strip().replace(",", "")
-        if not _NUMBER.fullmatch(g):
-            raise SystemExit(f"reward:exact_number: the answer {gold!r} is not a number; use reward:math_verify "
-                             f"for answers that are expressions")  # fmt: skip
-        pred = last_number(response)
-        out.append(float(pred is not None and Decimal(pred) == Decimal(g)))
-    return out
-
-
-MATH_VERIFY_TIMEOUT = 5.0  # seconds per response; an ordinary answer is checked in milliseconds
-MATH_VERIFY_WORKERS = min(4, os.cpu_count() or 1)
-# math-verify runs in `python -c` child processes, one response at a time each, and a child that passes the deadline
-# is killed (its response scores 0.0) and replaced. Why: math-verify's own timeouts use SIGALRM, which exists only in
-# the main thread (in a reward called from a worker thread it is silently off), and sympy can spin inside one C call
-# (a big-integer power) that no signal interrupts; only killing a process bounds the time wherever the reward is
-# called. Why not multiprocessing: its spawn children re-import the parent's main script (raft.py: torch,
-# transformers) and this module (torch), seconds and hundreds of MB each; these children import only math-verify.
-# Answers come back one line each on the child's own stdout (the library's prints go to stderr).
-_MV_CHILD = r"""
-import json, logging, sys
-out, sys.stdout = sys.stdout, sys.stderr
-logging.disable(logging.WARNING)  # math-verify warns on every call that its own timeouts are off
-from math_verify import parse, verify
-out.write("ready\n"); out.flush()
-for line in sys.stdin:
-    gold, response = json.loads(line)
-    try:
-        ok = verify(parse(gold, parsing_timeout=None), parse(response, parsing_timeout=None), timeout_seconds=None)
-    except Exception:
-        ok = False
-    out.write("1\n" if ok else "0\n"); out.flush()
-"""
-_mv_idle, _mv_lock = [], threading.Lock()  # idle children, kept between calls; one call at a time uses them
-
-
-def _mv_start(startup: float = 120.0):
-    p = subprocess.Popen([sys.executable, "-c", _MV_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                         text=True, encoding="utf-8")  # fmt: skip
-    if not select.select([p.stdout], [], [], startup)[0] or p.stdout.readline().strip() != "ready":
-        p.kill()
-        raise SystemExit("reward:math_verify: its checking process did not start (see the error above); "
-                         "pip install 'math-verify>=0.9'")  # fmt: skip
-    return p
-
-
-def _mv_stop(p):
-    p.kill()
-    p.wait()
-
-
-atexit.register(lambda: [_mv_stop(p) for p in _mv_idle])  # reaped at exit, not left to notice their stdin close
-
-
-def gold_latex(gold) -> str:
-    """A gold answer as math-verify reads it: datasets store bare expressions (`1+2x`, `\frac{14}{3}`), of which
-    parse() takes only a prefix (`1`) or nothing, so they are wrapped in \boxed{} unless already boxed or in $...$."""
-    g = str(gold).strip()
-    return g if "\\boxed" in g or "$" in g else "\\boxed{" + g + "}"
-
-
-def verify_answers(golds: list, responses: list[str], timeout: float | None = None, workers: int | None = None):
-    """math-verify's verdict (1.0 or 0.0) on each response against its gold answer, at most `timeout` seconds
-    (MATH_VERIFY_TIMEOUT) per response, checked by `workers` (MATH_VERIFY_WORKERS) child processes at once."""
-    timeout = MATH_VERIFY_TIMEOUT if timeout is None else timeout
-    workers = workers or MATH_VERIFY_WORKERS
-    out, todo, busy, late = [0.0] * len(responses), list(range(len(responses)))[::-1], {}, 0
-    with _mv_lock:
-        try:
-            while todo or busy:
-                while todo and len(busy) < workers:
-                    p = _mv_idle.pop() if _mv_idle else _mv_start()
-                    if p.poll() is not None:  # died while idle: replaced, the item stays to do
-                        continue
-                    i = todo.pop()
-                    p.stdin.write(json.dumps([gold_latex(golds[i]), responses[i]]) + "\n")
-                    p.stdin.flush()
-                    busy[p] = (i, time.monotonic() + timeout)  # the child is idle, so the clock starts now
-                wait = max(0.0, min(d for _, d in busy.values()) - time.monotonic())
-                ready = select.select([p.stdout for p in busy], [], [], wait)[0]
-                for p, (i, deadline) in list(busy.items()):
-                    if p.stdout in ready:
-                        line = p.stdout.readline().strip()
-                        del busy[p]
-                        if line in ("0", "1"):
-                            out[i] = float(line)
-                            _mv_idle.append(p)
-                        else:  # the child died on this response (it scores 0.0)
-                            _mv_stop(p)
-                    elif time.monotonic() >= deadline:
-                        del busy[p]
-                        _mv_stop(p)
-                        late += 1
-        finally:  # an interrupt (Ctrl-C, an error) leaves no child spinning on a response
-            for p in busy:
-                _mv_stop(p)
-    if late:
-        print(f"reward:math_verify: {late} of {len(responses)} responses took over {timeout:g} s to check and "
-              f"scored 0.0", flush=True)  # fmt: skip
-    return out
-
-
-def math_verify(prompts: list[str], responses: list[str], answer: list) -> list[float]:
-    """1.0 when the response's final answer equals the row's `answer` by math-verify, else 0.0."""
-    return verify_answers(answer, responses)
 
 
 def _load_callable(spec: str):
@@ -179,19 +62,12 @@ def _load_callable(spec: str):
 
 
 def _load_model_reward(
-    path: str,
-    template: str,
-    batch_size: int,
-    device,
-    dtype=None,
-    trust_remote_code=False,
-    offload=False,
-    load_in_8bit=False,
+    path, template=TEMPLATE, batch_size=32, device="cpu", trust_remote_code=False, offload=False, load_in_8bit=False
 ):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     device = torch.device(device)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)  # bf16 halves memory and time
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 halves memory and time
     kw = {}
     if load_in_8bit:  # int8 linear layers (bitsandbytes): about half of bf16's memory; placed on `device` for good
         from transformers import BitsAndBytesConfig
@@ -264,20 +140,12 @@ def score_ids(model, enc: list[list[int]], batch_size: int, pad: int) -> list[fl
     return out
 
 
-def load_reward(
-    spec: str,
-    template: str = "{prompt} {response}",
-    batch_size: int = 32,
-    device="cpu",
-    dtype=None,
-    trust_remote_code: bool = False,
-    offload: bool = False,
-    load_in_8bit: bool = False,
-):
-    """A reward callable from `file.py:function`, `module:function`, or a sequence-classification model."""
+def load_reward(spec: str, **model_options):
+    """A reward callable from `file.py:function`, `module:function`, or a sequence-classification model loaded with
+    `model_options` (template, batch_size, device, trust_remote_code, offload, load_in_8bit)."""
     if ":" in spec and not os.path.isdir(spec):
         return _load_callable(spec)
-    return _load_model_reward(spec, template, batch_size, device, dtype, trust_remote_code, offload, load_in_8bit)
+    return _load_model_reward(spec, **model_options)
 
 
 def parse_weights(weights: str, n: int) -> list[float]:
@@ -312,34 +180,13 @@ def reward_columns(fn, spec: str, available: list[str]) -> list[str]:
     return [p.name for p in named if p.name in available]
 
 
-def load_rewards(
-    specs: list[str],
-    weights: str = "",
-    template: str = "{prompt} {response}",
-    batch_size: int = 32,
-    device="cpu",
-    trust_remote_code: bool = False,
-    offload: bool = False,
-    prompt_view=None,
-    load_in_8bit: bool = False,
-    columns=None,
-):
-    """One reward r = Σ w_i r_i over the --reward specs (`weights` like "1,0.5", default all 1). `prompt_view` maps
-    each prompt the policy saw to the text the rewards score; `columns` maps a prompt to {column: value}. After each
-    call fn.stats holds what the caller logs (reward_<i>_mean, reward_truncated); fn.columns names the columns taken."""
+def load_rewards(specs: list[str], weights: str = "", prompt_view=None, columns=None, **model_options):
+    """One reward r = Σ w_i r_i over the --reward specs (`weights` like "1,0.5", default all 1); reward models load
+    with `model_options` (see load_reward). `prompt_view` maps each prompt the policy saw to the text the rewards
+    score; `columns` maps a prompt to {column: value}. After each call fn.stats holds what the caller logs
+    (reward_<i>_mean, reward_truncated); fn.columns names the columns taken."""
     w = parse_weights(weights, len(specs))
-    fns = [
-        load_reward(
-            s,
-            template,
-            batch_size,
-            device,
-            trust_remote_code=trust_remote_code,
-            offload=offload,
-            load_in_8bit=load_in_8bit,
-        )
-        for s in specs
-    ]
+    fns = [load_reward(s, **model_options) for s in specs]
     columns = columns or {}
     available = sorted({k for c in columns.values() for k in c})
     takes = [reward_columns(fn, spec, available) for fn, spec in zip(fns, specs)]

@@ -1,7 +1,7 @@
 """Step 1 of RAFT for every backend: K responses per prompt, cut at EOS or a stop string.
 
 - fast (default): fastgen.py, each prompt prefilled once for its K samples, CUDA-graph decoding on a GPU; a model
-  whose attention it cannot run falls back to hf, said once.
+  whose attention it cannot run, or a copy of the kit without fastgen.py, falls back to hf, said once.
 - hf: `model.generate` on --gen_batch_size prompts × K rows per call, left-padded.
 - vllm: vllm_gen.py, one in-process engine per process that receives the policy's weights after every stage.
 Every backend samples with the kit's options only (temperature, top_k, top_p, max_new_tokens): nothing comes from
@@ -10,15 +10,20 @@ strings and truncation mean the same everywhere.
 """
 
 import contextlib
-import os
 
 import torch
 from transformers import GenerationConfig
 
-import fastgen
 from data import encode_prompt
-from dist import RANK, bar, print0
-from models import amp, dequantized_copy, fsdp_modules, full_weights, pad_id
+from dist import bar, print0
+from models import amp, dequantized_copy, full_weights, pad_id
+
+try:  # fastgen.py may be left out of a copy: --gen_backend fast then samples with model.generate, said once
+    import fastgen
+except ModuleNotFoundError as e:
+    if e.name != "fastgen":
+        raise
+    fastgen = None
 
 
 def cut_response(ids: list[int], tok, eos_ids: set, stop: list[str]) -> dict:
@@ -67,15 +72,19 @@ def generate(model, tok, prompts: list[str], K: int, cfg, desc="sample", engine=
         model = dequantized_copy(model)  # freed when this function returns
     with full_weights(model):  # an FSDP2 policy is gathered once for the whole phase
         if cfg.gen_backend == "fast" and not getattr(policy, "_fastgen_refused", False):
-            try:
-                new = fastgen.sample(
-                    model, enc, K, **_sampling(cfg), eos_ids=ends, pad_id=pad_id(tok),
-                    batch_prompts=cfg.gen_batch_size, cuda_graphs=cfg.cuda_graphs,
-                    autocast_dtype=torch.bfloat16 if cfg.bf16 else None, progress=lambda it: bar(it, desc),
-                )  # fmt: skip
-            except fastgen.Unsupported as e:  # decided at the first prefill, before any sample is drawn
-                print0(f"--gen_backend fast: {e}; generating with model.generate instead")
-                policy._fastgen_refused = True  # asked once per policy (not per dequantized copy)
+            why = "" if fastgen else "fastgen.py is not beside sampling.py (copy it for the fast sampler)"
+            if not why:
+                try:
+                    new = fastgen.sample(
+                        model, enc, K, **_sampling(cfg), eos_ids=ends, pad_id=pad_id(tok),
+                        batch_prompts=cfg.gen_batch_size, cuda_graphs=cfg.cuda_graphs,
+                        autocast_dtype=torch.bfloat16 if cfg.bf16 else None, progress=lambda it: bar(it, desc),
+                    )  # fmt: skip
+                except fastgen.Unsupported as e:  # decided at the first prefill, before any sample is drawn
+                    why = str(e)
+            if why:
+                print0(f"--gen_backend fast: {why}; generating with model.generate instead")
+                policy._fastgen_refused = True  # said once per policy (not per dequantized copy)
         if new is None:
             new = hf_generate(model, tok, enc, K, cfg, ends, desc)
     return [[cut_response(ids, tok, ends, cfg.stop) for ids in row] for row in new]
@@ -110,13 +119,14 @@ def hf_generate(model, tok, enc: list[list[int]], K: int, cfg, ends: set, desc: 
     device = next(model.parameters()).device
     for s in bar(range(0, len(order), cfg.gen_batch_size), desc):
         idx = order[s : s + cfg.gen_batch_size]
-        L = max(len(enc[i]) for i in idx)
-        input_ids, valid = fastgen.left_pad([enc[i] for i in idx], L, pad)
+        L = max(len(enc[i]) for i in idx)  # left padding: every prompt ends at column L, new tokens start there
+        input_ids = torch.tensor([[pad] * (L - len(enc[i])) + enc[i] for i in idx])
+        valid = torch.tensor([[0] * (L - len(enc[i])) + [1] * len(enc[i]) for i in idx])
         # K copies of each row (HF's num_return_sequences refuses K > 1 when greedy): [len(idx)·K, L + new]
         with amp(model, cfg.bf16), plain_generation_config(model):
             seqs = model.generate(
                 input_ids=input_ids.repeat_interleave(K, 0).to(device),
-                attention_mask=valid.long().repeat_interleave(K, 0).to(device),
+                attention_mask=valid.repeat_interleave(K, 0).to(device),
                 generation_config=gc, tokenizer=tok if cfg.stop else None,
             )  # fmt: skip
         new = seqs[:, L:].tolist()
@@ -125,55 +135,27 @@ def hf_generate(model, tok, enc: list[list[int]], K: int, cfg, ends: set, desc: 
     return out
 
 
-# ---- --gen_backend vllm: one engine per process that always samples from the current policy --------------------
+# ---- --gen_backend vllm: the engine's life is vllm_gen.py's; raft.py calls these whatever the backend -----------
 def start_engine(cfg, model, device, work_dir: str, context: int):
-    """A vLLM engine in this process on the model that samples (the policy, or a frozen --generator_model), with the
-    policy's current weights in it (also after --resume); None for the other backends."""
+    """A vLLM engine holding the policy's current weights for --gen_backend vllm; None for the other backends."""
     if cfg.gen_backend != "vllm":
         return None
     import vllm_gen
 
-    if cfg.temperature > 2:
-        raise SystemExit(f"--gen_backend vllm: --temperature {cfg.temperature} is above vLLM's limit of 2")
-    llm = vllm_gen.make_engine(
-        cfg.generator_model or cfg.model, dtype="bfloat16" if cfg.bf16 else "float32", seed=cfg.seed,
-        max_model_len=min(context, cfg.max_prompt_tokens + cfg.max_new_tokens),
-        gpu_memory_utilization=cfg.vllm_memory,
-        enable_lora=bool(cfg.lora_r) and not cfg.generator_model, max_lora_rank=max(cfg.lora_r, 8),
-        enable_sleep_mode=device.type == "cuda",
-    )  # fmt: skip
-    engine = {"llm": llm, "lora": None, "work": work_dir, "stage": 0}
-    if not cfg.generator_model:
-        sync_engine(engine, model, cfg)
-    return engine
+    return vllm_gen.start_engine(cfg, model, device, work_dir, context)
 
 
 def sync_engine(engine, model, cfg):
-    """After a stage's fine-tuning: LoRA hands vLLM the adapters (saved per rank; vLLM runs them on the base, which
-    under --load_in_8bit is the full-precision base, not the int8 one); full fine-tuning pushes the weights."""
-    if engine is None or cfg.generator_model:
-        return
-    import vllm_gen
-
-    vllm_gen.wake(engine["llm"])
-    engine["stage"] += 1
-    if cfg.lora_r:  # a new directory each time: vLLM keeps an adapter it has loaded under its path
-        engine["lora"] = os.path.join(engine["work"], f"rank{RANK}", f"adapter_{engine['stage']:04d}")
-        model.save_pretrained(engine["lora"])
-        return
-    if fsdp_modules(model):  # every rank's engine needs the whole model: gathered on every rank
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    else:
-        weights = model.state_dict()
-    vllm_gen.push_weights(engine["llm"], weights.items())
-
-
-def sleep_engine(engine, cfg):
-    """On a GPU, free the engine's memory while the policy trains (a no-op on CPU). Its weights are kept where no
-    push follows (LoRA, a generator model); full fine-tuning pushes new ones anyway."""
+    """After a stage's fine-tuning: the engine samples from the new policy from now on."""
     if engine is not None:
         import vllm_gen
 
-        vllm_gen.sleep(engine["llm"], keep_weights=bool(cfg.lora_r or cfg.generator_model))
+        vllm_gen.sync_engine(engine, model, cfg)
+
+
+def sleep_engine(engine, cfg):
+    """On a GPU, free the engine's memory while the policy trains."""
+    if engine is not None:
+        import vllm_gen
+
+        vllm_gen.sleep_engine(engine, cfg)

@@ -2,7 +2,8 @@
 Token ids in, token ids out; the kit tokenizes, cuts at EOS/stop strings and scores. make_engine builds the engine;
 sample(engine, prompts, K, ...) returns [prompt][K] lists of new token ids, as fastgen.sample does; push_weights
 loads the policy's full weights into it; sleep/wake free and restore its GPU memory while the policy trains (no-ops
-on CPU). Samples use only the arguments given, never the model's generation_config. Left out: multiprocess and
+on CPU). Samples use only the arguments given, never the model's generation_config. start_engine, sync_engine and
+sleep_engine run the kit's engine through a RAFT run (sampling.py calls them). Left out: multiprocess and
 tensor-parallel engines (push_weights needs the worker here) and detokenizing. Details: docs/speed.md.
 """
 
@@ -10,6 +11,9 @@ import hashlib
 import json
 import logging
 import os
+
+from dist import RANK
+from models import fsdp_modules
 
 # push_weights hands tensors to the engine's worker by reference (no copy through a pipe), so the worker must run
 # in this process; set before vllm is imported (it reads envs lazily)
@@ -262,3 +266,48 @@ def wake(engine) -> None:
     if engine._raft["sleep_mode"]:
         engine.wake_up()
         engine.reset_prefix_cache()
+
+
+# ---- the kit's engine: one per process, made once per run, fed the policy's weights after every stage ------
+def start_engine(cfg, model, device, work_dir: str, context: int):
+    """A vLLM engine in this process on the model that samples (the policy, or a frozen --generator_model), with the
+    policy's current weights in it (also after --resume)."""
+    if cfg.temperature > 2:
+        raise SystemExit(f"--gen_backend vllm: --temperature {cfg.temperature} is above vLLM's limit of 2")
+    llm = make_engine(
+        cfg.generator_model or cfg.model, dtype="bfloat16" if cfg.bf16 else "float32", seed=cfg.seed,
+        max_model_len=min(context, cfg.max_prompt_tokens + cfg.max_new_tokens),
+        gpu_memory_utilization=cfg.vllm_memory,
+        enable_lora=bool(cfg.lora_r) and not cfg.generator_model, max_lora_rank=max(cfg.lora_r, 8),
+        enable_sleep_mode=device.type == "cuda",
+    )  # fmt: skip
+    engine = {"llm": llm, "lora": None, "work": work_dir, "stage": 0}
+    if not cfg.generator_model:
+        sync_engine(engine, model, cfg)
+    return engine
+
+
+def sync_engine(engine, model, cfg):
+    """After a stage's fine-tuning: LoRA hands vLLM the adapters (saved per rank; vLLM runs them on the base, which
+    under --load_in_8bit is the full-precision base, not the int8 one); full fine-tuning pushes the weights."""
+    if cfg.generator_model:
+        return
+    wake(engine["llm"])
+    engine["stage"] += 1
+    if cfg.lora_r:  # a new directory each time: vLLM keeps an adapter it has loaded under its path
+        engine["lora"] = os.path.join(engine["work"], f"rank{RANK}", f"adapter_{engine['stage']:04d}")
+        model.save_pretrained(engine["lora"])
+        return
+    if fsdp_modules(model):  # every rank's engine needs the whole model: gathered on every rank
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    else:
+        weights = model.state_dict()
+    push_weights(engine["llm"], weights.items())
+
+
+def sleep_engine(engine, cfg):
+    """On a GPU, free the engine's memory while the policy trains (a no-op on CPU). Its weights are kept where no
+    push follows (LoRA, a generator model); full fine-tuning pushes new ones anyway."""
+    sleep(engine["llm"], keep_weights=bool(cfg.lora_r or cfg.generator_model))

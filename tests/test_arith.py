@@ -83,7 +83,7 @@ def test_model_config_builds_a_tiny_llama():
 
 
 def test_worked_answers_mix_with_bare_ones():
-    from reward import exact_number
+    from math_reward import exact_number
 
     assert demo.worked_answer("37+45=", "82") == "12 7 82"
     assert demo.worked_answer("0+0=", "0") == "0 0 0"

@@ -14,9 +14,10 @@ from transformers import ByT5Tokenizer
 
 import eval as ev
 import metrics as mt
-import reward
+import math_reward
 from data import PROMPT_TEMPLATE, format_prompts, load_prompts, load_rows, resolve_format
-from reward import exact_number, load_rewards, math_verify, reward_columns, verify_answers
+from math_reward import exact_number, math_verify, verify_answers
+from reward import load_rewards, reward_columns
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GSM8K, MATH500 = (os.path.join(HERE, "fixtures", f) for f in ("gsm8k.jsonl", "math500.jsonl"))
@@ -99,11 +100,11 @@ def test_rewards_get_exactly_the_columns_they_name():
 
 def test_a_column_the_data_lacks_is_a_one_line_error():
     with pytest.raises(SystemExit) as e:
-        load_rewards(["reward:math_verify"], columns={"p": {"solution": "s"}})
+        load_rewards(["math_reward:math_verify"], columns={"p": {"solution": "s"}})
     msg = str(e.value)
-    assert "reward:math_verify" in msg and "'answer'" in msg and "['solution']" in msg and "\n" not in msg
+    assert "math_reward:math_verify" in msg and "'answer'" in msg and "['solution']" in msg and "\n" not in msg
     with pytest.raises(SystemExit, match="'answer'"):
-        load_rewards(["reward:exact_number"])  # no columns at all
+        load_rewards(["math_reward:exact_number"])  # no columns at all
     fn = load_rewards(["test_reasoning:same_answer"], columns={"p": {"answer": "4"}})
     with pytest.raises(SystemExit, match="test_reasoning:same_answer: no dataset columns for the prompt 'other'"):
         fn(["other"], ["4"])
@@ -123,7 +124,7 @@ def test_exact_number_reads_the_last_number_gsm8k_style():
         ("#### 72", "72", 1.0),
     ]
     assert exact_number([""] * len(cases), [c[0] for c in cases], [c[1] for c in cases]) == [c[2] for c in cases]
-    with pytest.raises(SystemExit, match=r"reward:exact_number: the answer 'x\^2' is not a number"):
+    with pytest.raises(SystemExit, match=r"math_reward:exact_number: the answer 'x\^2' is not a number"):
         exact_number(["p"], ["1"], ["x^2"])
     records = load_prompts(GSM8K)[0]  # every fixture row's worked answer ends in its gold answer
     assert exact_number([], [row["answer"] for row in load_rows(GSM8K)], [r["answer"] for r in records]) == [1.0] * 8
@@ -144,7 +145,7 @@ def test_math_verify_equal_answers_in_several_forms():
     ]
     assert math_verify([""] * len(cases), [c[0] for c in cases], answer=[c[1] for c in cases]) == [c[2] for c in cases]
     rows, records = load_rows(MATH500), load_prompts(MATH500)[0]
-    fn = load_rewards(["reward:math_verify"], columns={r["prompt"]: r["columns"] for r in records})
+    fn = load_rewards(["math_reward:math_verify"], columns={r["prompt"]: r["columns"] for r in records})
     prompts = [r["prompt"] for r in records]
     assert fn(prompts, [row["solution"] for row in rows]) == [1.0] * 8  # each fixture solution boxes its answer
     assert fn(prompts, [row["solution"] for row in rows[1:] + rows[:1]]) == [0.0] * 8  # another row's: wrong
@@ -152,9 +153,9 @@ def test_math_verify_equal_answers_in_several_forms():
 
 def test_math_verify_works_in_a_thread_and_bounds_a_pathological_response(monkeypatch):
     verify_answers(["1", "2"], [r"\boxed{1}", r"\boxed{2}"])  # the checking processes start outside the clock
-    started, start = [*reward._mv_idle], reward._mv_start
-    monkeypatch.setattr(reward, "_mv_start", lambda: started.append(start()) or started[-1])
-    monkeypatch.setattr(reward, "MATH_VERIFY_TIMEOUT", 2.0)
+    started, start = [*math_reward._mv_idle], math_reward._mv_start
+    monkeypatch.setattr(math_reward, "_mv_start", lambda: started.append(start()) or started[-1])
+    monkeypatch.setattr(math_reward, "MATH_VERIFY_TIMEOUT", 2.0)
     out, took = [], []
 
     def work():  # sympy spins on the tower of powers: its response scores 0, the others are still checked
@@ -169,10 +170,10 @@ def test_math_verify_works_in_a_thread_and_bounds_a_pathological_response(monkey
         assert not worker.is_alive() and out == [[0.0, 1.0, 1.0]]
         assert took[0] < 12, took  # one 2 s deadline (plus a replacement process starting), not sympy's hours
         assert verify_answers(["6"], [r"\boxed{6}"]) == [1.0]  # the stuck process was replaced
-        assert not [p for p in started if p.poll() is None and p not in reward._mv_idle]  # and killed, not left
+        assert not [p for p in started if p.poll() is None and p not in math_reward._mv_idle]  # and killed, not left
     finally:
         for p in started:
-            if p not in reward._mv_idle:
+            if p not in math_reward._mv_idle:
                 p.kill()
 
 

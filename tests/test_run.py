@@ -232,18 +232,19 @@ def test_eval_kl_reports_drift_without_changing_the_ranking(tiny_lm, prompts_fil
     assert a[1]["eval_reward_mean"] == b[1]["eval_reward_mean"]
 
 
-COPY = ["raft.py", "sampling.py", "models.py", "dist.py", "data.py", "metrics.py", "reward.py", "fastgen.py"]
+COPY = ["raft.py", "sampling.py", "models.py", "dist.py", "data.py", "metrics.py", "reward.py"]
 
 
 def test_the_files_the_readme_says_to_copy_run_on_their_own(tiny_lm, prompts_file, tmp_path):
-    """Copying exactly the README's list into an empty directory runs `python raft.py` there."""
+    """Copying exactly the README's list into an empty directory runs `python raft.py` there. Without fastgen.py the
+    sampler falls back to model.generate, says so once, and on a CPU draws the samples the kit's own run draws."""
     import shutil
     import subprocess
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     readme = open(os.path.join(root, "README.md")).read()
-    listed = readme[readme.index("To use the LLM loop in") :].split("add vllm_gen.py")[0]
+    listed = readme[readme.index("To use the LLM loop in") :].split("add fastgen.py")[0]
     assert sorted(re.findall(r"(\w+\.py)", listed)) == sorted(COPY)
     for name in COPY:
         shutil.copy(os.path.join(root, name), tmp_path / name)
@@ -253,7 +254,12 @@ def test_the_files_the_readme_says_to_copy_run_on_their_own(tiny_lm, prompts_fil
     out = subprocess.run([sys.executable, "raft.py", *args], cwd=tmp_path, env={**env, "TQDM_DISABLE": "1"},
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    assert (tmp_path / "run" / "stage_0001" / "selected.jsonl").exists()
+    assert out.stdout.count("fastgen.py is not beside sampling.py") == 1, out.stdout[-3000:]
+    copied = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    mine = ["--stages", "1", "--reward", f"{tmp_path}/my_reward.py:letters"]  # the copy's rewards, with fastgen
+    kit = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "kit", *mine))
+    for key in ("eval_reward_mean", "reward_mean", "selected_reward_mean"):
+        assert [r.get(key) for r in copied] == pytest.approx([r.get(key) for r in kit], abs=1e-6)
 
 
 def test_raftpp_with_lora_resumes_exactly_and_runs_on_an_8bit_base(tiny_lm, prompts_file, tmp_path):
