@@ -255,6 +255,7 @@ def test_the_files_the_readme_says_to_copy_run_on_their_own(tiny_lm, prompts_fil
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("fastgen.py is not beside sampling.py") == 1, out.stdout[-3000:]
+    assert (tmp_path / "run" / "stage_0001" / "selected.jsonl").exists()
     copied = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
     mine = ["--stages", "1", "--reward", f"{tmp_path}/my_reward.py:letters"]  # the copy's rewards, with fastgen
     kit = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "kit", *mine))
