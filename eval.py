@@ -23,7 +23,7 @@ from data import stop_strings, usable_prompts, write_jsonl
 from dist import pick_device, print0
 from metrics import maj_at_n, nanstd, pass_at_k_table, pass_ks, text_metrics
 from models import build_example, load_policy, load_tokenizer, sequence_logprobs
-from reward import load_rewards, score
+from reward import TEMPLATE, load_rewards, score
 from sampling import generate
 
 COLUMNS = [
@@ -182,7 +182,7 @@ def parse(argv=None):
     # the rest as raft.py's options of the same name and default (docs/options.md)
     for name, default in [
         ("prompt_field", "prompt"), ("prompt_format", "auto"), ("max_prompt_tokens", 256), ("reward_weights", ""),
-        ("reward_template", "{prompt} {response}"), ("reward_batch_size", 32), ("temperature", 1.0), ("top_k", 0),
+        ("reward_template", TEMPLATE), ("reward_batch_size", 32), ("temperature", 1.0), ("top_k", 0),
         ("top_p", 1.0), ("max_new_tokens", 128), ("gen_batch_size", 64), ("gen_backend", "fast"),
         ("micro_batch_size", 8), ("seed", 42), ("device", "auto"), ("lora_r", 0),
     ]:  # fmt: skip

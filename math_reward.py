@@ -15,7 +15,7 @@ import threading
 import time
 from decimal import Decimal
 
-from reward import _NUMBER, last_number
+from reward import NUMBER, last_number
 
 
 def exact_number(prompts: list[str], responses: list[str], answer: list) -> list[float]:
@@ -23,7 +23,7 @@ def exact_number(prompts: list[str], responses: list[str], answer: list) -> list
     out = []
     for response, gold in zip(responses, answer):
         g = str(gold).strip().replace(",", "")
-        if not _NUMBER.fullmatch(g):
+        if not NUMBER.fullmatch(g):
             raise SystemExit(f"math_reward:exact_number: the answer {gold!r} is not a number; use "
                              f"math_reward:math_verify for answers that are expressions")  # fmt: skip
         pred = last_number(response)

@@ -35,7 +35,7 @@ from dist import quiet_libraries, shard
 from metrics import evaluate, pass_ks, plot_rewards, score_samples, stage_line
 from models import example, fsdp_modules, full_state_dict, load_generator, load_policy, sampling_policy, token_logprobs
 from models import example_major, load_tokenizer, make_kl, release, restore, retokenize, save_merged, trainable_state
-from reward import load_rewards, parse_weights
+from reward import TEMPLATE, load_rewards, parse_weights
 from sampling import generate, sleep_engine, start_engine, sync_engine
 
 
@@ -77,7 +77,7 @@ class Config:  # defaults are the paper's; docs/options.md has each option's pro
     max_prompt_tokens: int = opt(256, "drop longer prompts (paper: 256)")
     reward: list[str] = opt([], "file.py:function, module:function or a reward model; repeat to add", action="extend")
     reward_weights: str = opt("", "weights of several --reward, e.g. 1,0.5 (default: all 1)")
-    reward_template: str = opt("{prompt} {response}", "the text a reward model scores")
+    reward_template: str = opt(TEMPLATE, "the text a reward model scores")
     reward_batch_size: int = opt(32, "texts per reward-model forward pass")
     reward_load_in_8bit: bool = opt(False, "load reward models in 8-bit (bitsandbytes)")
     offload_reward: bool = opt(False, "keep reward models on the CPU except while scoring")

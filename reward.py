@@ -33,12 +33,12 @@ def vader_sentiment(prompts: list[str], responses: list[str]) -> list[float]:
 # ---- numbers in text: exact_number (math_reward.py) and maj@n (metrics.py) read them -----------------------------
 # a number: an optional minus not glued to a word (so "5-3" ends in 3, not -3), thousands commas, a decimal part;
 # a full stop after it is not part of it
-_NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<![\w.])-?\.\d+")
+NUMBER = re.compile(r"(?<![\w.])-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|(?<![\w.])-?\.\d+")
 
 
 def last_number(text: str):
     """The last number in text without its thousands commas ("1,234.50" -> "1234.50"), or None."""
-    found = _NUMBER.findall(text)
+    found = NUMBER.findall(text)
     return found[-1].replace(",", "") if found else None
 
 
