@@ -63,7 +63,7 @@ DATASET = {"reviews": "prompts.jsonl", "arithmetic": "data"}  # a directory of t
 DEMO_DIR = {"reviews": "runs/demo_model", "arithmetic": "runs/demo_arithmetic_model"}  # built once, then reused
 # pretraining of the arithmetic model: ≈1,560 AdamW steps of 64 pairs in two styles, 70% bare answers ("82", wrong
 # 70% of the time) and 30% worked ones ("12 7 82", wrong 10%); RAFT then keeps the correct samples, more of them worked
-ARITH_PRETRAIN = dict(n=50_000, p_wrong=0.7, p_worked=0.3, p_wrong_worked=0.1, lr=3e-3, epochs=2, batch=64)
+ARITH_PRETRAIN = dict(n=50_000, p_wrong=0.7, p_worked=0.3, p_wrong_worked=0.1, lr=3e-3, epochs=4, batch=128)
 ARITH_OFFSETS = (-10, -1, 1, 10)  # the slips of a noisy answer: the ones digit, or a carry dropped or doubled
 ARITH_CHARS = "0123456789+-=: abcdefghijklmnopqrstuvwxyz"
 
@@ -210,11 +210,9 @@ def prepare(kind: str, demo_dir: str, cfg) -> tuple[str, str]:
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         t0 = time.time()
         print(f"demo: building the starting model in {model_dir} (once) ...", flush=True)
-        torch.manual_seed(0)
         reviews = demo_reviews(6000, seed=0)
         tok = train_demo_tokenizer(reviews)
-        config = arithmetic_config(tok, context=128)  # the same tiny Llama as the arithmetic demo's
-        model = LlamaForCausalLM(config)
+        model = init_weights(LlamaForCausalLM(arithmetic_config(tok, context=128)), seed=0)  # the arithmetic demo's
         bos = encode_prompt(tok, "")  # the prompt of a whole review is just BOS
         examples = [
             build_example(bos, tok(r, add_special_tokens=False)["input_ids"], tok.eos_token_id) for r in reviews
@@ -308,6 +306,16 @@ def char_tokenizer():
     )
 
 
+def init_weights(model, seed: int):
+    """The demo models' starting weights, drawn here rather than by transformers (whose initialisation may change
+    between releases): N(0, 0.02) for every matrix, 1 for the norms' scales, parameter by parameter in name order."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02 if p.dim() > 1 else torch.ones(p.shape))
+    return model
+
+
 def arithmetic_config(tok, context: int = 64):
     """The demos' tiny Llama (≈0.4–0.5M parameters, tied embeddings); 64 tokens hold a sum and its worked answer."""
     from transformers import LlamaConfig
@@ -338,9 +346,8 @@ def prepare_arithmetic(demo_dir: str, finetune) -> tuple[str, str]:
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         t0 = time.time()
         print(f"demo: building the starting model in {model_dir} (once) ...", flush=True)
-        torch.manual_seed(0)
         tok = char_tokenizer()
-        model = LlamaForCausalLM(arithmetic_config(tok))
+        model = init_weights(LlamaForCausalLM(arithmetic_config(tok)), seed=0)
         pairs = pretraining_examples(ARITH_PRETRAIN["n"], train, seed=0, p_wrong=ARITH_PRETRAIN["p_wrong"],
                                      p_worked=ARITH_PRETRAIN["p_worked"],
                                      p_wrong_worked=ARITH_PRETRAIN["p_wrong_worked"])  # fmt: skip
