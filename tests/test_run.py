@@ -232,7 +232,7 @@ def test_eval_kl_reports_drift_without_changing_the_ranking(tiny_lm, prompts_fil
     assert a[1]["eval_reward_mean"] == b[1]["eval_reward_mean"]
 
 
-COPY = ["raft.py", "sampling.py", "models.py", "dist.py", "data.py", "metrics.py", "reward.py"]
+COPY = ["raft.py", "sampling.py", "models.py", "dist.py", "data.py", "metrics.py", "reward.py", "losses.py"]
 
 
 def test_the_files_the_readme_says_to_copy_run_on_their_own(tiny_lm, prompts_file, tmp_path):
@@ -263,11 +263,11 @@ def test_the_files_the_readme_says_to_copy_run_on_their_own(tiny_lm, prompts_fil
         assert [r.get(key) for r in copied] == pytest.approx([r.get(key) for r in kit], abs=1e-6)
 
 
-def test_raftpp_with_lora_resumes_exactly_and_runs_on_an_8bit_base(tiny_lm, prompts_file, tmp_path):
+def test_clip_with_lora_resumes_exactly_and_runs_on_an_8bit_base(tiny_lm, prompts_file, tmp_path):
     """RAFT++ under LoRA: a resumed run equals an uninterrupted one (π_old is recomputed from the resumed weights);
     on an 8-bit base it runs too. Every stage logs its clipped share and the entropy on the kept samples."""
-    pp = ["--loss", "raftpp", "--ranking", "positive", "--keep_threshold", "0.1", "--lora_r", "4", "--lora_dropout",
-          "0", "--epochs", "3"]  # fmt: skip
+    pp = ["--loss", "clip", "--advantage", "correct", "--ranking", "positive", "--keep_threshold", "0.1", "--lora_r",
+          "4", "--lora_dropout", "0", "--epochs", "3"]  # fmt: skip
     whole = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "a", "--stages", "2", *pp))
     raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "b", "--stages", "1", *pp))
     resumed = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "b", "--stages", "2", "--resume", *pp))

@@ -40,7 +40,7 @@ def check_ranks(out_dir, log_dir, b):
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)  # identical after the stage
 
 
-GREEDY_RAFTPP = ["--temperature", "0", "--loss", "raftpp"]
+GREEDY_RAFTPP = ["--temperature", "0", "--loss", "clip"]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def same_stage(a, b, stage, atol=1e-5):
 @pytest.mark.xdist_group("uninterrupted")  # one worker computes the reference run
 def test_fsdp_full_and_ddp_lora_two_ranks_then_resume_on_one(tiny_lm, prompts_file, tmp_path, uninterrupted):
     # RAFT++'s loss here (SFT's is checked against one process below): its π_old and clip run under FSDP2 and DDP too
-    for mode, extra in [("full", GREEDY_RAFTPP), ("lora", ["--lora_r", "4", "--loss", "raftpp"])]:
+    for mode, extra in [("full", GREEDY_RAFTPP), ("lora", ["--lora_r", "4", "--loss", "clip"])]:
         out, log = tmp_path / mode, tmp_path / f"log_{mode}"
         log.mkdir()
         args = tiny_args(tiny_lm, prompts_file, out, "--stages", "1", *extra)
@@ -303,3 +303,19 @@ def test_two_ranks_train_exactly_as_one_process_on_the_same_global_batch(tiny_lm
         moved = [not torch.equal(one[k], base[k]) for k in base if k in one] if mode == "full" else \
             [bool(v.abs().sum() > 0) for k, v in one.items() if "lora_B" in k]  # fmt: skip
         assert moved and any(moved)
+
+
+def test_rl_regime_under_fsdp2_saves_its_adamw_and_resumes_where_one_process_ends(tiny_lm, prompts_file, tmp_path):
+    """--regime rl with full fine-tuning on 2 ranks (FSDP2): the sharded AdamW is gathered into each stage's
+    optimizer.pt, a resumed 2-rank run loads it back into its shards, and stage 2 ends where one plain process ends
+    (greedy, so both sample the same responses): the same kept set and weights."""
+    rl = ["--temperature", "0", "--regime", "rl", "--mini_batches", "2", "--ranking", "all", "--loss", "clip"]
+    out = tmp_path / "two"
+    torchrun(tiny_args(tiny_lm, prompts_file, out, "--stages", "1", *rl), script=os.path.join(os.path.dirname(HERE),
+             "raft.py"))  # fmt: skip
+    assert set(torch.load(out / "stage_0001" / "optimizer.pt", weights_only=True)["state"])  # a full AdamW state
+    torchrun(tiny_args(tiny_lm, prompts_file, out, "--stages", "2", "--resume", *rl),
+             script=os.path.join(os.path.dirname(HERE), "raft.py"))  # fmt: skip
+    raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "one", "--stages", "2", *rl))
+    for stage in (1, 2):
+        same_stage(out, tmp_path / "one", stage)

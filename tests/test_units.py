@@ -9,6 +9,7 @@ from transformers import ByT5Tokenizer
 
 import data
 import dist
+import losses
 import models
 import raft
 import sampling
@@ -88,7 +89,7 @@ def test_discard_regex_and_empty_responses():
     assert [(r["prompt"], r["response"]) for r in rows] == [("p0", "fine"), ("p1", "ok")]
     assert m["prompts_skipped"] == 1 and m["samples_discarded"] == 5 and m["samples_empty"] == 2
     assert rows[0]["rewards"] == [9, 1, 5] and rows[0]["reward"] == 1
-    assert [(p, s["text"]) for p, s in kept] == [("p0", "fine"), ("p1", "ok")]
+    assert kept == [(0, 1, 1.0), (1, 2, 1.0)]  # (prompt, sample, advantage): the paper's weight 1
 
 
 def test_nan_reward_excluded():
@@ -389,7 +390,7 @@ def test_clip_stops_gradients_where_it_should():
     for adv, grads, held in [(1.0, [0.5, 1.0, 0.0], [False, False, True]),
                              (-1.0, [0.0, -1.0, -1.5], [True, False, False])]:  # fmt: skip
         lp = torch.tensor([0.5, 1.0, 1.5]).log().requires_grad_()
-        obj, h = raft.clipped_objective(lp, torch.zeros(3), torch.full((3,), adv), 0.2)
+        obj, h = losses.token_objective(lp, torch.zeros(3), torch.full((3,), adv), "clip", 0.2, 0.2)
         obj.sum().backward()
         assert lp.grad.tolist() == pytest.approx(grads) and h.tolist() == held
 
@@ -404,7 +405,7 @@ def _tiny_examples(n=6, seed=0):
     return out
 
 
-def test_raftpp_with_one_optimizer_step_equals_sft_and_then_departs():
+def test_clip_with_one_optimizer_step_equals_sft_and_then_departs():
     """One optimizer step per stage: π_θ = π_old at the step, every ratio is 1 and RAFT++ is the SFT step. With
     many steps at a large rate the ratios leave [1 − ε, 1 + ε], tokens are clipped and the two differ."""
     exs = _tiny_examples()
@@ -412,21 +413,22 @@ def test_raftpp_with_one_optimizer_step_equals_sft_and_then_departs():
     def run(loss, steps, lr):
         model = tiny_family("llama")
         cfg = Config(lr=lr, epochs=steps, train_batch_size=len(exs), micro_batch_size=2, loss=loss)
-        old, _ = models.sampling_policy(model, exs, 4)
+        old, _ = models.policy_pass(model, exs, 4, spread=False)
         stats = {}
-        extra = dict(old=old, adv=[1.0] * len(exs), stats=stats) if loss == "raftpp" else {}
+        extra = dict(old=old, adv=[1.0] * len(exs), stats=stats) if loss == "clip" else {}
         raft.finetune(model, exs, cfg, seed=0, **extra)
         return model.state_dict(), stats
 
-    (sft, _), (pp, stats) = run("sft", 1, 1e-2), run("raftpp", 1, 1e-2)
+    (sft, _), (pp, stats) = run("sft", 1, 1e-2), run("clip", 1, 1e-2)
     assert all(torch.allclose(sft[k], pp[k], atol=1e-6) for k in sft) and stats["clip_frac"] == 0.0
-    (sft, _), (pp, stats) = run("sft", 8, 5e-2), run("raftpp", 8, 5e-2)
+    (sft, _), (pp, stats) = run("sft", 8, 5e-2), run("clip", 8, 5e-2)
     assert stats["clip_frac"] > 0 and any(not torch.allclose(sft[k], pp[k], atol=1e-4) for k in sft)
 
 
 def test_entropy_of_the_sampling_policy_matches_a_direct_computation():
     model, exs = tiny_family("llama"), _tiny_examples()
-    old, entropy = models.sampling_policy(model, exs, 4)
+    old, per = models.policy_pass(model, exs, 4, spread=False)
+    entropy = sum(e for e, _, _ in per) / sum(n for _, n, _ in per)
     ents, lps = [], []
     with torch.no_grad():
         for x, y in exs:  # one example alone, the whole vocabulary, position j predicting token j + 1
