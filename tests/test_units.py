@@ -415,7 +415,7 @@ def test_clip_with_one_optimizer_step_equals_sft_and_then_departs():
         cfg = Config(lr=lr, epochs=steps, train_batch_size=len(exs), micro_batch_size=2, loss=loss)
         old, _ = models.policy_pass(model, exs, 4, spread=False)
         stats = {}
-        extra = dict(old=old, adv=[1.0] * len(exs), stats=stats) if loss == "clip" else {}
+        extra = dict(old=old, stats=stats) if loss == "clip" else {}  # advantage 1, the default
         raft.finetune(model, exs, cfg, seed=0, **extra)
         return model.state_dict(), stats
 
