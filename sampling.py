@@ -137,11 +137,13 @@ def hf_generate(model, tok, enc: list[list[int]], K: int, cfg, ends: set, desc: 
 
 # ---- --gen_backend vllm: the engine's life is vllm_gen.py's; raft.py calls these whatever the backend -----------
 def check_backend(cfg):
-    """Checks of --gen_backend vllm that need no model (raft.py's validate): vLLM installed, in the version needed."""
+    """Checks of --gen_backend vllm that need no model (raft.py's validate): vLLM installed, in the version needed,
+    and a LoRA rank it serves."""
     if cfg.gen_backend == "vllm":
         import vllm_gen
 
         vllm_gen.check_installed()
+        vllm_gen.lora_rank_limit(cfg.lora_r)
 
 
 def start_engine(cfg, model, device, work_dir: str, context: int):

@@ -54,6 +54,17 @@ def check_installed():
             pass
 
 
+# the max_lora_rank values vLLM accepts (vllm/config/lora.py, MaxLoRARanks; tests/with_vllm checks the copy)
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_rank_limit(r: int) -> int:
+    """The smallest max_lora_rank vLLM accepts that holds LoRA rank r (vLLM refuses any other value)."""
+    if r > LORA_RANKS[-1]:
+        raise SystemExit(f"--gen_backend vllm: LoRA rank {r} is above vLLM's largest, {LORA_RANKS[-1]}; lower --lora_r")
+    return min(k for k in LORA_RANKS if k >= r)
+
+
 def _vllm():
     try:
         import vllm
@@ -93,15 +104,15 @@ def make_engine(
 ):
     """A vLLM engine for model_dir (an HF checkpoint directory) in this process; SystemExit, one line, if vLLM cannot
     run it. seed also seeds the process's global RNGs: make the engine before seeding your own. max_model_len: the
-    longest prompt plus max_new_tokens. enforce_eager: None = eager on CPU, CUDA graphs on a GPU. block_size: tokens
-    per KV-cache block (None: vLLM's, 16 on a GPU, 128 on CPU)."""
+    longest prompt plus max_new_tokens. max_lora_rank: rounded up to a rank vLLM accepts. enforce_eager: None = eager
+    on CPU, CUDA graphs on a GPU. block_size: tokens per KV-cache block (None: vLLM's, 16 on a GPU, 128 on CPU)."""
     if dtype not in ("float32", "bfloat16", "float16"):
         raise SystemExit(f"--gen_backend vllm: dtype {dtype!r}: float32, bfloat16 or float16")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise SystemExit(f"--gen_backend vllm: {model_dir} has no config.json (an HF checkpoint directory is needed)")
     vllm = _vllm()
     cpu = _on_cpu()
-    kw = dict(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=1) if enable_lora else {}
+    kw = dict(enable_lora=True, max_lora_rank=lora_rank_limit(max_lora_rank), max_loras=1) if enable_lora else {}
     if block_size:
         kw["block_size"] = block_size
     if cpu:
@@ -310,7 +321,7 @@ def start_engine(cfg, model, device, work_dir: str, context: int):
         cfg.generator_model or cfg.model, dtype="bfloat16" if cfg.bf16 else "float32", seed=cfg.seed,
         max_model_len=min(context, cfg.max_prompt_tokens + cfg.max_new_tokens),
         gpu_memory_utilization=cfg.vllm_memory,
-        enable_lora=bool(cfg.lora_r) and not cfg.generator_model, max_lora_rank=max(cfg.lora_r, 8),
+        enable_lora=bool(cfg.lora_r) and not cfg.generator_model, max_lora_rank=cfg.lora_r,
         enable_sleep_mode=device.type == "cuda",
     )  # fmt: skip
     engine = {"llm": llm, "lora": None, "work": work_dir, "stage": 0}

@@ -50,9 +50,10 @@ def models(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(models):
     t = time.perf_counter()
-    # blocks of 32 tokens (vLLM's CPU default is 128): a 70-token prompt fills two, which the prefix cache keeps
+    # blocks of 32 tokens (vLLM's CPU default is 128): a 70-token prompt fills two, which the prefix cache keeps;
+    # LoRA rank 12, which vLLM refuses as max_lora_rank: make_engine rounds it up to 16
     eng = vllm_gen.make_engine(
-        models[0], dtype="float32", seed=0, max_model_len=128, enable_lora=True, max_lora_rank=8, block_size=32
+        models[0], dtype="float32", seed=0, max_model_len=128, enable_lora=True, max_lora_rank=12, block_size=32
     )
     eng._start_s = time.perf_counter() - t
     return eng
@@ -192,15 +193,25 @@ def save_adapter(base_dir, out_dir, r, seed):
 
 
 def test_lora_adapter_equals_merged_hf(engine, models, tmp_path):
+    """Adapters of rank 12 (the engine was asked for max_lora_rank 12, which vLLM refuses; it got 16)."""
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    assert vllm_gen.LORA_RANKS == tuple(sorted(get_args(MaxLoRARanks)))  # the kit's copy is vLLM's list
+    assert engine.llm_engine.vllm_config.lora_config.max_lora_rank == 16
     ad = str(tmp_path / "adapter")
     for seed in (5, 6):  # the second overwrites the same directory, as a stage may: its samples must follow
-        merged = save_adapter(models[0], ad, 8, seed)
+        merged = save_adapter(models[0], ad, 12, seed)
         want = [[hf_greedy(merged, p, 12)] for p in PROMPTS]
         assert greedy(engine, n=12, lora=ad) == want
     assert greedy(engine, n=12) == [[hf_greedy(hf(models[0]), p, 12)] for p in PROMPTS]  # without: the base
-    save_adapter(models[0], str(tmp_path / "r16"), 16, 7)
-    with pytest.raises(SystemExit, match="rank 16 .* max_lora_rank 8"):
-        greedy(engine, lora=str(tmp_path / "r16"))
+    save_adapter(models[0], str(tmp_path / "r32"), 32, 7)
+    with pytest.raises(SystemExit, match="rank 32 .* max_lora_rank 16"):
+        greedy(engine, lora=str(tmp_path / "r32"))
+    assert [vllm_gen.lora_rank_limit(r) for r in (1, 2, 8, 9, 300, 512)] == [1, 8, 8, 16, 320, 512]
+    with pytest.raises(SystemExit, match="LoRA rank 600 is above vLLM's largest, 512"):
+        vllm_gen.lora_rank_limit(600)
 
 
 def test_bad_arguments_are_one_line(engine):
