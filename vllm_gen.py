@@ -14,7 +14,7 @@ import logging
 import os
 import re
 
-from dist import RANK
+from dist import DIST, RANK
 from models import fsdp_modules
 
 # push_weights hands tensors to the engine's worker by reference (no copy through a pipe), so the worker must run
@@ -115,6 +115,13 @@ def make_engine(
     kw = dict(enable_lora=True, max_lora_rank=lora_rank_limit(max_lora_rank), max_loras=1) if enable_lora else {}
     if block_size:
         kw["block_size"] = block_size
+    if DIST:
+        # under torchrun, one engine per rank, on its rank's device: vLLM's single-process executor takes device 0
+        # and rank 0 in every process (vllm/v1/executor/uniproc_executor.py, _distributed_args); its external
+        # launcher takes RANK and LOCAL_RANK from torchrun (cuda:LOCAL_RANK, compile cache rank_<RANK>_0), joins the
+        # process group the ranks already share and sizes every rank's KV cache to the smallest rank's free memory
+        _keep_torchrun_group()
+        kw["distributed_executor_backend"] = "external_launcher"
     if cpu:
         # chunked prefill rewinds a seeded request's generator when a prompt is split over steps, and CPU
         # generators cannot rewind ("CPU Generator does not use offset"): prefill each prompt whole instead
@@ -146,6 +153,21 @@ def make_engine(
         quiet.removeFilter(chat_warmup)
     llm._raft = {"sleep_mode": enable_sleep_mode and not cpu, "lora": enable_lora, "loras": {}}
     return llm
+
+
+def _keep_torchrun_group():
+    """Under torchrun the process group is the kit's (dist.start makes it, dist.stop destroys it, and every group in
+    it, once). vLLM's engine shutdown destroys every process group too (vllm/v1/engine/core.py, EngineCore.shutdown
+    -> cleanup_dist_env_and_memory), at exit after dist.stop, where it fails on groups already gone: it is left out."""
+    import torch
+    import vllm.v1.engine.core as core
+
+    if not torch.distributed.is_initialized():
+        raise SystemExit("--gen_backend vllm under torchrun: start the process group (dist.start) before the engine")
+    if not getattr(core.cleanup_dist_env_and_memory, "keeps_groups", False):
+        keep = lambda shutdown_ray=False: None  # noqa: E731  (the process ends right after; nothing else to free)
+        keep.keeps_groups = True
+        core.cleanup_dist_env_and_memory = keep
 
 
 def _request_seed(seed: int, i: int) -> int:
