@@ -71,7 +71,8 @@ def generate(model, tok, prompts: list[str], K: int, cfg, desc="sample", engine=
     if cfg.gen_dequantized and getattr(model, "is_loaded_in_8bit", False):
         model = dequantized_copy(model)  # freed when this function returns
     with full_weights(model):  # an FSDP2 policy is gathered once for the whole phase
-        if cfg.gen_backend == "fast" and not getattr(policy, "_fastgen_refused", False):
+        # vllm without an engine: the policy under --generator_model, whose engine holds the generator
+        if cfg.gen_backend in ("fast", "vllm") and not getattr(policy, "_fastgen_refused", False):
             why = "" if fastgen else "fastgen.py is not beside sampling.py (copy it for the fast sampler)"
             if not why:
                 try:

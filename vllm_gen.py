@@ -13,9 +13,9 @@ import json
 import logging
 import os
 import re
+import shutil
 
-from dist import DIST, RANK
-from models import fsdp_modules
+from dist import DIST, RANK, print0
 
 # push_weights hands tensors to the engine's worker by reference (no copy through a pipe), so the worker must run
 # in this process; set before vllm is imported (it reads envs lazily)
@@ -104,8 +104,10 @@ def make_engine(
 ):
     """A vLLM engine for model_dir (an HF checkpoint directory) in this process; SystemExit, one line, if vLLM cannot
     run it. seed also seeds the process's global RNGs: make the engine before seeding your own. max_model_len: the
-    longest prompt plus max_new_tokens. max_lora_rank: rounded up to a rank vLLM accepts. enforce_eager: None = eager
-    on CPU, CUDA graphs on a GPU. block_size: tokens per KV-cache block (None: vLLM's, 16 on a GPU, 128 on CPU)."""
+    longest prompt plus max_new_tokens. max_lora_rank: rounded up to a rank vLLM accepts. enable_sleep_mode: sleep
+    and wake free and restore the engine's memory on a GPU, and pause and resume it on CPU (see sleep).
+    enforce_eager: None = eager on CPU, CUDA graphs on a GPU. block_size: tokens per KV-cache block (None: vLLM's, 16
+    on a GPU, 128 on CPU)."""
     if dtype not in ("float32", "bfloat16", "float16"):
         raise SystemExit(f"--gen_backend vllm: dtype {dtype!r}: float32, bfloat16 or float16")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
@@ -151,7 +153,8 @@ def make_engine(
         raise SystemExit(f"--gen_backend vllm: vLLM cannot run {model_dir}: {_one_line(e)}")
     finally:
         quiet.removeFilter(chat_warmup)
-    llm._raft = {"sleep_mode": enable_sleep_mode and not cpu, "lora": enable_lora, "loras": {}}
+    sleep_mode = ("pause" if cpu else "memory") if enable_sleep_mode else None
+    llm._raft = {"sleep": sleep_mode, "asleep": set(), "lora": enable_lora, "loras": {}}
     return llm
 
 
@@ -242,6 +245,8 @@ def sample(
     greedy = temperature == 0
     # greedy: one sample per prompt, copied K times (the K would be identical; vLLM's n>1 buys nothing there)
     n = 1 if greedy else K
+    if engine.llm_engine.is_sleeping():  # vLLM would queue the requests and never run them (sleep pauses it)
+        raise SystemExit("--gen_backend vllm: the engine is asleep; wake it (vllm_gen.wake) before sampling")
     req = _lora_request(engine, lora) if lora else None
     from vllm.exceptions import VLLMError
 
@@ -290,6 +295,8 @@ def push_weights(engine, named_tensors) -> None:
     model in place, through the worker's reload_weights (the path vLLM's RL integrations use). Every weight of the
     engine's model must be among them: a partial push would leave a mix of old and new, so it is refused."""
     items = named_tensors.items() if hasattr(named_tensors, "items") else named_tensors
+    if "weights" in engine._raft["asleep"]:
+        raise SystemExit("--gen_backend vllm: push_weights into a sleeping engine; wake(engine, weights_only=True)")
     worker = _driver_worker(engine)
     model = worker.model_runner.get_model()
     loaded = set()
@@ -319,60 +326,92 @@ def push_weights(engine, named_tensors) -> None:
 
 
 def sleep(engine, keep_weights: bool = False) -> None:
-    """Free the engine's GPU memory for training: the KV cache always; the weights too (discarded, keep_weights
-    False: the next push_weights refills them; offloaded to CPU, keep_weights True: a LoRA run's base). No-op on
-    CPU and for an engine made without enable_sleep_mode."""
-    if engine._raft["sleep_mode"]:
-        engine.sleep(level=1 if keep_weights else 2)
+    """Stop the engine while the policy trains, and on a GPU free its memory: the KV cache always (vLLM's
+    release_kv_cache_memory after a level-0 sleep), the weights too unless keep_weights (level 2; with keep_weights
+    they stay on the GPU, where level 1 would copy them to host memory and back every stage). A sleeping engine
+    schedules nothing until wake (vllm/v1/engine/core.py, sleep), on CPU too, where it only pauses (level 0; vLLM's
+    CPU worker has no sleep mode). A no-op for an engine made without enable_sleep_mode."""
+    mode, asleep = engine._raft["sleep"], engine._raft["asleep"]
+    if not mode or asleep:
+        return
+    if mode == "memory" and not keep_weights:
+        engine.sleep(level=2)  # weights and KV cache discarded: the next push_weights refills the weights
+        asleep.update(("weights", "kv_cache"))
+        return
+    engine.sleep(level=0)
+    if mode == "memory":
+        # in this process nothing steps the engine between calls, so the last finished request stays on the
+        # scheduler's books, and release_kv_cache_memory refuses ("requires a completed pause"): one paused step
+        # (which runs nothing) clears it
+        engine.llm_engine.step()
+        engine.llm_engine.release_kv_cache_memory()
+    asleep.add("kv_cache" if mode == "memory" else "scheduling")
 
 
-def wake(engine) -> None:
-    """Undo sleep: reallocate the weights and KV cache (after a level-2 sleep, push_weights before sampling)."""
-    if engine._raft["sleep_mode"]:
-        engine.wake_up()
-        engine.reset_prefix_cache()
+def wake(engine, weights_only: bool = False) -> None:
+    """Undo sleep. weights_only maps the discarded weights back alone, for push_weights: the KV cache returns only
+    after the push (whose gathered parameters need memory of their own)."""
+    asleep = engine._raft["asleep"]
+    if weights_only:
+        if "weights" in asleep:
+            engine.wake_up(tags=["weights"])
+            asleep.discard("weights")
+        return
+    if asleep:
+        engine.wake_up(tags=sorted(asleep))  # "kv_cache" (and "weights"), or "scheduling" after a pause
+        asleep.clear()
 
 
 # ---- the kit's engine: one per process, made once per run, fed the policy's weights after every stage ------
 def start_engine(cfg, model, device, work_dir: str, context: int):
-    """A vLLM engine in this process on the model that samples (the policy, or a frozen --generator_model), with the
-    policy's current weights in it (also after --resume)."""
+    """A vLLM engine in this process on the model that samples the stages: the policy, with its current weights
+    (also after --resume), or a frozen --generator_model (the policy's held-out evaluation then runs on fastgen)."""
     if cfg.temperature > 2:
         raise SystemExit(f"--gen_backend vllm: --temperature {cfg.temperature} is above vLLM's limit of 2")
     llm = make_engine(
         cfg.generator_model or cfg.model, dtype="bfloat16" if cfg.bf16 else "float32", seed=cfg.seed,
         max_model_len=min(context, cfg.max_prompt_tokens + cfg.max_new_tokens),
         gpu_memory_utilization=cfg.vllm_memory,
-        enable_lora=bool(cfg.lora_r) and not cfg.generator_model, max_lora_rank=cfg.lora_r,
-        enable_sleep_mode=device.type == "cuda",
+        enable_lora=bool(cfg.lora_r) and not cfg.generator_model, max_lora_rank=cfg.lora_r, enable_sleep_mode=True,
     )  # fmt: skip
-    engine = {"llm": llm, "lora": None, "work": work_dir, "stage": 0}
-    if not cfg.generator_model:
+    engine = {"llm": llm, "lora": None, "work": work_dir, "stage": 0, "generator": bool(cfg.generator_model)}
+    if cfg.generator_model:
+        print0("--gen_backend vllm: the engine samples the generator; the policy's held-out evaluation runs on fastgen")
+    else:
         sync_engine(engine, model, cfg)
     return engine
 
 
-def sync_engine(engine, model, cfg):
-    """After a stage's fine-tuning: LoRA hands vLLM the adapters (saved per rank; vLLM runs them on the base, which
-    under --load_in_8bit is the full-precision base, not the int8 one); full fine-tuning pushes the weights."""
-    if cfg.generator_model:
-        return
-    wake(engine["llm"])
-    engine["stage"] += 1
-    if cfg.lora_r:  # a new directory each time: vLLM keeps an adapter it has loaded under its path
-        engine["lora"] = os.path.join(engine["work"], f"rank{RANK}", f"adapter_{engine['stage']:04d}")
-        model.save_pretrained(engine["lora"])
-        return
-    if fsdp_modules(model):  # every rank's engine needs the whole model: gathered on every rank
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def policy_weights(model, dtype):
+    """(name, full tensor) of the policy's weights, one at a time. An FSDP2 parameter is cast to the engine's dtype
+    on its shard, then gathered (full_tensor, a collective every rank runs in the same order): a rank holds one
+    gathered parameter at a time, not the whole model (a full_state_dict would put all of it in fp32 on every GPU
+    at once, 28 GB for 7B)."""
+    for name, t in model.state_dict().items():
+        yield name, t.to(dtype).full_tensor() if hasattr(t, "full_tensor") else t
 
-        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    else:
-        weights = model.state_dict()
-    push_weights(engine["llm"], weights.items())
+
+def sync_engine(engine, model, cfg):
+    """After a stage's fine-tuning: the engine wakes holding the new policy. LoRA hands vLLM the adapters (saved per
+    rank, the previous ones deleted; vLLM runs them on the base, which under --load_in_8bit is the full-precision
+    base, not the int8 one); full fine-tuning streams the weights into the engine's woken weights, and only then
+    does its KV cache come back; a generator's engine only wakes."""
+    llm = engine["llm"]
+    if cfg.lora_r and not cfg.generator_model:
+        engine["stage"] += 1  # a new directory each time: vLLM keeps an adapter it has loaded under its path
+        folder, name = os.path.join(engine["work"], f"rank{RANK}"), f"adapter_{engine['stage']:04d}"
+        engine["lora"] = os.path.join(folder, name)
+        model.save_pretrained(engine["lora"])
+        for old in os.listdir(folder):  # the engine holds the adapter it last loaded in memory: the files can go
+            if old.startswith("adapter_") and old != name:
+                shutil.rmtree(os.path.join(folder, old), ignore_errors=True)
+    elif not cfg.generator_model:
+        wake(llm, weights_only=True)
+        push_weights(llm, policy_weights(model, llm.llm_engine.model_config.dtype))
+    wake(llm)
 
 
 def sleep_engine(engine, cfg):
-    """On a GPU, free the engine's memory while the policy trains (a no-op on CPU). Its weights are kept where no
-    push follows (LoRA, a generator model); full fine-tuning pushes new ones anyway."""
+    """While the policy trains: the engine sleeps, freeing its memory on a GPU. Its weights stay where no push
+    follows (LoRA, a generator model); full fine-tuning pushes new ones anyway."""
     sleep(engine["llm"], keep_weights=bool(cfg.lora_r or cfg.generator_model))

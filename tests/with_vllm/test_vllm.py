@@ -53,8 +53,9 @@ def engine(models):
     # blocks of 32 tokens (vLLM's CPU default is 128): a 70-token prompt fills two, which the prefix cache keeps;
     # LoRA rank 12, which vLLM refuses as max_lora_rank: make_engine rounds it up to 16
     eng = vllm_gen.make_engine(
-        models[0], dtype="float32", seed=0, max_model_len=128, enable_lora=True, max_lora_rank=12, block_size=32
-    )
+        models[0], dtype="float32", seed=0, max_model_len=128, enable_lora=True, max_lora_rank=12, block_size=32,
+        enable_sleep_mode=True,
+    )  # fmt: skip
     eng._start_s = time.perf_counter() - t
     return eng
 
@@ -173,11 +174,82 @@ def test_seeded_sampling_of_more_prompt_tokens_than_a_step_takes(engine):
     assert vllm_gen.sample(engine, prompts[:2], 4, **kw) == rows[:2]  # and still independent of the batch
 
 
-def test_sleep_wake_are_noops_on_cpu(engine, models):
+def test_a_sleeping_engine_refuses_to_sample_until_woken(engine):
+    """On CPU sleep pauses the engine (vLLM's level 0): it would queue requests and never run them, as a slept GPU
+    engine does; sampling from it is a one-line error instead of a hang, and wake resumes it."""
     before = greedy(engine)
     vllm_gen.sleep(engine)
+    assert engine.llm_engine.is_sleeping()
+    with pytest.raises(SystemExit, match="the engine is asleep; wake it"):
+        greedy(engine)
     vllm_gen.wake(engine)
-    assert greedy(engine) == before
+    assert not engine.llm_engine.is_sleeping() and greedy(engine) == before
+
+
+@pytest.fixture
+def gpu_sleep(engine, monkeypatch):
+    """The engine's GPU sleep protocol on vLLM's own sleep/wake state machine: sleep and wake as on a GPU, whose
+    memory moves are no-ops on CPU (discarding the KV cache, which vLLM's CPU worker refuses, is made one); every
+    wake_up and weight reload is recorded in order."""
+    from vllm.v1.worker.cpu_worker import CPUWorker
+
+    monkeypatch.setattr(CPUWorker, "discard", lambda self, tags: None)
+    monkeypatch.setitem(engine._raft, "sleep", "memory")
+    calls = []
+    wake_up, worker = engine.wake_up, vllm_gen._driver_worker(engine)
+    reload = worker.reload_weights
+    monkeypatch.setattr(engine, "wake_up", lambda tags=None: calls.append(("wake_up", tags)) or wake_up(tags=tags))
+    monkeypatch.setattr(worker, "reload_weights", lambda **kw: calls.append(("reload",)) or reload(**kw))
+    yield calls
+    vllm_gen.wake(engine)
+
+
+def sleeping_tags(engine):
+    return set(engine.llm_engine.engine_core.engine_core.model_executor.sleeping_tags)
+
+
+def test_full_fine_tuning_sleeps_wholly_and_the_push_comes_before_the_kv_cache(engine, models, gpu_sleep, tmp_path):
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(lora_r=0, generator_model=None)
+    run = {"llm": engine, "lora": None, "work": str(tmp_path), "stage": 0, "generator": False}
+    vllm_gen.sleep_engine(run, cfg)
+    assert sleeping_tags(engine) == {"weights", "kv_cache"} and engine.llm_engine.is_sleeping()
+    other = hf(models[1])
+    vllm_gen.sync_engine(run, other, cfg)
+    assert gpu_sleep == [("wake_up", ["weights"]), ("reload",), ("wake_up", ["kv_cache"])]
+    assert not engine.llm_engine.is_sleeping() and not sleeping_tags(engine)
+    assert greedy(engine) == [[hf_greedy(other, p, 16)] for p in PROMPTS]
+    vllm_gen.push_weights(engine, hf(models[0]).state_dict())  # back to the engine's own model
+
+
+def test_lora_and_generator_sleep_keeps_the_weights_on_the_device(engine, models, gpu_sleep, tmp_path):
+    """LoRA and a generator model discard the KV cache only (a level-1 sleep would copy the weights to host memory
+    and back every stage); after a stage LoRA hands over the new adapters and deletes the old ones."""
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+
+    cfg = SimpleNamespace(lora_r=8, generator_model=None)
+    run = {"llm": engine, "lora": None, "work": str(tmp_path), "stage": 0, "generator": False}
+    torch.manual_seed(3)
+    peft_cfg = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False)
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(models[0]), peft_cfg)
+    vllm_gen.sync_engine(run, policy, cfg)
+    for _ in range(2):
+        vllm_gen.sleep_engine(run, cfg)
+        assert sleeping_tags(engine) == {"kv_cache"} and engine.llm_engine.is_sleeping()
+        vllm_gen.sync_engine(run, policy, cfg)
+        assert not engine.llm_engine.is_sleeping() and not sleeping_tags(engine)
+    assert ("reload",) not in gpu_sleep and os.listdir(tmp_path / "rank0") == ["adapter_0003"]
+    merged = policy.merge_and_unload().eval()
+    merged.generation_config = GenerationConfig(pad_token_id=0)
+    assert greedy(engine, n=12, lora=run["lora"]) == [[hf_greedy(merged, p, 12)] for p in PROMPTS]
+    cfg = SimpleNamespace(lora_r=0, generator_model="a frozen generator")
+    vllm_gen.sleep_engine(run, cfg)
+    assert sleeping_tags(engine) == {"kv_cache"}
+    vllm_gen.sync_engine(run, None, cfg)  # nothing to hand over: it wakes
+    assert not engine.llm_engine.is_sleeping()
 
 
 def save_adapter(base_dir, out_dir, r, seed):

@@ -86,6 +86,8 @@ def test_after_a_stage_the_engine_samples_from_the_new_weights(tiny, one_process
             hf = sampling.generate(model, tok, [r["prompt"] for r in rows(stage, "eval_samples.jsonl")], 1, cfg)
         assert evals[t] == [s[0]["text"] for s in hf]
         assert evals[t] != evals[t - 1]
+    if mode == "lora":  # each rank's engine keeps only the adapters it samples with
+        assert os.listdir(run / "vllm" / "rank0") == ["adapter_0003"]
 
 
 def saved_weights(stage_dir):
@@ -117,6 +119,37 @@ def test_under_torchrun_each_rank_has_its_own_engine_and_the_run_ends_where_one_
         assert open(tmp_path / "r" / d / "selected.jsonl").read() == open(one / d / "selected.jsonl").read(), d
         a, b = saved_weights(tmp_path / "r" / d), saved_weights(one / d)
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), d
+    if mode == "lora":
+        assert [os.listdir(tmp_path / "r" / "vllm" / f"rank{r}") for r in (0, 1)] == [["adapter_0003"]] * 2
+
+
+def test_a_generator_model_samples_the_stages_and_the_policy_is_evaluated(tiny, tmp_path):
+    """--generator_model with vllm: the engine holds the generator and samples every stage (it sleeps while the
+    policy trains and must wake before the next stage samples: a sleeping engine would never return), and held-out
+    evaluation measures the policy, not the generator: greedy, the eval samples equal HF greedy of the saved policy
+    of each stage, and the kept responses are the generator's greedy ones."""
+    import sampling
+    from raft import Config
+
+    lm, prompts = tiny
+    gen = make_tiny_lm(tmp_path / "gen", hidden=64, seed=1)
+    raft_py(*tiny_args(lm, prompts, tmp_path / "r", "--gen_backend", "vllm", "--generator_model", gen,
+                       "--temperature", "0", "--stages", "2"))  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(lm)
+    cfg = Config(temperature=0, max_new_tokens=12, gen_backend="hf")
+    with torch.no_grad():
+        for t, model in ((0, lm), (2, str(tmp_path / "r" / "stage_0002"))):
+            evals = rows(tmp_path / "r" / f"stage_000{t}", "eval_samples.jsonl")
+            ps = [r["prompt"] for r in evals]
+            policy = sampling.generate(AutoModelForCausalLM.from_pretrained(model), tok, ps, 1, cfg)
+            generator = sampling.generate(AutoModelForCausalLM.from_pretrained(gen), tok, ps, 1, cfg)
+            assert [r["response"] for r in evals] == [s[0]["text"] for s in policy]
+            assert [s[0]["text"] for s in policy] != [s[0]["text"] for s in generator]  # the check can tell
+        kept = rows(tmp_path / "r" / "stage_0002", "selected.jsonl")
+        generator = sampling.generate(
+            AutoModelForCausalLM.from_pretrained(gen), tok, [r["prompt"] for r in kept], 1, cfg
+        )
+        assert [r["response"] for r in kept] == [s[0]["text"] for s in generator]
 
 
 def test_killed_then_resumed_equals_uninterrupted(tiny, tmp_path):
