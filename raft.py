@@ -107,6 +107,7 @@ class Config:  # defaults are the paper's; docs/options.md has each option's pro
     gen_batch_size: int = opt(64, "prompts sampled together (× K rows); lower it if memory runs out")
     cuda_graphs: bool = opt(True, "fast backend on a GPU: replay each decoding step as a CUDA graph")
     vllm_memory: float = opt(0.3, "vllm backend: the share of GPU memory the engine takes (weights and KV cache)")
+    vllm_dtype: str = opt("auto", "vllm backend: the engine's dtype; auto: bfloat16 on a GPU, float32 on CPU")
     # the run
     seed: int = opt(42, "seeds prompt order, sampling, selection and training order")
     out_dir: Optional[str] = opt(None, "the run directory (default runs/raft; demo.py: runs/demo)")

@@ -15,7 +15,7 @@ import torch
 from transformers import GenerationConfig
 
 from data import encode_prompt
-from dist import bar, print0
+from dist import bar, pick_device, print0
 from models import amp, dequantized_copy, full_weights, pad_id
 
 try:  # fastgen.py may be left out of a copy: --gen_backend fast then samples with model.generate, said once
@@ -139,12 +139,14 @@ def hf_generate(model, tok, enc: list[list[int]], K: int, cfg, ends: set, desc: 
 # ---- --gen_backend vllm: the engine's life is vllm_gen.py's; raft.py calls these whatever the backend -----------
 def check_backend(cfg):
     """Checks of --gen_backend vllm that need no model (raft.py's validate): vLLM installed, in the version needed,
-    and a LoRA rank it serves."""
+    a LoRA rank it serves, an engine dtype it runs."""
     if cfg.gen_backend == "vllm":
         import vllm_gen
 
         vllm_gen.check_installed()
         vllm_gen.lora_rank_limit(cfg.lora_r)
+        gpu = pick_device(cfg.device).type == "cuda"
+        vllm_gen.engine_dtype(cfg.vllm_dtype, cfg.bf16, gpu, cfg.lora_r > 0 and not cfg.generator_model)
 
 
 def start_engine(cfg, model, device, work_dir: str, context: int):

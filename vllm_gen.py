@@ -15,6 +15,8 @@ import os
 import re
 import shutil
 
+import torch
+
 from dist import DIST, RANK, print0
 
 # push_weights hands tensors to the engine's worker by reference (no copy through a pipe), so the worker must run
@@ -52,6 +54,22 @@ def check_installed():
             return _refuse_older(metadata.version(name))
         except metadata.PackageNotFoundError:
             pass
+
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def engine_dtype(choice: str, bf16: bool, gpu: bool, lora: bool, gpu_bf16: bool = True) -> str:
+    """--vllm_dtype: the dtype the engine computes in. auto: bfloat16 on a GPU (float16 where it has no bf16), since
+    vLLM's LoRA kernels take only 16-bit inputs (an assertion: vllm/lora/ops/triton_ops/lora_shrink_op.py) and
+    FlashAttention too (fp32 falls back to slower Triton attention); on CPU float32, bfloat16 with --bf16."""
+    if choice not in DTYPES:
+        raise SystemExit(f"--vllm_dtype {choice!r}: choose one of {DTYPES}")
+    if choice == "auto":
+        return ("bfloat16" if gpu_bf16 else "float16") if gpu else "bfloat16" if bf16 else "float32"
+    if gpu and lora and choice == "float32":
+        raise SystemExit("--vllm_dtype float32 with --lora_r: vLLM's LoRA kernels on a GPU take float16 or bfloat16")
+    return choice
 
 
 # the max_lora_rank values vLLM accepts (vllm/config/lora.py, MaxLoRARanks; tests/with_vllm checks the copy)
@@ -162,7 +180,6 @@ def _keep_torchrun_group():
     """Under torchrun the process group is the kit's (dist.start makes it, dist.stop destroys it, and every group in
     it, once). vLLM's engine shutdown destroys every process group too (vllm/v1/engine/core.py, EngineCore.shutdown
     -> cleanup_dist_env_and_memory), at exit after dist.stop, where it fails on groups already gone: it is left out."""
-    import torch
     import vllm.v1.engine.core as core
 
     if not torch.distributed.is_initialized():
@@ -368,11 +385,14 @@ def start_engine(cfg, model, device, work_dir: str, context: int):
     (also after --resume), or a frozen --generator_model (the policy's held-out evaluation then runs on fastgen)."""
     if cfg.temperature > 2:
         raise SystemExit(f"--gen_backend vllm: --temperature {cfg.temperature} is above vLLM's limit of 2")
+    lora, gpu = bool(cfg.lora_r) and not cfg.generator_model, device.type == "cuda"
+    dtype = engine_dtype(cfg.vllm_dtype, cfg.bf16, gpu, lora, gpu and torch.cuda.is_bf16_supported())
+    print0(f"--gen_backend vllm: the engine computes in {dtype} (--vllm_dtype {cfg.vllm_dtype}, on {device.type})")
     llm = make_engine(
-        cfg.generator_model or cfg.model, dtype="bfloat16" if cfg.bf16 else "float32", seed=cfg.seed,
+        cfg.generator_model or cfg.model, dtype=dtype, seed=cfg.seed,
         max_model_len=min(context, cfg.max_prompt_tokens + cfg.max_new_tokens),
         gpu_memory_utilization=cfg.vllm_memory,
-        enable_lora=bool(cfg.lora_r) and not cfg.generator_model, max_lora_rank=cfg.lora_r, enable_sleep_mode=True,
+        enable_lora=lora, max_lora_rank=cfg.lora_r, enable_sleep_mode=True,
     )  # fmt: skip
     engine = {"llm": llm, "lora": None, "work": work_dir, "stage": 0, "generator": bool(cfg.generator_model)}
     if cfg.generator_model:

@@ -345,6 +345,19 @@ def test_models_vllm_cannot_run(tmp_path):
     assert all("\n" not in line and len(line) < 500 for line in lines)
 
 
+def test_the_engine_dtype_suits_the_device():
+    """--vllm_dtype auto: bfloat16 on a GPU (float16 without bf16), whatever --bf16 says (vLLM's LoRA kernels take
+    16-bit only); on CPU float32, bfloat16 with --bf16. fp32 LoRA on a GPU is refused in one line."""
+    auto = [vllm_gen.engine_dtype("auto", bf16, gpu, lora=True) for gpu in (True, False) for bf16 in (False, True)]
+    assert auto == ["bfloat16", "bfloat16", "float32", "bfloat16"]
+    assert vllm_gen.engine_dtype("auto", False, True, lora=False, gpu_bf16=False) == "float16"
+    assert vllm_gen.engine_dtype("float32", False, True, lora=False) == "float32"  # asked for, and no LoRA
+    with pytest.raises(SystemExit, match="--vllm_dtype float32 with --lora_r: vLLM's LoRA kernels on a GPU"):
+        vllm_gen.engine_dtype("float32", False, True, lora=True)
+    with pytest.raises(SystemExit, match="--vllm_dtype 'fp8': choose one of"):
+        vllm_gen.engine_dtype("fp8", False, False, lora=False)
+
+
 def fake_vllm(root, version):
     """A directory that, first on PYTHONPATH, looks like an installed vLLM of `version`: its package and metadata."""
     (root / "vllm").mkdir(parents=True)

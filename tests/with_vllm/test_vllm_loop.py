@@ -133,8 +133,9 @@ def test_a_generator_model_samples_the_stages_and_the_policy_is_evaluated(tiny, 
 
     lm, prompts = tiny
     gen = make_tiny_lm(tmp_path / "gen", hidden=64, seed=1)
-    raft_py(*tiny_args(lm, prompts, tmp_path / "r", "--gen_backend", "vllm", "--generator_model", gen,
-                       "--temperature", "0", "--stages", "2"))  # fmt: skip
+    out = raft_py(*tiny_args(lm, prompts, tmp_path / "r", "--gen_backend", "vllm", "--generator_model", gen,
+                             "--temperature", "0", "--stages", "2"))  # fmt: skip
+    assert "--gen_backend vllm: the engine computes in float32 (--vllm_dtype auto, on cpu)" in out.stdout
     tok = AutoTokenizer.from_pretrained(lm)
     cfg = Config(temperature=0, max_new_tokens=12, gen_backend="hf")
     with torch.no_grad():
