@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -72,6 +73,54 @@ def engine_dtype(choice: str, bf16: bool, gpu: bool, lora: bool, gpu_bf16: bool 
     return choice
 
 
+GIB = 2**30
+# vLLM's own use beside weights and KV cache: activations of its profiling forward, CUDA graphs, non-torch memory (an
+# allowance read off vllm/v1/worker/gpu_worker.py's determine_available_memory, not measured)
+OVERHEAD = 2 * GIB
+
+
+def engine_bytes(model_dir: str, dtype: str):
+    """(weight bytes, KV-cache bytes per token) of model_dir's model in dtype, from its config alone (a meta-device
+    model: nothing is loaded), or None for a config this cannot read."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+        with torch.device("meta"):
+            n = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+        text = config.get_text_config()
+        heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        layers = text.num_hidden_layers
+    except Exception:  # an unusual config: vLLM's own check remains
+        return None
+    size = torch.finfo(getattr(torch, dtype)).bits // 8
+    return n * size, 2 * layers * kv_heads * head_dim * size
+
+
+def check_memory(share: float, total: int, free: int, weights: int, kv_per_token: int, tokens: int):
+    """Before vLLM loads anything: share (--vllm_memory) of the GPU's total must hold the engine's weights, a KV
+    cache for `tokens` tokens and OVERHEAD, and fit in the memory free now. vLLM counts all of it against share ×
+    total (vllm/v1/worker/utils.py, request_memory) and, with no room left for the cache, stops at start with "No
+    available memory for the cache blocks" (vllm/v1/core/kv_cache_utils.py). One line with the share to use."""
+    need, ask = weights + kv_per_token * tokens + OVERHEAD, share * total
+    gib = lambda b: f"{b / GIB:.1f} GiB"  # noqa: E731
+    what = f"weights {gib(weights)} + KV cache for {tokens} tokens {gib(kv_per_token * tokens)} + {gib(OVERHEAD)}"
+    if need > free:
+        fix = "free some (e.g. --offload_reward) or use a larger GPU"
+        raise SystemExit(f"--gen_backend vllm: the engine needs about {gib(need)} ({what}), but only {gib(free)} "
+                         f"of the GPU's {gib(total)} is free: {fix}")  # fmt: skip
+    if ask < need:
+        use = min(math.ceil(need / total * 100), math.floor(free / total * 100)) / 100
+        raise SystemExit(f"--vllm_memory {share}: {gib(ask)} of the GPU's {gib(total)} leaves the engine no room "
+                         f"for its KV cache ({what}); use --vllm_memory {use:.2f}")  # fmt: skip
+    if ask > free:
+        use = math.floor(free / total * 100) / 100
+        raise SystemExit(f"--vllm_memory {share}: {gib(ask)}, but only {gib(free)} of the GPU's {gib(total)} is "
+                         f"free; use --vllm_memory {use:.2f}")  # fmt: skip
+
+
 # the max_lora_rank values vLLM accepts (vllm/config/lora.py, MaxLoRARanks; tests/with_vllm checks the copy)
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
@@ -119,19 +168,25 @@ def make_engine(
     enable_sleep_mode: bool = False,
     enforce_eager=None,
     block_size: int | None = None,
+    min_kv_tokens: int = 0,
 ):
     """A vLLM engine for model_dir (an HF checkpoint directory) in this process; SystemExit, one line, if vLLM cannot
     run it. seed also seeds the process's global RNGs: make the engine before seeding your own. max_model_len: the
     longest prompt plus max_new_tokens. max_lora_rank: rounded up to a rank vLLM accepts. enable_sleep_mode: sleep
     and wake free and restore the engine's memory on a GPU, and pause and resume it on CPU (see sleep).
     enforce_eager: None = eager on CPU, CUDA graphs on a GPU. block_size: tokens per KV-cache block (None: vLLM's, 16
-    on a GPU, 128 on CPU)."""
+    on a GPU, 128 on CPU). min_kv_tokens: on a GPU, refuse before loading a gpu_memory_utilization whose KV cache
+    cannot hold that many tokens (check_memory)."""
     if dtype not in ("float32", "bfloat16", "float16"):
         raise SystemExit(f"--gen_backend vllm: dtype {dtype!r}: float32, bfloat16 or float16")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise SystemExit(f"--gen_backend vllm: {model_dir} has no config.json (an HF checkpoint directory is needed)")
     vllm = _vllm()
     cpu = _on_cpu()
+    sizes = None if cpu else engine_bytes(model_dir, dtype)
+    if sizes:
+        free, total = torch.cuda.mem_get_info()
+        check_memory(gpu_memory_utilization, total, free, *sizes, min_kv_tokens)
     kw = dict(enable_lora=True, max_lora_rank=lora_rank_limit(max_lora_rank), max_loras=1) if enable_lora else {}
     if block_size:
         kw["block_size"] = block_size
@@ -388,10 +443,10 @@ def start_engine(cfg, model, device, work_dir: str, context: int):
     lora, gpu = bool(cfg.lora_r) and not cfg.generator_model, device.type == "cuda"
     dtype = engine_dtype(cfg.vllm_dtype, cfg.bf16, gpu, lora, gpu and torch.cuda.is_bf16_supported())
     print0(f"--gen_backend vllm: the engine computes in {dtype} (--vllm_dtype {cfg.vllm_dtype}, on {device.type})")
+    longest = min(context, cfg.max_prompt_tokens + cfg.max_new_tokens)
     llm = make_engine(
-        cfg.generator_model or cfg.model, dtype=dtype, seed=cfg.seed,
-        max_model_len=min(context, cfg.max_prompt_tokens + cfg.max_new_tokens),
-        gpu_memory_utilization=cfg.vllm_memory,
+        cfg.generator_model or cfg.model, dtype=dtype, seed=cfg.seed, max_model_len=longest,
+        gpu_memory_utilization=cfg.vllm_memory, min_kv_tokens=max(cfg.K, cfg.eval_samples) * longest,
         enable_lora=lora, max_lora_rank=cfg.lora_r, enable_sleep_mode=True,
     )  # fmt: skip
     engine = {"llm": llm, "lora": None, "work": work_dir, "stage": 0, "generator": bool(cfg.generator_model)}

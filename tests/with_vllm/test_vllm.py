@@ -358,6 +358,31 @@ def test_the_engine_dtype_suits_the_device():
         vllm_gen.engine_dtype("fp8", False, False, lora=False)
 
 
+def test_vllm_memory_is_checked_before_loading_with_the_share_to_use(models, tmp_path):
+    """The engine's weights and KV cache per token come from the config alone; a --vllm_memory that leaves no room
+    for a KV cache (vLLM counts the weights in it) is one line naming the share to use. The issue's case: LLaMA-7B in
+    bf16 on a 48 GB A40 (about 44.4 GiB), K=8 samples of 384 tokens, at the default 0.3."""
+    from transformers import LlamaConfig
+
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(models[0]).parameters())
+    assert vllm_gen.engine_bytes(models[0], "float32") == (4 * n, 2 * 2 * 2 * 32 * 4)  # K and V, layers, heads, dim
+    LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                vocab_size=32000).save_pretrained(tmp_path / "7b")  # fmt: skip
+    weights, per_token = vllm_gen.engine_bytes(str(tmp_path / "7b"), "bfloat16")
+    assert (weights, per_token) == (2 * 6_738_415_616, 2 * 32 * 32 * 128 * 2)
+    gib = vllm_gen.GIB
+    a40, tokens = int(44.4 * gib), 8 * 384
+    with pytest.raises(SystemExit) as e:
+        vllm_gen.check_memory(0.3, a40, 30 * gib, weights, per_token, tokens)
+    assert str(e.value).startswith("--vllm_memory 0.3: 13.3 GiB of the GPU's 44.4 GiB leaves the engine no room")
+    assert str(e.value).endswith("; use --vllm_memory 0.37") and "\n" not in str(e.value)
+    vllm_gen.check_memory(0.37, a40, 30 * gib, weights, per_token, tokens)  # the share it names is enough
+    with pytest.raises(SystemExit, match="0.5: 22.2 GiB, but only 20.0 GiB .* is free; use --vllm_memory 0.45"):
+        vllm_gen.check_memory(0.5, a40, 20 * gib, weights, per_token, tokens)
+    with pytest.raises(SystemExit, match="the engine needs about 16.1 GiB .* but only 10.0 GiB"):
+        vllm_gen.check_memory(0.5, a40, 10 * gib, weights, per_token, tokens)
+
+
 def fake_vllm(root, version):
     """A directory that, first on PYTHONPATH, looks like an installed vLLM of `version`: its package and metadata."""
     (root / "vllm").mkdir(parents=True)
