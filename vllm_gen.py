@@ -7,6 +7,7 @@ sleep_engine run the kit's engine through a RAFT run (sampling.py calls them). L
 tensor-parallel engines (push_weights needs the worker here) and detokenizing. Details: docs/speed.md.
 """
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -24,6 +25,7 @@ from dist import DIST, RANK, print0
 # in this process; set before vllm is imported (it reads envs lazily)
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # a CPU engine's KV cache in GB, unless the environment sets it
+_SET_THREADS = torch.set_num_threads  # torch's own: vLLM's CPU worker puts a no-op in its place
 
 NEEDED = "0.32.0"  # the vLLM this file is written and tested against (requirements-vllm-gpu.txt pins it)
 INSTALL = "pip install -r requirements-vllm-gpu.txt (GPU) or -r requirements-vllm.txt (CPU), in a venv of its own"
@@ -205,6 +207,7 @@ def make_engine(
     quiet = logging.getLogger("vllm.renderers.base")
     chat_warmup = lambda record: record.getMessage() != "Chat template warmup failed"
     quiet.addFilter(chat_warmup)
+    threads = torch.get_num_threads()
     try:
         llm = vllm.LLM(
             model=model_dir,
@@ -226,9 +229,27 @@ def make_engine(
         raise SystemExit(f"--gen_backend vllm: vLLM cannot run {model_dir}: {_one_line(e)}")
     finally:
         quiet.removeFilter(chat_warmup)
+    # vLLM sets torch's threads for the whole process to its serving count, one unless OMP_NUM_THREADS is set
+    # (vllm/utils/torch_utils.py, set_torch_threads_for_runtime), and on CPU makes torch.set_num_threads a no-op
+    # (vllm/v1/worker/cpu_worker.py): the trainer gets its threads and torch's setter back, the engine its count
+    # while it runs (what it profiled and compiled with)
+    serving = torch.get_num_threads()
+    torch.set_num_threads = _SET_THREADS
+    _SET_THREADS(threads)
     sleep_mode = ("pause" if cpu else "memory") if enable_sleep_mode else None
-    llm._raft = {"sleep": sleep_mode, "asleep": set(), "lora": enable_lora, "loras": {}}
+    llm._raft = {"sleep": sleep_mode, "asleep": set(), "lora": enable_lora, "loras": {}, "threads": serving}
     return llm
+
+
+@contextlib.contextmanager
+def _engine_threads(engine):
+    """torch's threads at the engine's serving count inside, the caller's outside."""
+    before = torch.get_num_threads()
+    _SET_THREADS(engine._raft["threads"])
+    try:
+        yield
+    finally:
+        _SET_THREADS(before)
 
 
 def _keep_torchrun_group():
@@ -339,9 +360,10 @@ def sample(
             )
             for i in range(len(prompts))
         ]
-        outs = engine.generate(
-            [{"prompt_token_ids": list(map(int, p))} for p in prompts], params, use_tqdm=False, lora_request=req
-        )
+        with _engine_threads(engine):
+            outs = engine.generate(
+                [{"prompt_token_ids": list(map(int, p))} for p in prompts], params, use_tqdm=False, lora_request=req
+            )
     except (ValueError, VLLMError) as e:  # vLLM's checks of a request (e.g. temperature above 2), of an adapter
         raise SystemExit(f"--gen_backend vllm: {_one_line(e)}")
     rows = []

@@ -49,6 +49,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(models):
+    torch.set_num_threads(2)  # the trainer's threads, which the engine must leave as they are
     t = time.perf_counter()
     # blocks of 32 tokens (vLLM's CPU default is 128): a 70-token prompt fills two, which the prefix cache keeps;
     # LoRA rank 12, which vLLM refuses as max_lora_rank: make_engine rounds it up to 16
@@ -57,6 +58,9 @@ def engine(models):
         enable_sleep_mode=True,
     )  # fmt: skip
     eng._start_s = time.perf_counter() - t
+    eng._threads_after = torch.get_num_threads()
+    torch.set_num_threads(1)  # back to one (CI shares the machine); vLLM's CPU worker would make this a no-op
+    eng._threads_set = torch.get_num_threads()
     return eng
 
 
@@ -172,6 +176,16 @@ def test_seeded_sampling_of_more_prompt_tokens_than_a_step_takes(engine):
     rows = vllm_gen.sample(engine, prompts, 4, **kw)
     assert [len(r) for r in rows] == [4] * 64 and all(len(s) == 4 for r in rows for s in r)
     assert vllm_gen.sample(engine, prompts[:2], 4, **kw) == rows[:2]  # and still independent of the batch
+
+
+def test_the_engine_leaves_torchs_threads_to_the_trainer(engine):
+    """vLLM sets the process's torch threads to its own serving count (on a GPU one, unless OMP_NUM_THREADS is set)
+    and on CPU makes torch.set_num_threads a no-op; make_engine gives both back."""
+    assert engine._threads_after == 2 and engine._threads_set == 1
+    before = greedy(engine)
+    torch.set_num_threads(2)
+    assert greedy(engine) == before and torch.get_num_threads() == 2  # sampling runs at the engine's count
+    torch.set_num_threads(1)
 
 
 def test_a_sleeping_engine_refuses_to_sample_until_woken(engine):
