@@ -318,7 +318,8 @@ def sample(
     """K continuations of each prompt (token ids, BOS etc. already in them) -> [len(prompts)][K] lists of new token
     ids: up to and including the first of eos_ids, else max_new_tokens long. All prompts go to the engine at once,
     n=K each (the engine schedules them and prefills each prompt once). lora: a saved PEFT adapter directory.
-    seed: per-prompt request seeds derived from it (None: torch's global RNG)."""
+    seed: every request gets a seed derived from it and the prompt's index (None: a seed drawn from torch's global
+    RNG). The prefix cache is emptied first, so a call's tokens never depend on what earlier calls left cached."""
     vllm = _vllm()
     if K < 1 or max_new_tokens < 1:
         raise SystemExit(f"--gen_backend vllm: K ({K}) and max_new_tokens ({max_new_tokens}) must be >= 1")
@@ -343,6 +344,12 @@ def sample(
     req = _lora_request(engine, lora) if lora else None
     from vllm.exceptions import VLLMError
 
+    # seeded, every request: vLLM's model runner V2 (its default on a GPU) gives an unseeded request a seed from
+    # numpy's global RNG (vllm/v1/worker/gpu/sample/states.py); V1 (on CPU) draws it from torch's
+    if seed is None:
+        seed = int(torch.randint(2**62, (1,)))
+    engine.reset_prefix_cache()  # cached prompt blocks would make these logits depend on earlier calls
+
     try:
         params = [
             vllm.SamplingParams(
@@ -356,7 +363,7 @@ def sample(
                 # generation_config="vllm"; ignore_eos keeps them out, so only eos_ids stop (none: run to length)
                 ignore_eos=True,
                 detokenize=False,
-                seed=None if seed is None or greedy else _request_seed(seed, i),
+                seed=_request_seed(seed, i),
             )
             for i in range(len(prompts))
         ]

@@ -168,6 +168,22 @@ def test_seed_determines_samples_regardless_of_batch(engine):
     assert torch.rand(1) != untouched
 
 
+def test_every_request_is_seeded_and_starts_from_an_empty_prefix_cache(engine, monkeypatch):
+    """Model runner V2 (vLLM's default on a GPU) draws an unseeded request's seed from numpy: vllm_gen seeds every
+    request, from torch's RNG when no seed is given; and it empties the prefix cache before each call, so what an
+    earlier call cached never changes a call's logits (through a different prefill path)."""
+    calls = []
+    generate, reset = engine.generate, engine.reset_prefix_cache
+    monkeypatch.setattr(engine, "generate", lambda ps, params, **kw: calls.append(params) or generate(ps, params, **kw))
+    monkeypatch.setattr(engine, "reset_prefix_cache", lambda: calls.append("reset") or reset())
+    kw = dict(max_new_tokens=4, top_k=0, top_p=1.0, eos_ids={EOS})
+    for temperature in (1.0, 0.0):
+        vllm_gen.sample(engine, PROMPTS, 2, temperature=temperature, **kw)
+    assert [c if c == "reset" else "generate" for c in calls] == ["reset", "generate"] * 2
+    seeds = [p.seed for params in calls[1::2] for p in params]
+    assert len(seeds) == 2 * len(PROMPTS) and None not in seeds and len(set(seeds)) == len(seeds)
+
+
 def test_seeded_sampling_of_more_prompt_tokens_than_a_step_takes(engine):
     """64 prompts of 60 tokens x K=4: more prompt tokens than the engine prefills in one step (4096 on CPU). With
     chunked prefill vLLM would rewind a seeded request's generator, which CPU generators cannot do."""
