@@ -1,10 +1,11 @@
-"""--gen_backend vllm: RAFT's sampling step on a vLLM engine that runs in the training process, one per process.
-Token ids in, token ids out; the kit tokenizes, cuts at EOS/stop strings and scores. make_engine builds the engine;
-sample(engine, prompts, K, ...) returns [prompt][K] lists of new token ids, as fastgen.sample does; push_weights
-loads the policy's full weights into it; sleep/wake free and restore its GPU memory while the policy trains (no-ops
-on CPU). Samples use only the arguments given, never the model's generation_config. start_engine, sync_engine and
-sleep_engine run the kit's engine through a RAFT run (sampling.py calls them). Left out: multiprocess and
-tensor-parallel engines (push_weights needs the worker here) and detokenizing. Details: docs/speed.md.
+"""--gen_backend vllm: RAFT's sampling step on a vLLM 0.32 engine that runs in the training process, one per process
+(under torchrun one per rank, on its own GPU). Token ids in, token ids out; the kit tokenizes, cuts at EOS/stop
+strings and scores. make_engine builds the engine; sample(engine, prompts, K, ...) returns [prompt][K] lists of new
+token ids, as fastgen.sample does; push_weights loads the policy's full weights into it; sleep/wake stop it while
+the policy trains and on a GPU free and restore its memory. Samples use only the arguments given, never the
+model's generation_config. start_engine, sync_engine and sleep_engine run the kit's engine through a RAFT run
+(sampling.py calls them). Left out: multiprocess and tensor-parallel engines (push_weights needs the worker here)
+and detokenizing. Details, and what was read from vLLM's source but never run on a GPU: docs/speed.md.
 """
 
 import contextlib
