@@ -142,7 +142,7 @@ def validate(cfg: Config, needs_reward=True):
     for name, options in choices.items():
         need(getattr(cfg, name) in options, f"--{name} {getattr(cfg, name)!r}: choose one of {options}")
     need(cfg.clip_eps > 0, "--clip_eps must be > 0")
-    check_backend(cfg)  # --gen_backend vllm: vLLM installed, in the version vllm_gen.py needs
+    check_backend(cfg)  # --gen_backend vllm: vLLM installed in the version needed; its LoRA rank and dtype
     need(cfg.temperature >= 0, "--temperature must be ≥ 0 (0 = greedy)")
     need(0 < cfg.top_p <= 1, "--top_p must be in (0, 1]")
     need(cfg.top_k >= 0 and cfg.max_new_tokens >= 1 and cfg.eval_prompts >= 0 and cfg.eval_samples >= 1,

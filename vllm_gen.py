@@ -110,12 +110,12 @@ def check_memory(share: float, total: int, free: int, weights: int, kv_per_token
     need, ask = weights + kv_per_token * tokens + OVERHEAD, share * total
     gib = lambda b: f"{b / GIB:.1f} GiB"  # noqa: E731
     what = f"weights {gib(weights)} + KV cache for {tokens} tokens {gib(kv_per_token * tokens)} + {gib(OVERHEAD)}"
-    if need > free:
+    if need > math.floor(free / total * 100) / 100 * total:  # no share in hundredths both holds it and is free
         fix = "free some (e.g. --offload_reward) or use a larger GPU"
         raise SystemExit(f"--gen_backend vllm: the engine needs about {gib(need)} ({what}), but only {gib(free)} "
                          f"of the GPU's {gib(total)} is free: {fix}")  # fmt: skip
     if ask < need:
-        use = min(math.ceil(need / total * 100), math.floor(free / total * 100)) / 100
+        use = math.ceil(need / total * 100) / 100
         raise SystemExit(f"--vllm_memory {share}: {gib(ask)} of the GPU's {gib(total)} leaves the engine no room "
                          f"for its KV cache ({what}); use --vllm_memory {use:.2f}")  # fmt: skip
     if ask > free:
