@@ -89,7 +89,7 @@ def parse(argv=None):
     ap.add_argument("--reward_batch_size", type=int, default=32)
     ap.add_argument("--micro_batch_size", type=int, default=8)
     ap.add_argument("--no_cuda_graphs", action="store_true")
-    ap.add_argument("--vllm", action="store_true", help="generate: also time vLLM on the same work (needs vllm, a GPU)")
+    ap.add_argument("--vllm", action="store_true", help="generate: also time vllm_gen on the same work (needs vLLM)")
     ap.add_argument("--raft_args", default="", help='stage: extra raft.py options, e.g. "--lora_r 16 --bf16"')
     ap.add_argument("--json", default=None, help="also append every row as JSON to this file")
     a = ap.parse_args(argv)
@@ -173,11 +173,8 @@ def matmul_params(model) -> tuple[int, int]:
     return sum(weights.values()), head.weight.numel()
 
 
-def greedy_agreement(model, prompts: list[list[int]], new_tokens: int, cuda_graphs: bool, eos_id: int = 2) -> float:
-    """The share of positions where fastgen's greedy tokens equal model.generate's on the same prompts. Like with
-    like: both stop at EOS (generate with min_new_tokens would mask EOS, which fastgen never does, and report a
-    disagreement that is not there); a row is compared up to and including its EOS, a length mismatch counting as
-    disagreement on the extra positions."""
+def greedy_reference(model, prompts: list[list[int]], new_tokens: int, eos_id: int = 2) -> list[list[int]]:
+    """model.generate's greedy tokens, each row up to and including its EOS (generate pads after EOS)."""
     ids = torch.tensor(prompts, device=DEV)
     ref = model.generate(
         input_ids=ids,
@@ -186,22 +183,24 @@ def greedy_agreement(model, prompts: list[list[int]], new_tokens: int, cuda_grap
             do_sample=False, max_new_tokens=new_tokens, pad_token_id=0, eos_token_id=eos_id
         ),
     )[:, ids.shape[1] :].tolist()
-    ref = [r[: r.index(eos_id) + 1] if eos_id in r else r for r in ref]  # generate pads after EOS; fastgen stops
-    got = [
-        r[0]
-        for r in fastgen.sample(
-            model,
-            prompts,
-            1,
-            max_new_tokens=new_tokens,
-            eos_ids={eos_id},
-            pad_id=0,
-            temperature=0,
-            cuda_graphs=cuda_graphs,
-        )
-    ]
+    return [r[: r.index(eos_id) + 1] if eos_id in r else r for r in ref]
+
+
+def agreement(ref: list[list[int]], got: list[list[int]]) -> float:
+    """The share of positions where greedy tokens equal generate's on the same prompts. Like with like: both stop at
+    EOS (generate with min_new_tokens would mask EOS, which the kit's samplers never do, and report a disagreement
+    that is not there); a row is compared up to and including its EOS, a length mismatch counting as disagreement
+    on the extra positions."""
     same = sum(x == y for r, g in zip(ref, got) for x, y in zip(r, g))
     return same / sum(max(len(r), len(g)) for r, g in zip(ref, got))
+
+
+def greedy_agreement(model, prompts: list[list[int]], new_tokens: int, cuda_graphs: bool, eos_id: int = 2) -> float:
+    """agreement of fastgen's greedy tokens with model.generate's."""
+    got = fastgen.sample(
+        model, prompts, 1, max_new_tokens=new_tokens, eos_ids={eos_id}, pad_id=0, temperature=0, cuda_graphs=cuda_graphs
+    )
+    return agreement(greedy_reference(model, prompts, new_tokens, eos_id), [r[0] for r in got])
 
 
 def generate_rows(a, rate: float) -> list[dict]:
@@ -262,45 +261,39 @@ def generate_rows(a, rate: float) -> list[dict]:
     # greedy: does the fast path give model.generate's tokens? (bf16 on a GPU may split ties differently)
     rows[-1]["greedy_same_as_generate"] = greedy_agreement(model, prompts[:4], a.new_tokens, not a.no_cuda_graphs)
     if a.vllm:
-        del model  # vLLM sizes its KV cache from the GPU memory free when it starts
-        torch.cuda.empty_cache()
-        try:  # a failure here (vLLM's versions, memory) must not lose the rows measured above
-            rows.append(vllm_row(a, prompts, P, N, rate))
-        except Exception as e:
-            print(f"note: vllm not measured ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        ref = greedy_reference(model, prompts[:4], a.new_tokens)
+        with tempfile.TemporaryDirectory() as d:
+            model.save_pretrained(d)  # the same weights for vLLM
+            del model  # vLLM sizes its KV cache from the GPU memory free when it starts
+            if DEV.type == "cuda":
+                torch.cuda.empty_cache()
+            try:  # a failure here (vLLM's versions, memory) must not lose the rows measured above
+                rows.append(vllm_row(a, d, prompts, ref, P, N, rate))
+            except (Exception, SystemExit) as e:
+                print(f"note: vllm not measured ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     return rows
 
 
-def vllm_row(a, prompts, P: int, N: int, rate: float) -> dict:
-    """The same work through vLLM (not a baseline the kit beats by construction: a reference point): the random
-    model saved to disk, n=K samples per prompt, exactly --new_tokens each (EOS ignored), temperature 1, no top-k or
-    top-p. Its engine start-up is not timed; its first call (warm-up) is not either."""
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
+def vllm_row(a, model_dir: str, prompts, ref, P: int, N: int, rate: float) -> dict:
+    """The same work through the kit's vLLM backend (vllm_gen.make_engine and sample, as --gen_backend vllm runs
+    them): n=K samples per prompt, exactly --new_tokens each (no EOS), temperature 1, no top-k or top-p. Not timed:
+    the engine's start-up and a warm-up call. Its greedy check: vllm_gen's greedy tokens against model.generate's."""
+    import vllm_gen
 
-    with tempfile.TemporaryDirectory() as d:
-        save_random(d, a.shape)
-        # half the GPU: this process's allocator may still hold memory that vLLM's start-up check counts as used
-        llm = LLM(model=d, dtype="bfloat16", seed=0, skip_tokenizer_init=True, gpu_memory_utilization=0.5)
-        sp = SamplingParams(
-            n=a.K,
-            temperature=1.0,
-            top_p=1.0,
-            max_tokens=a.new_tokens,
-            min_tokens=a.new_tokens,
-            ignore_eos=True,
-            detokenize=False,  # token ids in, token ids out: there is no tokenizer
-        )
-        ps = [TokensPrompt(prompt_token_ids=p) for p in prompts]
-        llm.generate(ps[:1], sp, use_tqdm=False)  # warm-up
-        row = {"phase": "generate", "shape": a.shape, "params": P, "matmul_params": N, "variant": "vllm"}
-        with timed(row):
-            out = llm.generate(ps, sp, use_tqdm=False)
-        row["peak_gib"] = math.nan  # vLLM's engine allocates in its own process: this process's peak says nothing
-        row["tokens"] = sum(len(c.token_ids) for o in out for c in o.outputs)
-        row["tok_s"] = row["tokens"] / row["secs"]
-        row["frac_roofline"] = row["tok_s"] * 2 * N / rate
-        del llm
+    llm = vllm_gen.make_engine(
+        model_dir, dtype="bfloat16" if DEV.type == "cuda" else "float32", max_model_len=a.prompt_len + a.new_tokens
+    )  # 0.3 of the GPU: the share --gen_backend vllm takes by default
+    kw = dict(max_new_tokens=a.new_tokens, temperature=1.0, top_k=0, top_p=1.0, eos_ids=set(), seed=0)
+    vllm_gen.sample(llm, prompts[:1], a.K, **kw)  # warm-up
+    row = {"phase": "generate", "shape": a.shape, "params": P, "matmul_params": N, "variant": "kit vllm_gen"}
+    with timed(row):
+        out = vllm_gen.sample(llm, prompts, a.K, **kw)
+    row["peak_gib"] = math.nan  # vLLM allocates through its own pool: torch's peak here says nothing
+    row["tokens"] = sum(len(s) for r in out for s in r)
+    row["tok_s"] = row["tokens"] / row["secs"]
+    row["frac_roofline"] = row["tok_s"] * 2 * N / rate
+    got = vllm_gen.sample(llm, prompts[: len(ref)], 1, **{**kw, "temperature": 0.0, "eos_ids": {2}})
+    row["greedy_same_as_generate"] = agreement(ref, [r[0] for r in got])
     return row
 
 

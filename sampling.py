@@ -15,7 +15,7 @@ import torch
 from transformers import GenerationConfig
 
 from data import encode_prompt
-from dist import bar, print0
+from dist import bar, pick_device, print0
 from models import amp, dequantized_copy, full_weights, pad_id
 
 try:  # fastgen.py may be left out of a copy: --gen_backend fast then samples with model.generate, said once
@@ -71,7 +71,8 @@ def generate(model, tok, prompts: list[str], K: int, cfg, desc="sample", engine=
     if cfg.gen_dequantized and getattr(model, "is_loaded_in_8bit", False):
         model = dequantized_copy(model)  # freed when this function returns
     with full_weights(model):  # an FSDP2 policy is gathered once for the whole phase
-        if cfg.gen_backend == "fast" and not getattr(policy, "_fastgen_refused", False):
+        # vllm without an engine: the policy under --generator_model, whose engine holds the generator
+        if cfg.gen_backend in ("fast", "vllm") and not getattr(policy, "_fastgen_refused", False):
             why = "" if fastgen else "fastgen.py is not beside sampling.py (copy it for the fast sampler)"
             if not why:
                 try:
@@ -136,6 +137,18 @@ def hf_generate(model, tok, enc: list[list[int]], K: int, cfg, ends: set, desc: 
 
 
 # ---- --gen_backend vllm: the engine's life is vllm_gen.py's; raft.py calls these whatever the backend -----------
+def check_backend(cfg):
+    """Checks of --gen_backend vllm that need no model (raft.py's validate): vLLM installed, in the version needed,
+    a LoRA rank it serves, an engine dtype it runs."""
+    if cfg.gen_backend == "vllm":
+        import vllm_gen
+
+        vllm_gen.check_installed()
+        vllm_gen.lora_rank_limit(cfg.lora_r)
+        gpu = pick_device(cfg.device).type == "cuda"
+        vllm_gen.engine_dtype(cfg.vllm_dtype, cfg.bf16, gpu, cfg.lora_r > 0 and not cfg.generator_model)
+
+
 def start_engine(cfg, model, device, work_dir: str, context: int):
     """A vLLM engine holding the policy's current weights for --gen_backend vllm; None for the other backends."""
     if cfg.gen_backend != "vllm":

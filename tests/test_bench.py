@@ -191,4 +191,5 @@ def test_bench_gpu_script_tiny_mode_writes_a_section_and_reports_what_it_skipped
     skipped = re.findall(r"^- (\w+) .*: (.+)$", notrun, re.M)
     assert ("vLLM", "no GPU") in [(n, why) for n, why in skipped]
     names = {"gen1b", "gen7b", "score", "train", "mem8bit", "memlora", "memfull", "diffusion", "nccl_ddp", "nccl_fsdp"}
+    names |= {"vllmfull", "fastlora", "vllmlora"}  # a stage with each sampling backend, full and LoRA
     assert {n for n, why in skipped if why == "not in BENCH_STEPS"} == names
