@@ -391,7 +391,8 @@ def run(cfg: Config):
             samples = sample(gen_model, gen_tok, tok, mine, cfg, t, engine)
             crash_point("sample", t)
         with phase("rank", times, device):
-            stats = score_samples(tok, mine, samples, reward_fn, kl)
+            # the KL term of each sample: for ranking by it, and as kl_to_start (the RL regime's kl_low_var covers it)
+            stats = score_samples(tok, mine, samples, reward_fn, kl if cfg.kl_beta or cfg.regime == "raft" else None)
             every = gather(samples)
             rows, kept, m = rank_samples(batch, every, cfg, torch.Generator().manual_seed(cfg.seed + t))
             rows = [{**r, **{c: columns[r["prompt"]][c] for c in reward_fn.columns}} for r in rows]
