@@ -2,20 +2,23 @@
 
 Generation, reward scoring and fine-tuning each run the kit's way and the plain-HF way; each row prints tokens/s, its
 fraction of the compute roofline (model FLOPs over the measured matmul rate), the speed-up over each baseline and its
-peak memory. --phase stage / diffusion times one raft.py / diffusion.py stage per phase (--raft_args: raft.py options,
-such as a memory mode); --phase memory computes, not measures, GPU memory per memory mode. Left out: real weights
-(random weights of Llama or SD-1.5 shapes, no hub access; speed and memory do not depend on them), activations in the
-computed memory, runs of more than one process, and any pass/fail on speed. Each row's workload, baselines and FLOP
-count: docs/speed.md; measured numbers: BENCHMARKS.md.
+peak memory. --model PATH runs them on a local causal LM (its reward model: the same weights with a fresh score head),
+with vLLM beside them where it is installed. --phase stage / diffusion times one raft.py / diffusion.py stage per
+phase (--raft_args: raft.py options, such as a memory mode); --phase memory computes, not measures, GPU memory per
+memory mode. Left out: real weights without --model (random weights of Llama or SD-1.5 shapes, no hub access; speed
+and memory do not depend on them), activations in the computed memory, runs of more than one process, and any
+pass/fail on speed. Each row's workload, baselines and FLOP count: docs/speed.md; measured numbers: BENCHMARKS.md.
 
     python bench.py --shape tiny --phase all          # CPU, seconds: the smoke test (tests/test_bench.py)
     python bench.py --shape 1b --phase all            # one GPU: Llama-3.2-1B shape (1.5B parameters)
+    python bench.py --model PATH                      # a local model's real weights: 16 prompts × K 4, 64 + 64 tokens
     python bench.py --shape 1b --phase stage          # one RAFT stage end to end (b=256, K=8), time per phase
     python bench.py --shape 7b --reward_shape 3b --phase memory --gen_batch_size 8   # computed GB per memory mode
 """
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -23,7 +26,9 @@ import tempfile
 import time
 
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
+from transformers import LlamaConfig
+from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
 import dist
 import fastgen
@@ -70,6 +75,8 @@ SHAPES = {  # Llama shapes: the paper's LLaMA-7B, its 3B reward model (Open-LLaM
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", choices=[*SHAPES, "sd15"], default="tiny", help="sd15: --phase diffusion only")
+    ap.add_argument("--model", default=None, help="a local causal LM directory instead of --shape (generate, score, "
+                    "train; defaults b=16, K=4, 64 + 64 tokens; vLLM where installed)")  # fmt: skip
     ap.add_argument(
         "--reward_shape",
         choices=SHAPES,
@@ -81,7 +88,7 @@ def parse(argv=None):
     )
     ap.add_argument("--ranks", type=int, default=8, help="memory: GPUs that FSDP2 shards over (the paper's 8×A40)")
     ap.add_argument("--prompts", type=int, default=None, help="b (default 64 on a GPU, 16 for tiny; stage: 256)")
-    ap.add_argument("--K", type=int, default=8)
+    ap.add_argument("--K", type=int, default=None, help="default 8 (--model: 4)")
     ap.add_argument("--prompt_len", type=int, default=None, help="default 128 (tiny: 16)")
     ap.add_argument("--new_tokens", type=int, default=None, help="default 128 (tiny: 16)")
     ap.add_argument("--gen_batch_size", type=int, default=64, help="prompts per call: hf-B baseline and fastgen")
@@ -89,17 +96,26 @@ def parse(argv=None):
     ap.add_argument("--reward_batch_size", type=int, default=32)
     ap.add_argument("--micro_batch_size", type=int, default=8)
     ap.add_argument("--no_cuda_graphs", action="store_true")
-    ap.add_argument("--vllm", action="store_true", help="generate: also time vllm_gen on the same work (needs vLLM)")
+    ap.add_argument("--vllm", action="store_true", help="generate: also time vllm_gen on the same work (needs vLLM; "
+                    "--model: on whenever vLLM is installed)")  # fmt: skip
     ap.add_argument("--raft_args", default="", help='stage: extra raft.py options, e.g. "--lora_r 16 --bf16"')
     ap.add_argument("--json", default=None, help="also append every row as JSON to this file")
     a = ap.parse_args(argv)
     a.stage_reward = a.reward_shape
+    if a.model:
+        if a.phase not in ("generate", "score", "train", "all"):
+            ap.error("--model runs --phase generate, score, train or all")
+        if not os.path.isfile(os.path.join(a.model, "config.json")):
+            ap.error(f"--model {a.model}: not a local model directory (no config.json)")
+        a.shape = os.path.basename(os.path.normpath(a.model))  # the rows' label
+        a.vllm = a.vllm or importlib.util.find_spec("vllm") is not None
     tiny = a.shape == "tiny"
-    a.prompts = a.prompts or (256 if a.phase == "stage" else 16 if tiny else 64)
-    a.prompt_len = a.prompt_len or (16 if tiny else 128)
-    a.new_tokens = a.new_tokens or (16 if tiny else 128)
+    a.K = a.K or (4 if a.model else 8)
+    a.prompts = a.prompts or (256 if a.phase == "stage" else 16 if tiny or a.model else 64)
+    a.prompt_len = a.prompt_len or (16 if tiny else 64 if a.model else 128)
+    a.new_tokens = a.new_tokens or (16 if tiny else 64 if a.model else 128)
     a.reward_shape = a.reward_shape or a.shape
-    if (a.shape == "sd15") != (a.phase == "diffusion") and not (tiny and a.phase == "diffusion"):
+    if not a.model and (a.shape == "sd15") != (a.phase == "diffusion") and not (tiny and a.phase == "diffusion"):
         ap.error("--phase diffusion takes --shape sd15 (or tiny); the other phases take a Llama shape")
     if raft.WORLD > 1:
         ap.error("bench.py runs one process; under torchrun use --nproc_per_node 1")
@@ -161,6 +177,23 @@ def build(shape: str, cls=LlamaForCausalLM, **kw):
     return model
 
 
+def load(a, reward=False):
+    """The policy (or, reward=True, the reward model) that a phase times: --model's weights (a reward model gets a
+    fresh score head on them), else a random model of --shape (--reward_shape)."""
+    if not a.model:
+        return build(a.reward_shape, LlamaForSequenceClassification, num_labels=1) if reward else build(a.shape)
+    cls = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    torch.manual_seed(0)  # the score head's initialisation
+    model = cls.from_pretrained(a.model, dtype=DTYPE, **({"num_labels": 1} if reward else {})).to(DEV).eval()
+    if reward and model.config.pad_token_id is None:  # a batch's last real token is found through the pad id
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def vocab(model) -> int:
+    return model.config.vocab_size
+
+
 def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -203,11 +236,22 @@ def greedy_agreement(model, prompts: list[list[int]], new_tokens: int, cuda_grap
     return agreement(greedy_reference(model, prompts, new_tokens, eos_id), [r[0] for r in got])
 
 
-def generate_rows(a, rate: float) -> list[dict]:
-    model = build(a.shape)
-    P, (N, _) = n_params(model), matmul_params(model)
+def eos_of(model) -> int:
+    """The model's (first) EOS id, 2 for the random shapes, whose configs name none."""
+    eos = model.generation_config.eos_token_id
+    return eos[0] if isinstance(eos, (list, tuple)) else 2 if eos is None else eos
+
+
+def gen_prompts(a, V: int) -> list[list[int]]:
+    """b prompts of --prompt_len random token ids (the same in every variant and in vLLM's row)."""
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(3, SHAPES[a.shape]["vocab_size"], (a.prompts, a.prompt_len), generator=g).tolist()
+    return torch.randint(3, V, (a.prompts, a.prompt_len), generator=g).tolist()
+
+
+def generate_rows(a, rate: float) -> list[dict]:
+    model = load(a)
+    P, (N, _) = n_params(model), matmul_params(model)
+    prompts = gen_prompts(a, vocab(model))
     gc = GenerationConfig(
         do_sample=True,
         temperature=1.0,
@@ -259,25 +303,38 @@ def generate_rows(a, rate: float) -> list[dict]:
         row["frac_roofline"] = row["tok_s"] * 2 * N / rate  # model FLOPs: 2·N per new token
         rows.append(row)
     # greedy: does the fast path give model.generate's tokens? (bf16 on a GPU may split ties differently)
-    rows[-1]["greedy_same_as_generate"] = greedy_agreement(model, prompts[:4], a.new_tokens, not a.no_cuda_graphs)
-    if a.vllm:
-        ref = greedy_reference(model, prompts[:4], a.new_tokens)
-        with tempfile.TemporaryDirectory() as d:
-            model.save_pretrained(d)  # the same weights for vLLM
-            del model  # vLLM sizes its KV cache from the GPU memory free when it starts
-            if DEV.type == "cuda":
-                torch.cuda.empty_cache()
-            try:  # a failure here (vLLM's versions, memory) must not lose the rows measured above
-                rows.append(vllm_row(a, d, prompts, ref, P, N, rate))
-            except (Exception, SystemExit) as e:
-                print(f"note: vllm not measured ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    rows[-1]["greedy_same_as_generate"] = greedy_agreement(model, prompts[:4], a.new_tokens, not a.no_cuda_graphs,
+                                                           eos_of(model))  # fmt: skip
     return rows
 
 
-def vllm_row(a, model_dir: str, prompts, ref, P: int, N: int, rate: float) -> dict:
+def vllm_rows(a, rate: float, gen: list[dict]) -> list[dict]:
+    """vLLM's row, run after every other phase (its engine takes over torch's threads on a CPU and sizes its KV cache
+    from the GPU memory free when it starts), on the generate rows' weights and prompts; a failure (vLLM's versions,
+    memory) is a note, not a lost table."""
+    if not gen:
+        return []
+    try:
+        model = load(a)
+        prompts, eos = gen_prompts(a, vocab(model)), eos_of(model)
+        ref = greedy_reference(model, prompts[:4], a.new_tokens, eos)
+        with tempfile.TemporaryDirectory() as d:
+            if not a.model:
+                model.save_pretrained(d)  # the same random weights for vLLM
+            del model  # vLLM sizes its KV cache from the GPU memory free when it starts
+            if DEV.type == "cuda":
+                torch.cuda.empty_cache()
+            return [vllm_row(a, a.model or d, prompts, ref, eos, gen[0]["params"], gen[0]["matmul_params"], rate)]
+    except (Exception, SystemExit) as e:
+        print(f"note: vllm not measured ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        return []
+
+
+def vllm_row(a, model_dir: str, prompts, ref, eos: int, P: int, N: int, rate: float) -> dict:
     """The same work through the kit's vLLM backend (vllm_gen.make_engine and sample, as --gen_backend vllm runs
-    them): n=K samples per prompt, exactly --new_tokens each (no EOS), temperature 1, no top-k or top-p. Not timed:
-    the engine's start-up and a warm-up call. Its greedy check: vllm_gen's greedy tokens against model.generate's."""
+    them; a reference point, not a baseline): n=K samples per prompt, exactly --new_tokens each (no EOS),
+    temperature 1, no top-k or top-p; bf16 on a GPU, fp32 on a CPU. Not timed: the engine's start-up and a warm-up
+    call. Its greedy check: vllm_gen's greedy tokens against model.generate's."""
     import vllm_gen
 
     llm = vllm_gen.make_engine(
@@ -292,16 +349,16 @@ def vllm_row(a, model_dir: str, prompts, ref, P: int, N: int, rate: float) -> di
     row["tokens"] = sum(len(s) for r in out for s in r)
     row["tok_s"] = row["tokens"] / row["secs"]
     row["frac_roofline"] = row["tok_s"] * 2 * N / rate
-    got = vllm_gen.sample(llm, prompts[: len(ref)], 1, **{**kw, "temperature": 0.0, "eos_ids": {2}})
+    got = vllm_gen.sample(llm, prompts[: len(ref)], 1, **{**kw, "temperature": 0.0, "eos_ids": {eos}})
     row["greedy_same_as_generate"] = agreement(ref, [r[0] for r in got])
     return row
 
 
 def score_rows(a, rate: float) -> list[dict]:
-    model = build(a.reward_shape, LlamaForSequenceClassification, num_labels=1)
+    model = load(a, reward=True)
     P, (N, _) = n_params(model), matmul_params(model)
     g = torch.Generator().manual_seed(1)
-    V = SHAPES[a.reward_shape]["vocab_size"]
+    V = vocab(model)
     lens = torch.randint(
         a.prompt_len + a.new_tokens // 8, a.prompt_len + a.new_tokens + 1, (a.prompts * a.K,), generator=g
     ).tolist()
@@ -339,7 +396,7 @@ def collate(examples, pad_id: int):
 
 def train_rows(a, rate: float) -> list[dict]:
     g = torch.Generator().manual_seed(2)
-    V = SHAPES[a.shape]["vocab_size"]
+    V = AutoConfig.from_pretrained(a.model).vocab_size if a.model else SHAPES[a.shape]["vocab_size"]
     examples = []
     for _ in range(a.prompts):
         p = torch.randint(
@@ -376,7 +433,7 @@ def train_rows(a, rate: float) -> list[dict]:
         ("plain HF loss, padded", baseline),
         ("kit finetune", lambda m, exs: raft.finetune(m, exs, cfg, seed=0)),
     ):
-        model = build(a.shape).float()  # fp32 master weights, bf16 autocast: the kit's --bf16 full fine-tuning
+        model = load(a).float()  # fp32 master weights, bf16 autocast: the kit's --bf16 full fine-tuning
         P, (N, head) = n_params(model), matmul_params(model)
         flops = 6 * ((N - head) * tokens + head * labelled)  # model FLOPs: the head's work only where a label is
         row = {"phase": "train", "shape": a.shape, "params": P, "matmul_params": N, "variant": name, "tokens": tokens}
@@ -725,6 +782,9 @@ def main(argv=None):
     for phase, fn in (("generate", generate_rows), ("score", score_rows), ("train", train_rows)):
         if a.phase in (phase, "all"):
             rows += fn(a, rate)
+    if a.vllm:  # last, beside the generate rows
+        gen = [r for r in rows if r["phase"] == "generate"]
+        rows[len(gen) : len(gen)] = vllm_rows(a, rate, gen)
     if a.phase == "stage":
         rows += stage_rows(a)
     if a.phase == "diffusion":

@@ -91,8 +91,10 @@ def chat_text(tok, turns) -> str:
     """The turns through the tokenizer's chat template, ending with the assistant's generation cue."""
     messages = [{"role": "user" if role == "Human" else "assistant", "content": text} for role, text in turns]
     text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    # the template may write BOS as text; encoding adds BOS itself, so a second one would be out of distribution
-    return text[len(tok.bos_token) :] if tok.bos_token and text.startswith(tok.bos_token) else text
+    # the template may write BOS as text; where encoding adds BOS itself a second one would be out of distribution,
+    # so it is cut there only (SmolLM2's BOS is the chat marker <|im_start|>, which encoding never adds)
+    cut = _bos_prefix(tok) and text.startswith(tok.bos_token)
+    return text[len(tok.bos_token) :] if cut else text
 
 
 def dataset_response(text: str, fmt: str, chat_template: bool) -> str:

