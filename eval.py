@@ -104,9 +104,9 @@ def sweep_plot(root: str, path: str):
             ax.fill_between(stages, mean - std, mean + std, alpha=0.2)
         ax.set(xlabel="stage", title=title)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=min(len(groups), 9), fontsize=8)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))  # room for the legend under the panels
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
