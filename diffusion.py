@@ -523,7 +523,7 @@ def finetune(sd, images: list, prompts: list[str], cfg: DiffusionConfig, seed: i
             )
         ctx = encode_text(sd, prompts)  # [N, L, D]
     params = [p for p in sd.unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)  # as models.py
     T = sd.sched.config.num_train_timesteps
     sd.unet.train()
     for _ in range(cfg.epochs):
@@ -745,7 +745,7 @@ def prepare_demo(demo_dir: str) -> str:
 
     # a random VAE is no autoencoder: the kept images, encoded again, would give latents unrelated to those that made
     # them, and nothing would be learned
-    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3)
+    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, foreach=True)
     for _ in range(60):
         x = smooth_images(16)
         loss = F.mse_loss(vae.decode(vae.encode(x).latent_dist.mean).sample, x)

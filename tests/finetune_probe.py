@@ -23,7 +23,7 @@ def one_step(mode: str, model_dir: str, shard: bool) -> dict:
         x = torch.randint(4, 200, (n,), generator=g).tolist()
         examples.append(build_example(x[:2], x[2:], 1))
     real = torch.optim.AdamW
-    torch.optim.AdamW = lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr)
+    torch.optim.AdamW = lambda params, lr, weight_decay, foreach=None: torch.optim.SGD(params, lr=lr)
     try:
         raft.finetune(model, examples, cfg, seed=0)
     finally:

@@ -103,7 +103,7 @@ def _tiny():
 
 
 class _SGD(torch.optim.SGD):
-    def __init__(self, params, lr, weight_decay=0.0):
+    def __init__(self, params, lr, weight_decay=0.0, foreach=None):
         super().__init__(params, lr=lr)
 
 
