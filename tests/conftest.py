@@ -24,6 +24,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # `bash .ci/smollm`, which installs what they need and sets RAFT_SMOLLM=1; anywhere else they are not collected
 SMOLLM_TESTS = ["test_smollm.py", "with_vllm/test_vllm_smollm.py"]
 collect_ignore = [] if os.environ.get("RAFT_SMOLLM") == "1" else SMOLLM_TESTS
+# The arithmetic demo's whole run (about 5 minutes on 2 cores) likewise has its own step, `bash .ci/demo` (RAFT_DEMO=1)
+collect_ignore += [] if os.environ.get("RAFT_DEMO") == "1" else ["test_demo_arithmetic.py"]
 
 
 def pytest_configure(config):

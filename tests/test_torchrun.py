@@ -244,18 +244,19 @@ def test_sft_only_under_torchrun_saves_a_full_model(tiny_lm, tmp_path):
 
 @pytest.mark.xdist_group("demo")  # with test_demo: the demo model is built once
 def test_the_headline_command_runs_on_8_processes(tmp_path, demo_dir):
-    """`torchrun --nproc_per_node 8 demo.py` (the demo, typed so), and `torchrun --nproc_per_node 8 raft.py` with the
-    demo's model, data and settings under LoRA: any number of processes that divides the global batch works."""
+    """`torchrun --nproc_per_node 8 raft.py` (the card's command: full fine-tuning, sharded by FSDP2) with the demo's
+    model, data and settings, and `torchrun --nproc_per_node 2 demo.py` (the demo, typed so) under LoRA: any number
+    of processes that divides the global batch works."""
     import demo
 
     root = os.path.dirname(HERE)
-    for mode, script in [("full", "demo.py"), ("lora", "raft.py")]:
+    for mode, script, nproc in [("full", "raft.py", 8), ("lora", "demo.py", 2)]:
         args = ["--stages", "1", "--out_dir", str(tmp_path / mode)]
         if script == "demo.py":
-            args += ["--demo_dir", demo_dir]
+            args += ["--demo_dir", demo_dir, "--lora_r", "8"]
         else:
-            args = demo.raft_args("reviews", demo_dir, [*args, "--lora_r", "8"])
-        out = torchrun(args, script=os.path.join(root, script), nproc=8)
+            args = demo.raft_args("reviews", demo_dir, args)
+        out = torchrun(args, script=os.path.join(root, script), nproc=nproc)
         rows = [json.loads(line) for line in open(tmp_path / mode / "metrics.jsonl")]
         assert [r["stage"] for r in rows] == [0, 1] and rows[1]["n_selected"] == 64, out.stdout[-2000:]
         assert out.stdout.count("stage   1 |") == 1  # printed once, by rank 0
@@ -270,11 +271,12 @@ def free_port() -> int:
 
 
 def test_two_nodes_equal_one_node_with_as_many_processes(tiny_lm, prompts_file, tmp_path):
-    """Two "nodes" of 2 processes (two torchrun launches, --nnodes 2, a c10d rendezvous on localhost) sharing one
-    run directory give the run of 4 processes on one node: the same kept set and the same weights."""
+    """Two "nodes" of one process each (two torchrun launches, --nnodes 2, a c10d rendezvous on localhost; the second
+    node's process has rank 1 and local rank 0) sharing one run directory give the run of 2 processes on one node:
+    the same kept set and the same weights."""
     args = tiny_args(tiny_lm, prompts_file, tmp_path / "two_nodes", "--stages", "1")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    rdzv = ["--nnodes", "2", "--nproc_per_node", "2", "--rdzv_backend", "c10d", "--rdzv_id", "raft-test",
+    rdzv = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_id", "raft-test",
             "--rdzv_endpoint", f"127.0.0.1:{free_port()}"]  # fmt: skip
     script = os.path.join(os.path.dirname(HERE), "raft.py")
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *rdzv, "--node_rank", str(n), script,
@@ -283,7 +285,7 @@ def test_two_nodes_equal_one_node_with_as_many_processes(tiny_lm, prompts_file, 
     for p in nodes:
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
-    torchrun(tiny_args(tiny_lm, prompts_file, tmp_path / "one_node", "--stages", "1"), script=script, nproc=4)
+    torchrun(tiny_args(tiny_lm, prompts_file, tmp_path / "one_node", "--stages", "1"), script=script, nproc=2)
     same_stage(tmp_path / "two_nodes", tmp_path / "one_node", 1, atol=1e-6)
     assert open(tmp_path / "two_nodes" / "stage_0001" / "selected.jsonl").read().count("\n") == 8
 
