@@ -45,6 +45,14 @@ def smollm_dir():
         pytest.fail(f"the SmolLM2 model is not available: {e}")
 
 
+class PlainSGD(torch.optim.SGD):
+    """w -= lr·g in place of AdamW (monkeypatched in), whose first step (≈ lr·sign(g)) cannot see the gradient's
+    scale; takes and ignores make_optimizer's AdamW arguments."""
+
+    def __init__(self, params, lr, weight_decay=0.0, foreach=None):
+        super().__init__(params, lr=lr)
+
+
 def make_tiny_lm(path, seed=0, layers=2, hidden=32):
     from transformers import ByT5Tokenizer, LlamaConfig, LlamaForCausalLM
 

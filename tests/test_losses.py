@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_args
+from conftest import PlainSGD, tiny_args
 
 import losses
 import models
@@ -102,16 +102,11 @@ def _tiny():
     return LlamaForCausalLM(cfg).eval()  # fmt: skip
 
 
-class _SGD(torch.optim.SGD):
-    def __init__(self, params, lr, weight_decay=0.0, foreach=None):
-        super().__init__(params, lr=lr)
-
-
 @pytest.mark.parametrize("agg", ["token", "sequence"])
 def test_loss_averages_over_tokens_or_over_sequences(monkeypatch, agg):
     """One SGD step on a short and a long example equals the gradient of the averaged NLL written out by hand: every
     token alike (token), or each sequence's mean first (sequence), with micro-batches of one example."""
-    monkeypatch.setattr(torch.optim, "AdamW", _SGD)
+    monkeypatch.setattr(torch.optim, "AdamW", PlainSGD)
     exs = _examples([2, 9])
     model, ref = _tiny(), _tiny()
     raft.finetune(model, exs, Config(lr=1.0, epochs=1, train_batch_size=2, micro_batch_size=1, loss_agg=agg,

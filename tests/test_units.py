@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from conftest import PlainSGD
 from transformers import ByT5Tokenizer
 
 import data
@@ -457,13 +458,6 @@ def test_global_keeps_only_the_valid_samples_when_fewer_than_b_are():
     assert select(S, valid, "global", torch.Generator()) == [(0, 2), (2, 0)]
 
 
-class _SGD(torch.optim.SGD):
-    """w -= lr·g in place of AdamW, whose first step (≈ lr·sign(g)) cannot see the gradient's scale."""
-
-    def __init__(self, params, lr, weight_decay=0.0, foreach=None):
-        super().__init__(params, lr=lr)
-
-
 def _update(exs, **cfg_kw):
     """The change of every weight of the tiny Llama after raft.finetune (one model, same seed each call)."""
     model = tiny_family("llama")
@@ -475,7 +469,7 @@ def _update(exs, **cfg_kw):
 def test_micro_batches_accumulate_to_the_same_update(monkeypatch):
     """--micro_batch_size only splits the forward passes: 8, 2 and 3 (uneven: 3 + 3 + 2) samples per pass with the
     same --train_batch_size give the same gradient, so the same update (plain SGD makes the gradient visible)."""
-    monkeypatch.setattr(torch.optim, "AdamW", _SGD)
+    monkeypatch.setattr(torch.optim, "AdamW", PlainSGD)
     exs = _tiny_examples(8, seed=1)
     whole = _update(exs, train_batch_size=8, micro_batch_size=8, max_grad_norm=1e9)
     assert whole.abs().max() > 1e-3
@@ -486,7 +480,7 @@ def test_micro_batches_accumulate_to_the_same_update(monkeypatch):
 
 def test_gradients_are_clipped_to_max_grad_norm(monkeypatch):
     """A gradient far above --max_grad_norm is scaled down to exactly that norm, keeping its direction."""
-    monkeypatch.setattr(torch.optim, "AdamW", _SGD)
+    monkeypatch.setattr(torch.optim, "AdamW", PlainSGD)
     exs = _tiny_examples(4)
     free = _update(exs, train_batch_size=4, micro_batch_size=4, max_grad_norm=1e9)
     clipped = _update(exs, train_batch_size=4, micro_batch_size=4, max_grad_norm=1e-2)
