@@ -92,6 +92,7 @@ DATASET["smollm"], DEMO_DIR["smollm"] = "data", "runs/demo_smollm_model"  # the 
 # pretraining of the arithmetic model: ≈1,560 AdamW steps of 128 pairs in two styles, 70% bare answers ("82", wrong
 # 70% of the time) and 30% worked ones ("12 7 82", wrong 10%); RAFT then keeps the correct samples, more of them worked
 ARITH_PRETRAIN = dict(n=50_000, p_wrong=0.7, p_worked=0.3, p_wrong_worked=0.1, lr=3e-3, epochs=4, batch=128)
+REVIEWS_PRETRAIN = dict(n=6000, lr=3e-3, epochs=3, batch=32)  # the reviews model: 3 epochs over 6,000 reviews
 ARITH_OFFSETS = (-10, -1, 1, 10)  # the slips of a noisy answer: the ones digit, or a carry dropped or doubled
 ARITH_CHARS = "0123456789+-=: abcdefghijklmnopqrstuvwxyz"
 
@@ -224,6 +225,24 @@ def raft_args(kind: str, demo_dir: str, argv: list[str]) -> list[str]:
     return args + list(argv)
 
 
+RECIPE = "recipe.json"  # in a built model's folder: the pretraining settings it was built with
+
+
+def built(model_dir: str, recipe: dict) -> bool:
+    """Whether model_dir holds a model built with these pretraining settings. A cached model built with others (or
+    with none recorded) is built again, so a change to ARITH_PRETRAIN or REVIEWS_PRETRAIN never runs on a stale one."""
+    if not os.path.exists(os.path.join(model_dir, "config.json")):
+        return False
+    try:
+        with open(os.path.join(model_dir, RECIPE)) as f:
+            if json.load(f) == recipe:
+                return True
+    except (OSError, ValueError):
+        pass
+    print(f"demo: {model_dir} was built with other settings than demo.py's; building it again", flush=True)
+    return False
+
+
 def prepare(kind: str, demo_dir: str, cfg) -> tuple[str, str]:
     """Build once (cached in demo_dir) the demo's tiny Llama and its prompts; return their paths. The pretraining is
     raft.finetune with cfg's options, some of them changed."""
@@ -237,18 +256,20 @@ def prepare(kind: str, demo_dir: str, cfg) -> tuple[str, str]:
     if kind == "smollm":
         return prepare_smollm(demo_dir)
     model_dir, prompts_file = os.path.join(demo_dir, "model"), os.path.join(demo_dir, "prompts.jsonl")
-    if not os.path.exists(os.path.join(model_dir, "config.json")):
+    if not built(model_dir, REVIEWS_PRETRAIN):
         t0 = time.time()
         print(f"demo: building the starting model in {model_dir} (once) ...", flush=True)
-        reviews = demo_reviews(6000, seed=0)
+        reviews = demo_reviews(REVIEWS_PRETRAIN["n"], seed=0)
         tok = train_demo_tokenizer(reviews)
         model = init_weights(LlamaForCausalLM(arithmetic_config(tok, context=128)), seed=0)  # the arithmetic demo's
         bos = encode_prompt(tok, "")  # the prompt of a whole review is just BOS
         examples = [
             build_example(bos, tok(r, add_special_tokens=False)["input_ids"], tok.eos_token_id) for r in reviews
         ]
-        loss = finetune(model, examples, lr=3e-3, epochs=3, train_batch_size=32, micro_batch_size=32)
-        save_model_dir(model_dir, model, tok)
+        b = REVIEWS_PRETRAIN["batch"]
+        loss = finetune(model, examples, lr=REVIEWS_PRETRAIN["lr"], epochs=REVIEWS_PRETRAIN["epochs"],
+                        train_batch_size=b, micro_batch_size=b)  # fmt: skip
+        save_model_dir(model_dir, model, tok, files={RECIPE: json.dumps(REVIEWS_PRETRAIN)})
         print(f"demo: pretrained on {len(reviews)} reviews in {time.time() - t0:.0f}s (final loss {loss:.2f})")
     if not os.path.exists(prompts_file):
         write_jsonl(prompts_file, [{"prompt": p} for p in demo_prompts(2000, seed=1)])
@@ -375,7 +396,7 @@ def prepare_arithmetic(demo_dir: str, finetune) -> tuple[str, str]:
     model_dir, data_dir = os.path.join(demo_dir, "model"), os.path.join(demo_dir, "data")
     probs = problems(5000, seed=1)
     held, train = probs[:500], probs[500:]
-    if not os.path.exists(os.path.join(model_dir, "config.json")):
+    if not built(model_dir, ARITH_PRETRAIN):
         t0 = time.time()
         print(f"demo: building the starting model in {model_dir} (once) ...", flush=True)
         tok = char_tokenizer()
@@ -389,7 +410,7 @@ def prepare_arithmetic(demo_dir: str, finetune) -> tuple[str, str]:
         b = ARITH_PRETRAIN["batch"]
         loss = finetune(model, examples, lr=ARITH_PRETRAIN["lr"], epochs=ARITH_PRETRAIN["epochs"],
                         train_batch_size=b, micro_batch_size=b)  # fmt: skip
-        save_model_dir(model_dir, model, tok)
+        save_model_dir(model_dir, model, tok, files={RECIPE: json.dumps(ARITH_PRETRAIN)})
         print(f"demo: pretrained on {len(pairs)} noisy sums in {time.time() - t0:.0f}s (final loss {loss:.2f})")
     if not os.path.exists(os.path.join(data_dir, "test.jsonl")):
         os.makedirs(data_dir, exist_ok=True)

@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+import demo
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -38,6 +40,7 @@ def test_demo_learns_offline(tmp_path, demo_dir):
     args = [sys.executable, "demo.py", "--demo_dir", demo_dir, "--out_dir", str(tmp_path / "demo2"), "--stages", "1"]
     again = subprocess.run(args, cwd=ROOT, env=quiet, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "building the starting model" not in again.stdout, again.stderr[-3000:]
+    assert json.load(open(os.path.join(demo_dir, "model", "recipe.json"))) == demo.REVIEWS_PRETRAIN
     both = again.stdout + again.stderr
     assert "Loading weights" not in both and "Writing model shards" not in both, again.stderr[-2000:]
     assert "stage   1 |" in again.stdout
@@ -45,6 +48,19 @@ def test_demo_learns_offline(tmp_path, demo_dir):
         **first,
         "time_eval": json.loads(open(tmp_path / "demo2" / "metrics.jsonl").readline())["time_eval"],
     }
+
+
+def test_a_demo_model_built_with_other_pretraining_settings_is_built_again(tmp_path, capsys):
+    d = str(tmp_path / "model")
+    assert not demo.built(d, demo.ARITH_PRETRAIN)  # nothing there yet
+    os.makedirs(d)
+    open(os.path.join(d, "config.json"), "w").write("{}")
+    assert not demo.built(d, demo.ARITH_PRETRAIN)  # a model that recorded no settings
+    open(os.path.join(d, demo.RECIPE), "w").write(json.dumps(demo.ARITH_PRETRAIN))
+    assert demo.built(d, demo.ARITH_PRETRAIN)  # the same settings (through JSON): reused
+    assert not demo.built(d, {**demo.ARITH_PRETRAIN, "epochs": 2})
+    assert not demo.built(d, demo.REVIEWS_PRETRAIN)
+    assert capsys.readouterr().out.count("building it again") == 3
 
 
 def test_eval_cli_text_metrics(tmp_path):
