@@ -239,7 +239,7 @@ def built(model_dir: str, recipe: dict) -> bool:
                 return True
     except (OSError, ValueError):
         pass
-    print(f"demo: {model_dir} was built with other settings than demo.py's; building it again", flush=True)
+    print(f"demo: {model_dir} does not record demo.py's current pretraining settings; building it again", flush=True)
     return False
 
 
