@@ -8,7 +8,8 @@ the family of Xiong et al. 2025 ("A Minimalist Approach to LLM Reasoning") built
 - `token_objective`: sft: A·log π_θ; is: A·π_θ/π_old, the importance ratio to the policy that sampled, unclipped;
   clip: PPO's min(ratio·A, clip(ratio, 1 - ε, 1 + ε_high)·A), whose gradient is 0 where the clip holds.
 - `rl_batches` and `sft_batches`: the optimizer steps of a stage in --regime rl (mini-batches of prompts) and raft
-  (the paper: epochs of shuffled global batches). How a step averages its tokens (--loss_agg) is raft.finetune's.
+  (the paper: epochs of shuffled global batches); `single_step`: whether there is only one. How a step averages its
+  tokens (--loss_agg) is raft.finetune's.
 Definitions and the options that name them: docs/reasoning.md. Imports no kit module.
 """
 
@@ -74,6 +75,14 @@ def sft_batches(n: int, epochs: int, batch_size: int, gen) -> list[list[list[int
         perm = torch.randperm(n, generator=gen).tolist()
         out.append([perm[s : s + batch_size] for s in range(0, n, batch_size)])
     return out
+
+
+def single_step(cfg, n_kept: int) -> bool:
+    """Whether a stage's update is one optimizer step over all its n_kept samples, from the weights that sampled
+    them: then π_old is that step's own log-probabilities (the ratio is exactly 1), as in TRL and verl."""
+    if cfg.finetune_from != "current":  # the weights are reset to stage 0 between sampling and the update
+        return False
+    return cfg.mini_batches == 1 if cfg.regime == "rl" else cfg.epochs == 1 and n_kept <= cfg.train_batch_size
 
 
 def binary(cfg) -> bool:

@@ -13,7 +13,8 @@ from decimal import Decimal
 import torch
 
 from dist import RANK, gather, shard
-from models import example, policy_pass
+from losses import single_step
+from models import dropout_free, example, policy_pass
 from reward import last_number, score
 from sampling import generate
 
@@ -38,24 +39,37 @@ def score_samples(tok, prompts, samples, reward_fn, kl=None) -> dict:
 def measure_policy(model, tok, prompts, samples, kept, cfg, kl, m: dict):
     """The policy that sampled samples[b][K], before any update: adds to m its mean per-token entropy on the kept
     samples (entropy_kept), under --regime rl also on every sample (entropy), and with a KL reference the low-variance
-    KL to stage 0 (kl_low_var), all at the sampling temperature; returns the kept samples' per-token log-probs for
-    --loss is and clip, else None. The paper's regime measures the kept samples only, the RL regime all (as verl)."""
-    pairs = [(i, j, 0) for i in range(len(prompts)) for j in range(len(samples[i]))] if cfg.regime == "rl" else kept
-    if not pairs:
-        return None
-    examples = [example(tok, prompts[i], samples[i][j]) for i, j, _ in pairs]
+    KL to stage 0 (kl_low_var), all at the sampling temperature. The paper's regime measures the kept samples only, the
+    RL regime all (as verl). Returns (π_old, finish): the kept samples' per-token log-probs for --loss is and clip, and
+    None. Fused, when the update is one dropout-free step over every kept sample from these weights and no KL is
+    measured: this pass skips the kept samples, π_old is None (the update takes its own log-probs, as TRL and verl
+    do then) and the update's forward hands their (entropy, tokens) sums to finish, which completes the metrics."""
+    fused = single_step(cfg, len(kept)) and kl is None and dropout_free(model, cfg)
+    every = [(i, j) for i in range(len(prompts)) for j in range(len(samples[i]))]
+    pairs, trained = every if cfg.regime == "rl" else [k[:2] for k in kept], {k[:2] for k in kept}
+    if fused:  # the update's forward measures the samples it trains on; this pass, only the others
+        pairs = [p for p in pairs if p not in trained]
+    examples = [example(tok, prompts[i], samples[i][j]) for i, j in pairs]
     lps, per = policy_pass(model, examples, cfg.micro_batch_size, cfg.bf16, cfg.temperature or 1.0,
-                           kl.reference if kl else None)  # fmt: skip
-    at = {(i, j): k for k, (i, j, _) in enumerate(pairs)}
-    mine = [at[i, j] for i, j, _ in kept]
-    mean = lambda ks, col: sum(per[k][col] for k in ks) / max(sum(per[k][1] for k in ks), 1)  # per token
-    if mine:
-        m["entropy_kept"] = mean(mine, 0)
-    if cfg.regime == "rl":
-        m["entropy"] = mean(range(len(pairs)), 0)
-    if kl:
-        m["kl_low_var"] = mean(range(len(pairs)), 2)
-    return [lps[k] for k in mine] if cfg.loss != "sft" else None
+                           kl.reference if kl else None) if pairs else ([], [])  # fmt: skip
+    at = {p: k for k, p in enumerate(pairs)}
+    mine = [at[i, j] for i, j, _ in kept if (i, j) in at]
+    total = lambda ks: torch.tensor([sum(per[k][c] for k in ks) for c in range(3)], dtype=torch.float64)
+    kept_sums, all_sums = total(mine), total(range(len(pairs)))  # entropy, tokens, KL summed over tokens
+
+    def finish(entropy=0.0, tokens=0):  # the update's sums over the kept samples' tokens (fused)
+        k, a = kept_sums + torch.tensor([entropy, tokens, 0.0]), all_sums + torch.tensor([entropy, tokens, 0.0])
+        if kept:
+            m["entropy_kept"] = (k[0] / k[1].clamp(min=1)).item()
+        if cfg.regime == "rl":
+            m["entropy"] = (a[0] / a[1].clamp(min=1)).item()
+        if kl:
+            m["kl_low_var"] = (a[2] / a[1].clamp(min=1)).item()
+
+    if fused:
+        return None, finish
+    finish()
+    return ([lps[k] for k in mine] if cfg.loss != "sft" and mine else None), None
 
 
 def nanstd(x: torch.Tensor) -> float:

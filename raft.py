@@ -32,7 +32,8 @@ from data import PROMPT_TEMPLATE, stop_strings, write_metrics
 from dist import DIST, MASTER, RANK, WORLD, bar, barrier, crash_point, gather, make_logger, phase, pick_device, print0
 from dist import quiet_libraries, shard
 from metrics import evaluate, measure_policy, pass_ks, plot_rewards, score_samples, stage_line
-from models import dropout_off, example, example_major, fsdp_modules, full_state_dict, load_generator, load_optimizer
+from models import deal, dropout_off, example, example_major, fsdp_modules, full_state_dict, load_generator
+from models import load_optimizer
 from models import load_policy, load_tokenizer, make_kl, make_optimizer, optimizer_state, release, restore, retokenize
 from models import save_merged, token_logprobs, trainable_state
 from losses import ADVANTAGES, AGGREGATIONS, LOSSES, advantages, binary, rl_batches, sft_batches, token_objective
@@ -253,11 +254,12 @@ def rank_samples(prompts, samples, cfg: Config, gen):
 
 # ---- step 3: fine-tune -------------------------------------------------------------------------------------------
 def finetune(model, examples, cfg: Config, seed: int, stage=0, spread=True, kept=None, old=None, opt=None,
-             stats=None) -> float:  # fmt: skip
+             stats=None, measured=None) -> float:  # fmt: skip
     """Fine-tune on examples [(input_ids, labels)] made from kept [(prompt, sample, advantage)] (None: advantage 1),
-    with π_old's per-token log-probs old for --loss is/clip; returns the last epoch's mean token NLL. --regime raft:
-    --epochs of --train_batch_size batches, a fresh AdamW decayed to 0; rl: --mini_batches steps by prompt, AdamW
-    `opt` kept, constant rate. Under torchrun (spread) every rank takes every WORLD-th row of each batch."""
+    with π_old's per-token log-probs old for --loss is/clip (None: a single step's own, detached); returns the last
+    epoch's mean token NLL. --regime raft: --epochs of --train_batch_size batches, a fresh AdamW decayed to 0; rl:
+    --mini_batches steps by prompt, AdamW `opt` kept, constant rate. Under torchrun (spread) every rank takes every
+    WORLD-th row of each batch. measured: measure_policy's finish, given this forward's entropy and token sums."""
     rank, world = (RANK, WORLD) if spread else (0, 1)
     model.train()
     if cfg.loss != "sft":
@@ -279,16 +281,16 @@ def finetune(model, examples, cfg: Config, seed: int, stage=0, spread=True, kept
     lengths = torch.tensor([sum(t != -100 for t in y[1:]) for _, y in examples], device=device)
     adv = torch.tensor([k[2] for k in kept] if kept else [1.0] * len(examples), device=device)
     pbar = bar(range(sum(map(len, epochs))), "train")
-    clip = torch.zeros(2, device=device)  # clipped tokens, all tokens (--loss clip)
+    tally = torch.zeros(3, device=device)  # clipped tokens (--loss clip), all tokens, their entropy (measured)
     for batches in epochs:
         loss_sum = torch.zeros(2, device=device)  # this rank's summed token loss and token count, this epoch
         for batch in batches:
-            batch = sorted(batch, key=lambda i: len(examples[i][0]))
             n_tok, n_seq = int(lengths[batch].sum()), len(batch)  # the loss averages over these
-            rows = batch[rank::world]  # sorted by length, so every rank gets a similar share of tokens
+            ranks = deal(examples, batch, world)  # by prompt: its samples share its tokens in one forward
+            rows = ranks[rank]
             # every rank runs the same number of micro-steps (DDP and FSDP2 sync in the backward); a rank with fewer
             # rows repeats a row with weight 0
-            steps = math.ceil(math.ceil(len(batch) / world) / cfg.micro_batch_size)
+            steps = max(math.ceil(len(r) / cfg.micro_batch_size) for r in ranks)
             for m in range(steps):
                 part, weight = rows[m * cfg.micro_batch_size : (m + 1) * cfg.micro_batch_size], 1.0
                 if not part:
@@ -297,10 +299,12 @@ def finetune(model, examples, cfg: Config, seed: int, stage=0, spread=True, kept
                 if fsdp:
                     model.set_requires_gradient_sync(sync)
                 with net.no_sync() if net is not model and not sync else contextlib.nullcontext():
-                    lp, seg, _ = token_logprobs(net, [examples[i] for i in part], cfg.bf16, temperature=temp)
-                    old_lp = torch.cat([old[i] for i in part]).to(device)[example_major(seg)] if old else None
+                    lp, seg, ent = token_logprobs(net, [examples[i] for i in part], cfg.bf16, temperature=temp,
+                                                  entropy=measured and (cfg.temperature or 1.0))  # fmt: skip
+                    old_lp = torch.cat([old[i] for i in part]).to(device)[example_major(seg)] if old else lp.detach()
                     obj, held = token_objective(lp, old_lp, adv[part][seg], cfg.loss, cfg.clip_eps, eps_high)
-                    clip += torch.stack([held.sum(), torch.tensor(len(held), device=device)]) * weight
+                    n = torch.tensor(len(held), device=device)
+                    tally += torch.stack([held.sum(), n, ent.sum() if measured else n * 0]) * weight
                     if cfg.loss_agg == "token":
                         loss = -obj.sum() / max(n_tok, 1)
                     else:  # each sequence's token mean, then the mean over the step's sequences
@@ -318,9 +322,11 @@ def finetune(model, examples, cfg: Config, seed: int, stage=0, spread=True, kept
     model.eval()
     if world > 1:
         torch.distributed.all_reduce(loss_sum)
-        torch.distributed.all_reduce(clip)
+        torch.distributed.all_reduce(tally)
+    if measured:
+        measured(tally[2].item(), tally[1].item())
     if stats is not None and cfg.loss == "clip":
-        stats["clip_frac"] = (clip[0] / clip[1].clamp(min=1)).item()
+        stats["clip_frac"] = (tally[0] / tally[1].clamp(min=1)).item()
     return (loss_sum[0] / loss_sum[1].clamp(min=1)).item()
 
 
@@ -401,12 +407,12 @@ def run(cfg: Config):
         with phase("train", times, device):
             sleep_engine(engine, cfg)
             # the policy that sampled, before any update or reset: π_old, entropy (collapse shows here), KL to start
-            old = measure_policy(model, tok, batch, every, kept, cfg, kl, m)
+            old, finish = measure_policy(model, tok, batch, every, kept, cfg, kl, m)
             restore(model, initial)  # --finetune_from base: back to the stage-0 weights (None: a no-op)
             if not examples:
                 print0(f"stage {t}: every sample was discarded (NaN reward, empty, or --discard_regex); no fine-tuning")
             m["sft_loss"] = finetune(model, examples, cfg, cfg.seed * 1000 + t, t, kept=kept, old=old, opt=opt,
-                                     stats=m) if examples else None  # fmt: skip
+                                     stats=m, measured=finish) if examples else None  # fmt: skip
             sync_engine(engine, model, cfg)  # the engine samples from the new weights from now on
         with phase("eval", times, device):
             em, eval_rows = evaluate(model, tok, eval_p, reward_fn, cfg, seed=cfg.seed * 1000, kl=kl, engine=engine)

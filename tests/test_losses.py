@@ -243,3 +243,70 @@ def test_bad_combinations_are_one_line_errors(tiny_lm, prompts_file, tmp_path):
                        (["--mini_batches", "0"], "--mini_batches must be ≥ 1")]:  # fmt: skip
         with pytest.raises(SystemExit, match=msg):
             raft.parse(tiny_args(tiny_lm, prompts_file, tmp_path / "x", *extra))
+
+
+def _measured(monkeypatch):
+    """How many examples each call of the policy's separate pass (metrics.policy_pass) measured."""
+    import metrics
+
+    calls, real = [], metrics.policy_pass
+    monkeypatch.setattr(metrics, "policy_pass", lambda m, exs, *a, **k: calls.append(len(exs)) or real(m, exs, *a, **k))
+    return calls
+
+
+ONE_STEP = ["--regime", "rl", "--mini_batches", "1", "--ranking", "all", "--advantage", "grpo", "--loss", "clip",
+            "--temperature", "0.8", "--eval_prompts", "0", "--stages", "2", "--lr", "0.3"]  # fmt: skip
+
+
+def test_a_single_step_takes_pi_old_and_the_entropy_from_its_own_forward(tiny_lm, prompts_file, tmp_path, monkeypatch):
+    """One optimizer step per sampled batch from the weights that sampled: the ratio to π_old is identically 1, so
+    π_old is the step's own detached log-probs (as TRL and verl) and the same forward measures the entropy; the
+    separate pass measures only what does not train (here: empty responses). Losses, metrics and weights after each
+    step (plain SGD: w − lr·g, so the gradients themselves) equal the separate pass's, forced as before."""
+    import metrics
+    from safetensors.torch import load_file
+
+    monkeypatch.setattr(torch.optim, "AdamW", PlainSGD)
+    calls = _measured(monkeypatch)
+    fused = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "fused", *ONE_STEP))
+    fused_calls = list(calls)
+    calls.clear()
+    monkeypatch.setattr(metrics, "single_step", lambda cfg, n: False)
+    apart = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "apart", *ONE_STEP))
+    assert sum(calls) == 2 * 8 * 4  # before: every sample, every stage
+    assert sum(fused_calls) == sum(8 * 4 - r["n_selected"] for r in fused[1:]) < sum(calls)
+    for a, b in zip(fused[1:], apart[1:]):
+        for key in ("sft_loss", "entropy", "entropy_kept", "clip_frac", "reward_mean", "response_length"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    assert fused[2]["clip_frac"] == 0.0 and fused[2]["reward_mean"] != fused[1]["reward_mean"]  # the policy moved
+    for t in (1, 2):
+        w = [load_file(tmp_path / run / f"stage_{t:04d}" / "model.safetensors") for run in ("fused", "apart")]
+        assert all(torch.allclose(w[0][k], w[1][k], atol=1e-6) for k in w[0]), t
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--mini_batches", "2"],  # two steps: the second one's ratio is not 1
+        ["--finetune_from", "base", "--regime", "raft", "--epochs", "1", "--train_batch_size", "32"],  # a reset
+        ["--eval_kl"],  # the low-variance KL needs the policy's and the reference's log-probs side by side
+        ["--regime", "raft", "--epochs", "2"],
+        ["--regime", "raft", "--epochs", "1", "--train_batch_size", "8"],  # 8 of up to 32 kept samples per step
+        ["--loss", "sft", "--lora_r", "4", "--lora_dropout", "0.5"],  # dropout in the update's forward
+    ],
+)
+def test_the_separate_pass_stays_where_the_update_cannot_measure_the_sampling_policy(
+    tiny_lm, prompts_file, tmp_path, monkeypatch, extra
+):
+    calls = _measured(monkeypatch)
+    rows = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "run", *ONE_STEP, "--stages", "1", *extra))
+    measured = 8 * 4 if "raft" not in extra else rows[1]["n_selected"]  # the RL regime measures every sample
+    assert sum(calls) == measured and rows[1]["entropy_kept"] > 0
+
+
+def test_the_paper_regime_with_one_step_measures_in_the_update(tiny_lm, prompts_file, tmp_path, monkeypatch):
+    """--regime raft --epochs 1 with every kept sample in one batch: no separate pass at all."""
+    calls = _measured(monkeypatch)
+    rows = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "run", "--epochs", "1", "--train_batch_size", "8",
+                               "--stages", "1", "--eval_prompts", "0"))  # fmt: skip
+    assert calls == [] and rows[1]["entropy_kept"] > 0

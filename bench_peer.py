@@ -1,0 +1,263 @@
+"""The kit's RL step against TRL's GRPOTrainer on the same work, side by side in one run.
+
+The work, on both sides: the smollm demo's word problems (SmolLM2-135M-Instruct, its chat template), b = 32 prompts
+× K = 4 samples per step at temperature 0.7, 32 new tokens, `math_reward:exact_number`, GRPO advantages (group mean
+and std), PPO's clipped loss (ε 0.2) averaged over the step's tokens, no KL, one AdamW step per sampled batch (micro-
+batches of 8) at a constant lr 2e-5, fp32 weights and compute, no gradient checkpointing; the same prompts in the
+same order at every step, the same prompt token ids (checked). Each side runs in a process of its own, the sides
+alternating, --runs times; the table gives each side's median over runs of its mean step time, the parts of a step
+(sampling, scoring, update), tokens per second and peak memory (RSS on a CPU, allocated on a GPU), and the ratio.
+
+    pip install -r requirements-peer.lock   # an environment of its own: TRL stays out of the kit's requirements
+    python bench_peer.py                    # kit and trl, 3 runs × 3 steps each (about 25 min on 2 CPU cores)
+    python bench_peer.py --sides kit,trl,trl-defaults,kit-vllm,trl-vllm   # every variant (vllm ones on a GPU)
+
+Sides: kit (fastgen), kit-vllm (--gen_backend vllm), trl (model.generate), trl-vllm (TRL's vLLM colocate mode),
+trl-defaults (GRPOConfig's own defaults for precision and memory: bf16 autocast and gradient checkpointing, as a new
+user gets them; not the same work). What differs between the sides and why: docs/speed.md#the-peer.
+"""
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SIDES = ("kit", "kit-vllm", "trl", "trl-vllm", "trl-defaults")
+PROMPT = "{question}\nAnswer with a number."
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    ap.add_argument("--model", help="a causal LM directory (default: SmolLM2-135M-Instruct as demo.py converts it)")
+    ap.add_argument("--data", help="a directory of train.jsonl / test.jsonl GSM8K rows (default: the smollm demo's)")
+    ap.add_argument("--sides", default="kit,trl", help=f"comma-separated, from {', '.join(SIDES)}")
+    ap.add_argument("--runs", type=int, default=3, help="runs of each side, alternating (the table: their median)")
+    ap.add_argument("--steps", type=int, default=3, help="optimizer steps (sampled batches) per run")
+    ap.add_argument("--prompts", type=int, default=32, help="b: prompts per step")
+    ap.add_argument("--K", type=int, default=4, help="samples per prompt")
+    ap.add_argument("--max_new_tokens", type=int, default=32)
+    ap.add_argument("--temperature", type=float, default=0.7)
+    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--micro_batch_size", type=int, default=8, help="samples per forward pass in the update")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads on a CPU")
+    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--out_dir", default="runs/bench_peer")
+    ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # a child process: one side, one run
+    ap.add_argument("--run", type=int, default=0, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    sides = a.sides.split(",")
+    bad = [s for s in sides if s not in SIDES]
+    if bad or min(a.runs, a.steps, a.prompts, a.K, a.micro_batch_size, a.threads) < 1:
+        raise SystemExit(f"bench_peer.py: --sides {bad or a.sides}: choose from {SIDES}; counts must be ≥ 1")
+    if (a.prompts * a.K) % a.micro_batch_size:
+        raise SystemExit("bench_peer.py: --prompts × --K must be a multiple of --micro_batch_size (TRL's steps)")
+    a.sides = sides
+    return a
+
+
+def kit_args(a, out_dir: str, backend="fast") -> list[str]:
+    """raft.py's options for the work (docs/speed.md#the-peer): GRPO with the clipped loss, one step per batch."""
+    return ["--model", a.model, "--dataset", a.data, "--eval_split", "test", "--chat_template", "--prompt_template",
+            PROMPT, "--reward", "math_reward:exact_number", "--temperature", str(a.temperature), "--ranking", "all",
+            "--advantage", "grpo", "--loss", "clip", "--regime", "rl", "--mini_batches", "1", "--prompts_per_stage",
+            str(a.prompts), "--K", str(a.K), "--max_new_tokens", str(a.max_new_tokens), "--micro_batch_size",
+            str(a.micro_batch_size), "--train_batch_size", str(a.micro_batch_size), "--gen_batch_size",
+            str(a.prompts), "--lr", str(a.lr), "--eval_prompts", "0", "--stages", str(a.steps), "--keep_last", "1",
+            "--seed", str(a.seed), "--gen_backend", backend, "--out_dir", out_dir]  # fmt: skip
+
+
+def work(a) -> list[dict]:
+    """Each step's prompts, in order, as the kit draws them: [{"prompt": chat text, "answer": number}] × b × steps."""
+    import raft
+    from data import split_prompts, stage_prompts
+    from models import load_tokenizer
+
+    cfg = raft.parse(kit_args(a, os.path.join(a.out_dir, "work")))
+    tok, context = load_tokenizer(cfg.model, cfg)
+    train = split_prompts(cfg, tok, context, log=lambda *x: None)[0]
+    rows = []
+    for t in range(1, a.steps + 1):
+        idx = stage_prompts(len(train), a.prompts, t, cfg.seed)[0]
+        rows += [{"prompt": train[i]["prompt"], "answer": train[i]["columns"]["answer"]} for i in idx]
+    return rows
+
+
+def peak_memory_gb(device) -> float:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB on Linux
+
+
+def run_kit(a, backend: str) -> dict:
+    import raft
+
+    rows = raft.main(kit_args(a, os.path.join(a.out_dir, f"{a.side}_{a.run}"), backend))
+    n = a.prompts * a.K
+    steps = [{"sample_s": m["time_sample"], "score_s": m["time_rank"], "update_s": m["time_train"],
+              "tokens": round(m["response_length"] * n) + n - m["samples_truncated"],  # the ending token counts
+              "truncated": m["samples_truncated"], "reward_mean": m["reward_mean"]} for m in rows[1:]]  # fmt: skip
+    return {"steps": steps}
+
+
+def run_trl(a, variant: str) -> dict:
+    """TRL's GRPOTrainer on the same rows; its own timers (trl.extras.profiling, reported only to trackers) are read
+    by wrapping their logging."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    from trl.extras import profiling
+
+    from data import encode_prompt
+    from math_reward import exact_number
+
+    rows = json.load(open(os.path.join(a.out_dir, "work.json")))
+    timers, seen = [], []
+    log_metrics = profiling.ProfilingContext._log_metrics
+    profiling.ProfilingContext._log_metrics = lambda self, d: (timers.append((self.name, d)), log_metrics(self, d))
+
+    def reward(prompts, completions, completion_ids, answer, **kw):
+        seen.append((prompts, completion_ids))
+        return exact_number(prompts, completions, answer)
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0, timers[:] = time.time(), []
+
+        def on_step_end(self, args, state, control, **kw):
+            took = lambda part: sum(d for name, d in timers if name.endswith(part))
+            ids, prompts = seen[-1][1], seen[-1][0]
+            ends = trainer.eos_token_ids
+            steps.append(
+                {
+                    "step_s": time.time() - self.t0,
+                    "sample_s": took("generate"),
+                    "score_s": took("_prepare_inputs") - took("generate"),
+                    "tokens": sum(map(len, ids)),
+                    "truncated": sum(not c or c[-1] not in ends for c in ids),
+                    "prompts": prompts[:: a.K],
+                }
+            )
+            steps[-1]["update_s"] = steps[-1]["step_s"] - steps[-1]["sample_s"] - steps[-1]["score_s"]
+
+    steps = []
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = AutoTokenizer.from_pretrained(a.model)
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    n = a.prompts * a.K
+    same = dict(bf16=False, gradient_checkpointing=False) if variant != "defaults" else {}
+    vllm = dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.3) if variant == "vllm" else {}
+    cfg = GRPOConfig(output_dir=os.path.join(a.out_dir, f"{a.side}_{a.run}"), num_generations=a.K,
+                     generation_batch_size=n, per_device_train_batch_size=a.micro_batch_size,
+                     gradient_accumulation_steps=n // a.micro_batch_size, num_iterations=1, beta=0.0, epsilon=0.2,
+                     loss_type="dapo", scale_rewards="group", temperature=a.temperature, top_p=1.0, top_k=0,
+                     max_completion_length=a.max_new_tokens, learning_rate=a.lr, lr_scheduler_type="constant",
+                     weight_decay=0.0, max_grad_norm=1.0, max_steps=a.steps, shuffle_dataset=False,
+                     use_cpu=device == "cpu", report_to="none", logging_steps=1, save_strategy="no", seed=a.seed,
+                     disable_tqdm=True, **same, **vllm)  # fmt: skip
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=Dataset.from_list(rows),
+                          processing_class=tok, callbacks=[Clock()])  # fmt: skip
+    theirs = trainer._tokenize_prompts([r["prompt"] for r in rows[: a.prompts]])[0]
+    same_ids = all(list(t) == encode_prompt(tok, r["prompt"]) for t, r in zip(theirs, rows))
+    trainer.train()
+    order = [p for s in steps for p in s.pop("prompts")] == [r["prompt"] for r in rows]
+    return {"steps": steps, "same_prompt_ids": same_ids, "same_prompt_order": order}
+
+
+def child(a):
+    import torch
+
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    out = run_kit(a, "vllm" if a.side == "kit-vllm" else "fast") if a.side.startswith("kit") else \
+        run_trl(a, a.side.partition("-")[2])  # fmt: skip
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for s in out["steps"]:
+        s.setdefault("step_s", s["sample_s"] + s["score_s"] + s["update_s"])
+    out.update(side=a.side, run=a.run, device=device, peak_gb=peak_memory_gb(device), threads=a.threads,
+               versions={m: __import__(m).__version__ for m in ("torch", "transformers")})  # fmt: skip
+    with open(os.path.join(a.out_dir, f"{a.side}_{a.run}.json"), "w") as f:
+        json.dump(out, f)
+
+
+def summary(results: dict) -> dict:
+    """A side's runs -> medians over runs of each run's mean per step."""
+    per_run = lambda key: [statistics.mean(s[key] for s in r["steps"]) for r in results]
+    m = {k: statistics.median(per_run(k)) for k in ("step_s", "sample_s", "score_s", "update_s", "tokens")}
+    m["range"] = (min(per_run("step_s")), max(per_run("step_s")))
+    m["tok_s"] = m["tokens"] / m["step_s"]
+    m["peak_gb"] = statistics.median(r["peak_gb"] for r in results)
+    m["lengths"] = [[s["tokens"] for s in r["steps"]] for r in results]
+    m["truncated"] = [[s["truncated"] for s in r["steps"]] for r in results]
+    return m
+
+
+def table(sums: dict, a) -> str:
+    base = sums.get("kit") and sums["kit"]["step_s"]
+    lines = ["| side | s per step (median, range) | sampling | scoring | update | tokens per step | tok/s | peak GB "
+             "| step time / kit's |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for side, m in sums.items():
+        lo, hi = m["range"]
+        ratio = f"{m['step_s'] / base:.2f}×" if base else ""
+        lines.append(
+            f"| {side} | {m['step_s']:.1f} ({lo:.1f}–{hi:.1f}) | {m['sample_s']:.1f} | {m['score_s']:.1f} | "
+            f"{m['update_s']:.1f} | {m['tokens']:.0f} | {m['tok_s']:.0f} | {m['peak_gb']:.2f} | {ratio} |"
+        )
+    lines.append("")
+    for side, m in sums.items():
+        lines.append(
+            f"{side}: tokens per step, each run: {m['lengths']}; truncated of {a.prompts * a.K}: {m['truncated']}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    a = parse(argv)
+    if a.model is None or a.data is None:
+        import demo
+
+        model, data = demo.prepare_smollm("runs/demo_smollm_model")
+        a.model, a.data = a.model or model, a.data or data
+    if a.side:
+        return child(a)
+    os.makedirs(a.out_dir, exist_ok=True)
+    with open(os.path.join(a.out_dir, "work.json"), "w") as f:
+        json.dump(work(a), f)
+    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "TQDM_DISABLE": "1"}
+    results = {s: [] for s in a.sides}
+    for r in range(a.runs):
+        for side in a.sides:  # alternating, so a machine that slows down slows every side alike
+            cmd = [sys.executable, __file__, "--side", side, "--run", str(r), "--model", a.model, "--data", a.data,
+                   *sum(([f"--{k}", str(getattr(a, k))] for k in ("steps", "prompts", "K", "max_new_tokens",
+                   "temperature", "lr", "micro_batch_size", "threads", "seed", "out_dir")), [])]  # fmt: skip
+            t0 = time.time()
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if done.returncode:
+                print(f"{side} run {r}: failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+                continue
+            with open(os.path.join(a.out_dir, f"{side}_{r}.json")) as f:
+                results[side].append(json.load(f))
+            got = results[side][-1]
+            print(f"{side} run {r}: {time.time() - t0:.0f} s with start-up; steps "
+                  + ", ".join(f"{s['step_s']:.1f}" for s in got["steps"])
+                  + "".join(f"; {k} {got[k]}" for k in ("same_prompt_ids", "same_prompt_order") if k in got),
+                  flush=True)  # fmt: skip
+    sums = {s: summary(rs) for s, rs in results.items() if rs}
+    device = next(iter(results.values()))[0]["device"] if sums else "?"
+    print(
+        f"device {device}, {a.threads} threads; {a.prompts} prompts × K {a.K}, {a.max_new_tokens} new tokens, "
+        f"{a.steps} steps per run, {a.runs} runs per side"
+    )
+    print(table(sums, a))
+    with open(os.path.join(a.out_dir, "results.json"), "w") as f:
+        json.dump(results, f)
+
+
+if __name__ == "__main__":
+    main()
