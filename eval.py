@@ -20,7 +20,7 @@ import torch
 
 from data import FORMATS, dataset_response, encode_pair, held_out, load_rows, read_jsonl, resolve_format
 from data import stop_strings, usable_prompts, write_jsonl
-from dist import pick_device, print0
+from dist import pick_device, print0, quiet_libraries
 from metrics import maj_at_n, nanstd, pass_at_k_table, pass_ks, text_metrics
 from models import build_example, load_policy, load_tokenizer, sequence_logprobs
 from reward import TEMPLATE, load_rewards, score
@@ -254,6 +254,7 @@ def main(argv=None):
         return m
     if not (args.model and args.dataset and args.reward):
         raise SystemExit("eval.py: give --responses FILE, --sweep DIR, or --model (repeatable), --dataset and --reward")
+    quiet_libraries()  # e.g. bitsandbytes' line per int8 matmul under --reward_load_in_8bit
     return evaluate_models(args)
 
 
