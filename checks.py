@@ -41,8 +41,8 @@ def check_device(name: str):
          "is False: a CPU build of torch, or CUDA_VISIBLE_DEVICES empty); use --device cpu or auto")  # fmt: skip
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         n = torch.cuda.device_count()
-        need(LOCAL_RANK < n, f"--device {name}: this is local rank {LOCAL_RANK}, and {n} GPUs are visible; start at "
-             f"most {n} processes per node (--nproc_per_node {n})")  # fmt: skip
+        need(LOCAL_RANK < n, f"--device {name}: each process takes the GPU of its local rank, cuda:{LOCAL_RANK}, and "
+             f"torch sees {n}; start at most {n} processes per node, each seeing all of the node's GPUs")  # fmt: skip
 
 
 def check_sampling(cfg):
@@ -117,9 +117,6 @@ def validate(cfg, needs_reward=True):
     need(cfg.regime == "raft" or cfg.prompts_per_stage % cfg.mini_batches == 0, f"--regime rl: --mini_batches "
          f"{cfg.mini_batches} must divide --prompts_per_stage {cfg.prompts_per_stage} (each optimizer step takes "
          f"the samples of b/N prompts)")  # fmt: skip
-    need(cfg.loss == "sft" or cfg.finetune_from == "current", f"--loss {cfg.loss} weighs tokens by π_θ/π_old, π_old "
-         "the model that sampled; --finetune_from base restarts from stage 0, so the ratio starts away from 1 (and "
-         "the clip holds); use --loss sft with it")  # fmt: skip
     # memory modes
     need(cfg.lora_r >= 0, "--lora_r must be ≥ 0 (0 is full fine-tuning)")
     need(0 <= cfg.lora_dropout < 1, f"--lora_dropout {cfg.lora_dropout}: must be in [0, 1)")

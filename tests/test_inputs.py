@@ -291,7 +291,6 @@ REFUSED = [  # raft.py's options (sft.py and demo.py take the same checks): extr
     (["--ranking", "all", "--advantage", "grpo", "--kl_beta", "0.1"], "--eval_kl"),
     (["--regime", "rl", "--mini_batches", "3"], "--mini_batches 3 must divide"),
     (["--regime", "rl", "--mini_batches", "16"], "--mini_batches 16 must divide"),
-    (["--loss", "clip", "--finetune_from", "base"], "--finetune_from base"),
     (["--eval_prompts", "0", "--eval_samples", "4", "--pass_k", "1,4"], "--eval_prompts 0"),
 ]  # fmt: skip
 ALLOWED = [  # unusual, and meaningful: kept
@@ -299,6 +298,7 @@ ALLOWED = [  # unusual, and meaningful: kept
     ["--ranking", "all"], ["--K", "1", "--drop_all_wrong"], ["--K", "1", "--drop_all_correct", "--advantage",
     "reinforce"], ["--loss", "clip", "--epochs", "3"], ["--regime", "rl", "--mini_batches", "8"],
     ["--reward", "r.py:g", "--reward_weights", "1,-0.5"], ["--discard_regex", "#"],
+    ["--loss", "clip", "--finetune_from", "base"],  # π_θ / π_sampler, the θ restarted from stage 0: off-policy PPO
 ]  # fmt: skip
 
 
@@ -325,7 +325,7 @@ def test_devices_are_checked_before_anything_loads(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(checks, "LOCAL_RANK", 3)  # the fourth process of a node with two GPUs
     for device in ("auto", "cuda"):
-        with pytest.raises(SystemExit, match="local rank 3, and 2 GPUs"):
+        with pytest.raises(SystemExit, match="cuda:3, and torch sees 2"):
             raft.parse(BASE + ["--device", device])
     raft.parse(BASE + ["--device", "cpu"])
 
