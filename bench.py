@@ -115,6 +115,11 @@ def parse(argv=None):
     a.prompt_len = a.prompt_len or (16 if tiny else 64 if a.model else 128)
     a.new_tokens = a.new_tokens or (16 if tiny else 64 if a.model else 128)
     a.reward_shape = a.reward_shape or a.shape
+    sizes = ("prompts", "K", "prompt_len", "new_tokens", "gen_batch_size", "hf1_prompts", "reward_batch_size",
+             "micro_batch_size", "ranks")  # fmt: skip
+    for name in sizes:
+        if getattr(a, name) < 1:
+            ap.error(f"--{name} {getattr(a, name)}: must be ≥ 1")
     if not a.model and (a.shape == "sd15") != (a.phase == "diffusion") and not (tiny and a.phase == "diffusion"):
         ap.error("--phase diffusion takes --shape sd15 (or tiny); the other phases take a Llama shape")
     if raft.WORLD > 1:

@@ -33,7 +33,8 @@ from data import completed_stages, load_prompts, write_jsonl, write_metrics, wri
 from metrics import plot_rewards
 from dist import phase, pick_device
 from data import stage_prompts
-from raft import RANKINGS, select
+from checks import check_device, finite
+from raft import select
 from reward import load_reward, parse_weights, score
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -203,6 +204,8 @@ DEMO = dict(
     stages=3,
     out_dir="runs/diffusion_demo",
 )
+# raft.select's rankings of scores (its positive keeps rewards ≥ 1 and all keeps every image: no ranking of images)
+RANKINGS = ("local", "global", "random")
 BUILTIN = ("aesthetic", "clip_score", "jpeg_compressibility", "jpeg_incompressibility", "brightness")
 GRID_CELL = 128  # grid.png cells are at most this many pixels wide; the kept images are saved whole
 
@@ -233,7 +236,11 @@ def validate(cfg: DiffusionConfig):
         cfg.resolution >= 8 and cfg.resolution % 8 == 0, f"--resolution {cfg.resolution}: use a multiple of 8, e.g. 256"
     )
     need(cfg.ranking in RANKINGS, f"--ranking {cfg.ranking!r}: choose one of {RANKINGS}")
+    finite(cfg, "lr", "guidance", "weight_decay")
     need(cfg.lr > 0 and cfg.eval_images >= 0 and cfg.guidance >= 0, "--lr > 0, --eval_images ≥ 0, --guidance ≥ 0")
+    need(cfg.weight_decay >= 0 and cfg.max_grad_norm > 0, "--weight_decay ≥ 0; --max_grad_norm > 0 (inf: no clipping)")
+    need(cfg.lora_alpha > 0, f"--lora_alpha {cfg.lora_alpha}: must be > 0 (the update is scaled by alpha / r)")
+    check_device(cfg.device)
     for spec in cfg.reward:
         need(
             spec in BUILTIN or ":" in spec,

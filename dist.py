@@ -7,6 +7,8 @@ A plain `python raft.py` is rank 0 of 1 and every collective here is then a no-o
 
 import atexit
 import contextlib
+import datetime
+import logging
 import os
 import signal
 import sys
@@ -22,6 +24,10 @@ LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))
 MASTER = RANK == 0  # only rank 0 prints, shows progress bars and writes files
 # launched by torchrun, even with one process: DDP / FSDP2 over a process group, the same code path as 8 GPUs
 DIST = WORLD > 1 or "TORCHELASTIC_RUN_ID" in os.environ
+# how long a collective may wait: rank 0 alone writes each stage (a 7B model in fp32 is 27 GB) and merges LoRA at the
+# end while the other ranks wait in a barrier, and NCCL's default of 10 minutes would let its watchdog kill the job
+# on a slow or shared disk (gloo's default is 30 minutes)
+TIMEOUT = datetime.timedelta(minutes=60)
 
 
 def print0(*args):
@@ -40,6 +46,9 @@ def quiet_libraries():
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    # bitsandbytes warns on every int8 matmul whose input is not fp16 (the kit's are bf16 or fp32, cast to fp16
+    # inside): seven lines per decoder layer per forward pass
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         import datasets
 
@@ -79,9 +88,12 @@ def start(device: torch.device) -> bool:
     """Join torchrun's process group (NCCL between GPUs, gloo on CPUs); True when this call created it."""
     if not DIST or torch.distributed.is_initialized():
         return False
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type != "cuda":
+        torch.distributed.init_process_group("gloo", timeout=TIMEOUT)
+        return True
+    torch.cuda.set_device(device)
+    # device_id binds the rank's GPU: barrier() then uses it instead of a guess from the rank (and warns no more)
+    torch.distributed.init_process_group("nccl", timeout=TIMEOUT, device_id=device)
     return True
 
 

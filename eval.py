@@ -20,7 +20,8 @@ import torch
 
 from data import FORMATS, dataset_response, encode_pair, held_out, load_rows, read_jsonl, resolve_format
 from data import stop_strings, usable_prompts, write_jsonl
-from dist import pick_device, print0
+from checks import check_rewards, check_sampling, need
+from dist import pick_device, print0, quiet_libraries
 from metrics import maj_at_n, nanstd, pass_at_k_table, pass_ks, text_metrics
 from models import build_example, load_policy, load_tokenizer, sequence_logprobs
 from reward import TEMPLATE, load_rewards, score
@@ -133,8 +134,6 @@ def markdown(rows: list[dict]) -> str:
 
 def evaluate_models(args) -> list[dict]:
     """The table rows: one per --model, then the dataset's chosen / rejected responses."""
-    if args.prompt_format not in FORMATS:
-        raise SystemExit(f"--prompt_format {args.prompt_format!r}: choose one of {FORMATS}")
     device = pick_device(args.device)
     rows = load_rows(args.dataset, args.dataset_split)
     fmt = resolve_format(args.prompt_format, rows)
@@ -254,6 +253,15 @@ def main(argv=None):
         return m
     if not (args.model and args.dataset and args.reward):
         raise SystemExit("eval.py: give --responses FILE, --sweep DIR, or --model (repeatable), --dataset and --reward")
+    check_sampling(args)  # as raft.py's, before any model loads
+    check_rewards(args)
+    need(args.eval_prompts >= 1 and args.micro_batch_size >= 1, "--eval_prompts and --micro_batch_size must be ≥ 1")
+    need(not args.pass_k, "--pass_k reads a --responses file (one model's several samples per prompt); the table "
+         "samples one response per prompt")  # fmt: skip
+    need(args.lora_r == 0, "--lora_r: eval.py loads a LoRA stage directory as saved (its adapter_config.json names "
+         "the base); drop --lora_r")  # fmt: skip
+    need(args.prompt_format in FORMATS, f"--prompt_format {args.prompt_format!r}: choose one of {FORMATS}")
+    quiet_libraries()  # e.g. bitsandbytes' line per int8 matmul under --reward_load_in_8bit
     return evaluate_models(args)
 
 

@@ -22,12 +22,21 @@ class Unsupported(Exception):
     """The model's attention needs an option the fast path does not implement; use model.generate instead."""
 
 
+class _Shared:
+    """The call's state, handed to every layer as one opaque object: wrappers that map over forward kwargs rebuild
+    every dict and list they meet (FSDP2 with a bf16 param_dtype casts the kwargs of each sharded module), and the
+    caches the attention writes into such a copy would be lost."""
+
+    def __init__(self, st: dict):
+        self.st = st
+
+
 def _attention(module, q, k, v, mask, dropout=0.0, scaling=None, raft_kv=None, **kw):
     """Attention for one layer. Prefill: q [B, H, Lp, D], k/v [B, Hkv, Lp, D] are stored as the prompts' prefix.
     Decode: q [N, H, 1, D], k/v [N, Hkv, 1, D] of step t go to suffix slot t. Returns [rows, q_len, H, D]."""
-    st = raft_kv
-    if st is None:
+    if raft_kv is None:
         raise Unsupported("the raft_kv attention was called outside fastgen.sample")
+    st = raft_kv.st
     window = kw.get("sliding_window")
     if kw.get("softcap") is not None or kw.get("s_aux") is not None or (window and window < st["total_len"]):
         raise Unsupported(f"{type(module).__name__} uses soft-capping, attention sinks or a sliding window")
@@ -161,7 +170,7 @@ def sample(
         "sv": [None] * n_layers,
         "kv_dtype": autocast_dtype,
     }
-    graph, graph_key = None, None
+    graph, graph_key, shared = None, None, _Shared(st)
     with _raft_attention(model), amp:
         for idx in progress(chunks) if progress else chunks:
             # graphs: pad a short last batch to the others' size, so that one capture serves them all
@@ -180,7 +189,7 @@ def sample(
                 prefill_mask=(causal & valid[:, None, :] | torch.eye(Lp, dtype=torch.bool, device=device))[:, None],
             )
             _keep(st, "prefix_valid", valid)
-            logits = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1, raft_kv=st).logits
+            logits = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1, raft_kv=shared).logits
             first = pick(logits[:, -1].float().repeat_interleave(K, 0), temperature, top_k, top_p)  # [N]
             if st["sk"][0] is None or st["sk"][0].shape[0] != N:  # the suffix cache: [N, Hkv, S, D] per layer
                 st["sk"] = [torch.zeros(N, k.shape[1], S, k.shape[3], dtype=k.dtype, device=device) for k in st["pk"]]
@@ -203,7 +212,7 @@ def sample(
                         position_ids=st["base_pos"] + st["t"],
                         use_cache=False,
                         logits_to_keep=1,
-                        raft_kv=st,
+                        raft_kv=shared,
                     )
                     .logits[:, -1]
                     .float()
@@ -229,11 +238,14 @@ def sample(
                     reset()
                     step()
                 torch.cuda.current_stream().wait_stream(side)
-                graph, graph_key = torch.cuda.CUDAGraph(), (N, Lp)
+                graph, graph_key, stream = torch.cuda.CUDAGraph(), (N, Lp), torch.cuda.current_stream()
                 try:
                     with torch.cuda.graph(graph):
                         step()
                 except RuntimeError as e:  # host work inside this model's forward: decode eagerly instead
+                    # a failed capture makes capture_end raise before torch.cuda.graph restores the stream it made
+                    # current: put ours back, or all later work of this process would run on the capture stream
+                    torch.cuda.set_stream(stream)
                     print(
                         f"fastgen: CUDA-graph capture failed ({str(e).splitlines()[0][:200]}); decoding without "
                         f"graphs (--cuda_graphs false skips the attempt)",

@@ -86,12 +86,15 @@ def load_policy(cfg, device, checkpoint: Optional[str] = None, shard=False, froz
     if shard and not cfg.lora_r:
         # full fine-tuning under torchrun: FSDP2 shards weights, grads and AdamW states (a 7B model with fp32
         # AdamW needs ≈112 GB, ≈14 GB per rank on 8); one shard group per decoder layer, plus the rest at the root
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        # the run's device: FSDP2's default mesh takes the machine's accelerator, a GPU even under --device cpu
+        mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cfg.bf16 else None, reduce_dtype=torch.float32)
         for layer in [m for m in model.modules() if type(m).__name__ in (model._no_split_modules or [])]:
-            fully_shard(layer, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+            fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp)
     return model.eval(), tok
 
 

@@ -27,18 +27,19 @@ import torch
 from transformers import HfArgumentParser
 
 import dist
-from data import FORMATS, check_run_dir, completed_stages, prune_models, save_stage, split_prompts, stage_prompts
+from checks import validate
+from data import check_run_dir, completed_stages, prune_models, save_stage, split_prompts, stage_prompts
 from data import PROMPT_TEMPLATE, stop_strings, write_metrics
 from dist import DIST, MASTER, RANK, WORLD, bar, barrier, crash_point, gather, make_logger, phase, pick_device, print0
 from dist import quiet_libraries, shard
-from metrics import evaluate, measure_policy, pass_ks, plot_rewards, score_samples, stage_line
+from metrics import evaluate, measure_policy, plot_rewards, score_samples, stage_line
 from models import deal, dropout_off, example, example_major, fsdp_modules, full_state_dict, load_generator
 from models import load_optimizer
 from models import load_policy, load_tokenizer, make_kl, make_optimizer, optimizer_state, release, restore, retokenize
 from models import save_merged, token_logprobs, trainable_state
-from losses import ADVANTAGES, AGGREGATIONS, LOSSES, advantages, binary, rl_batches, sft_batches, token_objective
-from reward import TEMPLATE, load_rewards, parse_weights
-from sampling import check_backend, generate, sleep_engine, start_engine, sync_engine
+from losses import advantages, binary, rl_batches, sft_batches, token_objective
+from reward import TEMPLATE, load_rewards
+from sampling import generate, sleep_engine, start_engine, sync_engine
 
 
 def opt(default, help: str, **kw):
@@ -129,63 +130,6 @@ class Config:  # defaults are the paper's; docs/options.md has each option's pro
     device: str = opt("auto", "auto, cpu or cuda")
     trust_remote_code: bool = opt(False, "allow model repositories to run their own code")
     dry_run: bool = opt(False, "check the options, print the resolved configuration and exit")
-
-
-RANKINGS = ("local", "global", "random", "positive", "all")
-
-
-def validate(cfg: Config, needs_reward=True):
-    """Every check that needs no model, with the fix in the message."""
-
-    def need(ok, msg):
-        if not ok:
-            raise SystemExit(f"config error: {msg}")
-
-    need(cfg.K >= 1 and cfg.prompts_per_stage >= 1, "--K and --prompts_per_stage must be ≥ 1")
-    need(cfg.prompts_per_stage % WORLD == 0, f"--prompts_per_stage {cfg.prompts_per_stage} is not divisible by the "
-         f"{WORLD} processes; use a multiple of {WORLD}")  # fmt: skip
-    need(cfg.train_batch_size % WORLD == 0, f"--train_batch_size {cfg.train_batch_size} is not divisible by the "
-         f"{WORLD} processes; use a multiple of {WORLD}")  # fmt: skip
-    need(min(cfg.micro_batch_size, cfg.gen_batch_size, cfg.mini_batches) >= 1, "--micro_batch_size, "
-         "--gen_batch_size and --mini_batches must be ≥ 1")  # fmt: skip
-    need(cfg.loss != "raftpp", "--loss raftpp is now --loss clip --advantage correct (RAFT++: the clipped ratio)")
-    choices = dict(gen_backend=("fast", "hf", "vllm"), ranking=RANKINGS, loss=LOSSES, prompt_format=FORMATS,
-                   finetune_from=("current", "base"), report_to=("none", "tensorboard", "wandb"), regime=("raft", "rl"),
-                   advantage=ADVANTAGES, loss_agg=AGGREGATIONS)  # fmt: skip
-    for name, options in choices.items():
-        need(getattr(cfg, name) in options, f"--{name} {getattr(cfg, name)!r}: choose one of {options}")
-    need(cfg.clip_eps > 0 and (cfg.clip_eps_high or 1) > 0, "--clip_eps and --clip_eps_high must be > 0")
-    need(cfg.regime == "raft" or cfg.finetune_from == "current", "--regime rl keeps its AdamW across stages; "
-         "--finetune_from base restarts each stage: use --regime raft with it")  # fmt: skip
-    check_backend(cfg)  # --gen_backend vllm: vLLM installed in the version needed; its LoRA rank and dtype
-    need(cfg.temperature >= 0, "--temperature must be ≥ 0 (0 = greedy)")
-    need(0 < cfg.top_p <= 1, "--top_p must be in (0, 1]")
-    need(cfg.top_k >= 0 and cfg.max_new_tokens >= 1 and cfg.eval_prompts >= 0 and cfg.eval_samples >= 1,
-         "--top_k, --eval_prompts ≥ 0; --max_new_tokens, --eval_samples ≥ 1")  # fmt: skip
-    ks = pass_ks(cfg.pass_k)  # "1,8" -> [1, 8]; a malformed list is an error of its own
-    need(max(ks, default=1) <= cfg.eval_samples, f"--pass_k {cfg.pass_k}: each k must be ≤ --eval_samples")
-    need(cfg.kl_beta >= 0, "--kl_beta must be ≥ 0")
-    need(cfg.lora_r > 0 or not cfg.load_in_8bit, "--load_in_8bit trains adapters on a frozen 8-bit base; full "
-         "fine-tuning of 8-bit weights is not possible: add --lora_r 16 (or drop --load_in_8bit)")  # fmt: skip
-    need(cfg.lora_r > 0 or not cfg.merge_lora, "--merge_lora needs --lora_r > 0")
-    need(cfg.load_in_8bit or not cfg.gen_dequantized, "--gen_dequantized dequantizes an 8-bit base for sampling: "
-         "add --load_in_8bit (or drop --gen_dequantized)")  # fmt: skip
-    need(not (cfg.reward_load_in_8bit and cfg.offload_reward), "--reward_load_in_8bit keeps the 8-bit reward model "
-         "where it loads; drop --offload_reward (or load it in bf16)")  # fmt: skip
-    need(cfg.keep_last >= 0, "--keep_last must be ≥ 0 (0 keeps every stage's model)")
-    need(cfg.lr > 0 and cfg.epochs >= 1 and cfg.stages >= 1, "--lr > 0, --epochs ≥ 1, --stages ≥ 1")
-    need(cfg.model is not None, "--model is required (a hub id or a path); python demo.py runs the offline demo")
-    need(cfg.reward or not needs_reward, "--reward is required (file.py:function, module:function or a reward model)")
-    need(cfg.dataset is not None, "--dataset is required (a .jsonl file or a dataset name)")
-    need(not (cfg.eval_split and str(cfg.dataset).endswith(".jsonl")), "--eval_split: a .jsonl file is one split; "
-         "use a directory of <split>.jsonl files or a hub dataset, or drop --eval_split")  # fmt: skip
-    parse_weights(cfg.reward_weights, len(cfg.reward))
-    try:
-        re.compile(cfg.discard_regex or "")
-    except re.error as e:
-        raise SystemExit(f"config error: --discard_regex {cfg.discard_regex!r} does not compile ({e})")
-    need(set(re.findall(r"{(\w*)}", cfg.reward_template)) <= {"prompt", "response"},
-         "--reward_template may use only {prompt} and {response}")  # fmt: skip
 
 
 # ---- step 1: sample ----------------------------------------------------------------------------------------------

@@ -149,15 +149,17 @@ def load_reward(spec: str, **model_options):
 
 
 def parse_weights(weights: str, n: int) -> list[float]:
-    """--reward_weights "1,0.5" -> [1.0, 0.5]; empty -> all 1."""
+    """--reward_weights "1,0.5" -> [1.0, 0.5]; empty -> all 1. NaN, inf and all zeros are refused."""
     if not weights:
         return [1.0] * n
     try:
         w = [float(x) for x in weights.split(",")]
     except ValueError:
         w = []
-    if len(w) != n:
-        raise SystemExit(f"--reward_weights {weights!r}: give {n} comma-separated numbers, one per --reward")
+    if len(w) != n or not all(map(math.isfinite, w)):
+        raise SystemExit(f"--reward_weights {weights!r}: give {n} comma-separated finite numbers, one per --reward")
+    if not any(w):
+        raise SystemExit(f"--reward_weights {weights!r}: every weight is 0, so is every reward; weigh one at least")
     return w
 
 

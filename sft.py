@@ -59,6 +59,9 @@ def main(argv=None):
         raise SystemExit("sft.py needs --model and --dataset")
     cfg.out_dir = cfg.out_dir or "runs/sft"
     validate(cfg, needs_reward=False)
+    if cfg.regime != "raft" or cfg.loss != "sft":  # both need RAFT's kept samples (prompts, π_old), which SFT has not
+        raise SystemExit("config error: sft.py trains the paper's way: --epochs over the pairs with --loss sft; drop "
+                         "--regime and --loss")  # fmt: skip
     dist.quiet_libraries()
     own = dist.start(pick_device(cfg.device))
     loss = sft(cfg)

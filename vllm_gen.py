@@ -456,12 +456,21 @@ def wake(engine, weights_only: bool = False) -> None:
     asleep = engine._raft["asleep"]
     if weights_only:
         if "weights" in asleep:
+            _release_torch_cache()
             engine.wake_up(tags=["weights"])
             asleep.discard("weights")
         return
     if asleep:
+        _release_torch_cache()
         engine.wake_up(tags=sorted(asleep))  # "kv_cache" (and "weights"), or "scheduling" after a pause
         asleep.clear()
+
+
+def _release_torch_cache():
+    """What training (or a push's gathered parameters) freed stays reserved in torch's caching allocator, which vLLM's
+    own allocator cannot use: hand it back to the GPU before the engine maps its memory again (as TRL does)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # ---- the kit's engine: one per process, made once per run, fed the policy's weights after every stage ------

@@ -9,6 +9,7 @@ import torch
 from conftest import docs_text, make_tiny_rm, tiny_args
 from safetensors.torch import load_file
 
+import checks
 import raft
 from reward import load_reward, score
 
@@ -187,16 +188,16 @@ def test_non_causal_model_is_refused(tmp_path, prompts_file):
 
 
 def test_prompts_not_divisible_by_ranks(tiny_lm, prompts_file, tmp_path, monkeypatch):
-    monkeypatch.setattr(raft, "WORLD", 3)
+    monkeypatch.setattr(checks, "WORLD", 3)
     fails(tiny_args(tiny_lm, prompts_file, tmp_path / "r"), "--prompts_per_stage 8", "multiple of 3")
 
 
 def test_micro_batch_size_is_a_per_process_cap_not_a_divisor(tiny_lm, prompts_file, tmp_path, monkeypatch):
     """Any number of processes that divides --train_batch_size works, whatever --micro_batch_size is."""
-    monkeypatch.setattr(raft, "WORLD", 8)
+    monkeypatch.setattr(checks, "WORLD", 8)
     args = tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--train_batch_size", "16", "--micro_batch_size", "8")
     assert raft.parse(args + ["--prompts_per_stage", "64"]).micro_batch_size == 8  # 8 × 8 = 64 > 16: fine now
-    monkeypatch.setattr(raft, "WORLD", 3)
+    monkeypatch.setattr(checks, "WORLD", 3)
     fails(args + ["--prompts_per_stage", "9"], "--train_batch_size 16", "multiple of 3")
 
 
@@ -266,3 +267,93 @@ def test_malformed_files_name_the_file_and_line(tiny_lm, prompts_file, tmp_path)
 def test_unwritable_out_dir(tiny_lm, prompts_file, tmp_path):
     (tmp_path / "file").write_text("")
     fails(tiny_args(tiny_lm, prompts_file, tmp_path / "file" / "run"), "--out_dir", "not writable")
+
+
+# ---- runs that cannot mean anything, refused by checks.py before any model loads (docs/outputs.md, "Bad input") ----
+BASE = ["--model", "m", "--dataset", "d.jsonl", "--reward", "r.py:f", "--prompts_per_stage", "8"]
+REFUSED = [  # raft.py's options (sft.py and demo.py take the same checks): extra arguments, what the message names
+    (["--temperature", "inf"], "--temperature inf"), (["--temperature", "nan"], "--temperature nan"),
+    (["--top_p", "nan"], "--top_p nan"), (["--lr", "inf"], "--lr inf"), (["--weight_decay", "-0.1"], "--weight_decay"),
+    (["--weight_decay", "nan"], "--weight_decay nan"), (["--max_grad_norm", "0"], "--max_grad_norm 0"),
+    (["--max_grad_norm", "nan"], "--max_grad_norm nan"), (["--keep_threshold", "nan"], "--keep_threshold nan"),
+    (["--kl_beta", "inf"], "--kl_beta inf"), (["--clip_eps", "1"], "--clip_eps 1"), (["--clip_eps", "nan"], "nan"),
+    (["--loss", "clip", "--clip_eps_high", "0"], "--clip_eps_high 0"), (["--clip_eps_high", "0.28"], "--loss clip"),
+    (["--lora_r", "-1"], "--lora_r"), (["--lora_r", "8", "--lora_alpha", "0"], "--lora_alpha 0"),
+    (["--lora_dropout", "1"], "--lora_dropout 1"), (["--lora_r", "8", "--lora_target_modules", "q_proj,"], "modules"),
+    (["--vllm_memory", "0"], "--vllm_memory"), (["--vllm_memory", "1.5"], "(0, 1]"), (["--vllm_memory", "nan"], "nan"),
+    (["--train_batch_size", "0"], "--train_batch_size"), (["--reward_batch_size", "0"], "--reward_batch_size"),
+    (["--max_prompt_tokens", "0"], "--max_prompt_tokens"), (["--stop", ""], "--stop ''"),
+    (["--device", "gpu"], "--device 'gpu'"), (["--discard_regex", "x*"], "matches the empty string"),
+    (["--reward_weights", "nan"], "finite"), (["--reward", "r.py:g", "--reward_weights", "0,0"], "every weight is 0"),
+    (["--reward", "some/rm", "--reward_template", "{prompt}"], "no {response}"),
+    (["--K", "1", "--advantage", "grpo"], "--K 1"), (["--K", "1", "--drop_all_correct"], "--K 1"),
+    (["--K", "1", "--drop_all_correct", "--drop_all_wrong", "--advantage", "reinforce"], "--K 1"),
+    (["--ranking", "all", "--advantage", "grpo", "--kl_beta", "0.1"], "--eval_kl"),
+    (["--regime", "rl", "--mini_batches", "3"], "--mini_batches 3 must divide"),
+    (["--regime", "rl", "--mini_batches", "16"], "--mini_batches 16 must divide"),
+    (["--eval_prompts", "0", "--eval_samples", "4", "--pass_k", "1,4"], "--eval_prompts 0"),
+]  # fmt: skip
+ALLOWED = [  # unusual, and meaningful: kept
+    ["--max_grad_norm", "inf"], ["--temperature", "0"], ["--ranking", "local", "--advantage", "correct"],
+    ["--ranking", "all"], ["--K", "1", "--drop_all_wrong"], ["--K", "1", "--drop_all_correct", "--advantage",
+    "reinforce"], ["--loss", "clip", "--epochs", "3"], ["--regime", "rl", "--mini_batches", "8"],
+    ["--reward", "r.py:g", "--reward_weights", "1,-0.5"], ["--discard_regex", "#"],
+    ["--loss", "clip", "--finetune_from", "base"],  # π_θ / π_sampler, the θ restarted from stage 0: off-policy PPO
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("extra,needle", REFUSED, ids=[" ".join(a) for a, _ in REFUSED])
+def test_a_run_that_cannot_mean_anything_is_refused(extra, needle):
+    with pytest.raises(SystemExit) as e:
+        raft.parse(BASE + extra)
+    assert "\n" not in str(e.value) and needle in str(e.value), str(e.value)
+
+
+def test_unusual_but_meaningful_runs_are_not_refused():
+    for extra in ALLOWED:
+        raft.parse(BASE + extra)
+
+
+def test_devices_are_checked_before_anything_loads(monkeypatch):
+    """--device cuda without a GPU, and under torchrun more processes on a node than GPUs, were errors of the first
+    CUDA call (after the dataset and the tokenizer); a name other than auto, cpu or cuda ran on the CPU."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda: torch sees no GPU"):
+        raft.parse(BASE + ["--device", "cuda"])
+    raft.parse(BASE + ["--device", "auto"])  # no GPU: the CPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(checks, "LOCAL_RANK", 3)  # the fourth process of a node with two GPUs
+    for device in ("auto", "cuda"):
+        with pytest.raises(SystemExit, match="cuda:3, and torch sees 2"):
+            raft.parse(BASE + ["--device", device])
+    raft.parse(BASE + ["--device", "cpu"])
+
+
+def test_sft_eval_diffusion_and_bench_refuse_meaningless_options(tmp_path):
+    import bench
+    import diffusion
+    import eval as ev
+    import sft
+
+    for extra, needle in [(["--regime", "rl"], "--loss sft"), (["--loss", "clip"], "--loss sft"),
+                          (["--lr", "nan"], "--lr nan")]:  # fmt: skip
+        with pytest.raises(SystemExit, match=needle):
+            sft.main(["--model", "m", "--dataset", "d.jsonl", "--out_dir", str(tmp_path / "s"), *extra])
+    table = ["--model", "m", "--dataset", "d.jsonl", "--reward", "r.py:f"]
+    for extra, needle in [(["--temperature", "nan"], "--temperature nan"), (["--top_p", "0"], "--top_p"),
+                          (["--lora_r", "8"], "--lora_r"), (["--pass_k", "1"], "--responses"),
+                          (["--gen_backend", "vlm"], "--gen_backend"), (["--eval_prompts", "0"], "--eval_prompts"),
+                          (["--stop", ""], "--stop"), (["--reward_weights", "inf"], "finite"),
+                          (["--device", "gpu"], "--device")]:  # fmt: skip
+        with pytest.raises(SystemExit, match=needle):
+            ev.main(table + extra)
+    for extra, needle in [(["--lr", "inf"], "--lr inf"), (["--guidance", "nan"], "--guidance nan"),
+                          (["--weight_decay", "-1"], "--weight_decay"), (["--max_grad_norm", "0"], "--max_grad_norm"),
+                          (["--lora_alpha", "0"], "--lora_alpha 0"), (["--ranking", "all"], "--ranking 'all'"),
+                          (["--reward_weights", "nan"], "finite"), (["--device", "gpu"], "--device")]:  # fmt: skip
+        with pytest.raises(SystemExit, match=needle):
+            diffusion.parse(["--out_dir", str(tmp_path / "d"), *extra])
+    for extra in (["--K", "-1"], ["--gen_batch_size", "0"]):
+        with pytest.raises(SystemExit):
+            bench.parse(extra)

@@ -232,7 +232,7 @@ def test_eval_kl_reports_drift_without_changing_the_ranking(tiny_lm, prompts_fil
     assert a[1]["eval_reward_mean"] == b[1]["eval_reward_mean"]
 
 
-COPY = ["raft.py", "sampling.py", "models.py", "dist.py", "data.py", "metrics.py", "reward.py", "losses.py"]
+COPY = "raft.py checks.py sampling.py models.py dist.py data.py metrics.py reward.py losses.py".split()
 
 
 def test_the_files_the_readme_says_to_copy_run_on_their_own(tiny_lm, prompts_file, tmp_path):
