@@ -5,9 +5,10 @@
 #   its greedy tokens checked against model.generate's) at the 1.5B and 7B shapes, one RAFT stage (1.5B) with each
 #   sampling backend, full and LoRA (fastgen, and --gen_backend vllm when vLLM imports), reward scoring (3B reward
 #   shape), SFT (1.5B), one RAFT stage in each memory mode (8-bit base + LoRA when bitsandbytes imports, bf16 base
-#   + LoRA, full bf16), one diffusion.py stage (SD 1.5 shapes, needs diffusers) and one stage through torchrun at
-#   world size 1 per engine (DDP for LoRA, FSDP2 for full; NCCL on a GPU). The vLLM steps come first: with vLLM
-#   installed, what the budget leaves out is listed, for a second run with BENCH_STEPS.
+#   + LoRA, full bf16), one diffusion.py stage (SD 1.5 shapes, needs diffusers), one stage through torchrun at
+#   world size 1 per engine (DDP for LoRA, FSDP2 for full; NCCL on a GPU), and the kit's RL step against TRL's
+#   GRPOTrainer (bench_peer.py, needs trl and datasets; with vLLM also both sides' vLLM modes). The vLLM steps come
+#   first: with vLLM installed, what the budget leaves out is listed, for a second run with BENCH_STEPS.
 #
 #   bash bench_gpu.sh                        # on the GPU machine
 #   BENCH_SHAPE=tiny bash bench_gpu.sh       # the same steps at the tiny shape on a CPU (tests/test_bench.py)
@@ -30,7 +31,7 @@ case $SHAPE in gpu | tiny) ;; *) echo "bench_gpu.sh: BENCH_SHAPE=$SHAPE: use gpu
 PROBE=$("$PY" - <<'EOF' 2>/dev/null
 import importlib
 
-for name in ("torch", "transformers", "peft", "bitsandbytes", "vllm", "diffusers"):
+for name in ("torch", "transformers", "peft", "bitsandbytes", "vllm", "diffusers", "trl"):
     try:
         print(name, getattr(importlib.import_module(name), "__version__", "?"))
     except Exception:  # not installed, or installed but broken (a CUDA-only build on a CPU, a version clash)
@@ -61,15 +62,19 @@ HAS_VLLM=0; [ "$CUDA" = 1 ] && has vllm && HAS_VLLM=1
 # Shapes: the kit's targets on the GPU; the tiny shape (seconds each) on a CPU. Stage steps: b prompts, K=8.
 if [ "$SHAPE" = gpu ]; then
   S1=1b; S7=7b; RM=3b; SD=sd15; STAGE_B=64; MEM_B=32; GEN_B=8
+  PEER="--prompts 64 --K 8 --max_new_tokens 128 --steps 3"
 else
   S1=tiny; S7=tiny; RM=tiny; SD=tiny; STAGE_B=8; MEM_B=8; GEN_B=8
+  PEER="--prompts 4 --K 2 --max_new_tokens 4 --steps 1"
 fi
 MEM="--shape $S7 --reward_shape $RM --phase stage --prompts $MEM_B --gen_batch_size $GEN_B"
 VLLM_FLAG=""; [ "$HAS_VLLM" = 1 ] && VLLM_FLAG=" --vllm"
+PEER_SIDES=kit,trl; [ "$HAS_VLLM" = 1 ] && PEER_SIDES=kit,trl,kit-vllm,trl-vllm
 
 # name | seconds at most | what it needs (an importable module, vllm: vLLM on a GPU, or -) | title | command
 STEPS=(
   "gen1b|150|-|generation, ${S1} shape|$PY bench.py --shape $S1 --phase generate$VLLM_FLAG"
+  "peer|170|trl|the kit's RL step against TRL's GRPOTrainer (bench_peer.py: SmolLM2-135M shape, random weights, bf16; sides $PEER_SIDES)|$PY bench_peer.py --random --bf16 --runs 1 --sides $PEER_SIDES $PEER --out_dir runs/bench_peer_gpu"
   "memfull|60|-|stage, full fine-tuning, bf16 compute (${S1} policy)|$PY bench.py --shape $S1 --phase stage --prompts $STAGE_B"
   "vllmfull|120|vllm|stage, full fine-tuning, --gen_backend vllm (${S1} policy)|$PY bench.py --shape $S1 --phase stage --prompts $STAGE_B --raft_args '--gen_backend vllm'"
   "fastlora|60|-|stage, bf16 base + LoRA, fastgen (${S1} policy)|$PY bench.py --shape $S1 --phase stage --prompts $STAGE_B --raft_args '--lora_r 16'"
@@ -141,7 +146,8 @@ done
   echo "## $DEVICE, $(date -u +%Y-%m-%d) (bench_gpu.sh)"
   echo
   echo "\`$COMMAND\`: torch $(version torch), transformers $(version transformers), peft $(version peft), bitsandbytes" \
-    "$(version bitsandbytes), vllm $(version vllm), diffusers $(version diffusers); $((SECONDS - START)) s in all."
+    "$(version bitsandbytes), vllm $(version vllm), diffusers $(version diffusers), trl $(version trl);" \
+    "$((SECONDS - START)) s in all."
   cat "$SECTION"
   echo
   echo "### Not run or failed"

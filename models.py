@@ -6,8 +6,9 @@ of (prompt, response) rows that SFT, the KL term and perplexity share.
   Under torchrun full fine-tuning is sharded with FSDP2, one group per decoder layer; LoRA is wrapped in DDP by the
   fine-tune step. `full_weights` gathers an FSDP2 model once for a whole inference phase; `full_state_dict` for saving.
 - `example_logprobs`: examples packed into rows, positions restarting per example, so nothing attends across
-  examples; the LM head runs only where a label is. Packing is checked once per model against one example per row,
-  and a model whose attention ignores restarted positions (OPT, BLOOM) gets one example per row instead.
+  examples; the samples of one prompt hold it once, under a 4-D mask; the LM head runs only where a label is.
+  Packing and sharing are checked once per model against one example per row; a model whose attention ignores
+  restarted positions (OPT, BLOOM) gets one example per row instead. `deal` spreads a batch over ranks by prompt.
 - `dequantized_copy` (--gen_dequantized) and `save_merged` (--merge_lora).
 """
 

@@ -183,7 +183,7 @@ def test_bench_gpu_script_tiny_mode_writes_a_section_and_reports_what_it_skipped
     section = text.split("\n## ", 1)[1]
     assert re.match(r"CPU \(\d+ cores, no GPU\), \d{4}-\d\d-\d\d \(bench_gpu\.sh\)\n", section), section[:200]
     assert "`BENCH_SHAPE=tiny " in section and "bench_gpu.sh" in section
-    for lib in ("torch", "transformers", "peft", "bitsandbytes", "vllm", "diffusers"):
+    for lib in ("torch", "transformers", "peft", "bitsandbytes", "vllm", "diffusers", "trl"):
         assert re.search(rf"\b{lib} (\S+\d|not importable)", section), lib
     head, notrun = section.split("### Not run or failed\n")
     assert "### memory per mode, computed" in head and "`python bench.py --shape tiny --reward_shape tiny" in head
@@ -191,7 +191,7 @@ def test_bench_gpu_script_tiny_mode_writes_a_section_and_reports_what_it_skipped
     skipped = re.findall(r"^- (\w+) .*: (.+)$", notrun, re.M)
     assert ("vLLM", "no GPU") in [(n, why) for n, why in skipped]
     names = {"gen1b", "gen7b", "score", "train", "mem8bit", "memlora", "memfull", "diffusion", "nccl_ddp", "nccl_fsdp"}
-    names |= {"vllmfull", "fastlora", "vllmlora"}  # a stage with each sampling backend, full and LoRA
+    names |= {"vllmfull", "fastlora", "vllmlora", "peer"}  # a stage with each sampling backend; the peer (TRL)
     assert {n for n, why in skipped if why == "not in BENCH_STEPS"} == names
 
 
