@@ -211,9 +211,9 @@ def test_bench_on_a_local_model_directory(tmp_path, tiny_lm):
 
 def test_bench_peer_runs_the_kits_side_and_tabulates_each_run(tmp_path, tiny_lm):
     """bench_peer.py (the kit against TRL's GRPOTrainer; TRL is not in the kit's environment) on a tiny model: the
-    kit's side runs in its own process per run on word problems in GSM8K's schema, and the table gives the median of
-    the runs' mean step times, the parts of a step and the tokens sampled per step (b·K responses, each ≤ 4 tokens
-    plus its ending)."""
+    kit's side runs in a process of its own on word problems in GSM8K's schema and reports each step's parts and the
+    tokens sampled (b·K responses, each ≤ 4 tokens plus its ending); the table gives the median over runs of their
+    mean step times (here on made-up runs)."""
     import bench_peer
     import demo
     from data import write_jsonl
@@ -222,12 +222,12 @@ def test_bench_peer_runs_the_kits_side_and_tabulates_each_run(tmp_path, tiny_lm)
     os.makedirs(tmp_path / "data")
     write_jsonl(str(tmp_path / "data" / "train.jsonl"), rows[8:])
     write_jsonl(str(tmp_path / "data" / "test.jsonl"), rows[:8])
-    args = ["--model", tiny_lm, "--data", str(tmp_path / "data"), "--sides", "kit", "--runs", "2", "--steps", "2",
+    args = ["--model", tiny_lm, "--data", str(tmp_path / "data"), "--sides", "kit", "--runs", "1", "--steps", "2",
             "--prompts", "4", "--K", "2", "--max_new_tokens", "4", "--micro_batch_size", "4", "--threads", "1",
             "--out_dir", str(tmp_path / "bench")]  # fmt: skip
     sums = bench_peer.main(args)
     kit = sums["kit"]
-    assert len(kit["lengths"]) == 2 and all(len(r) == 2 for r in kit["lengths"])  # 2 runs × 2 steps
+    assert len(kit["lengths"]) == 1 and len(kit["lengths"][0]) == 2  # 1 run × 2 steps
     assert all(4 * 2 <= n <= 4 * 2 * 5 for r in kit["lengths"] for n in r)
     assert kit["range"][0] <= kit["step_s"] <= kit["range"][1] and kit["update_s"] > 0 and kit["sample_s"] > 0
     work = json.load(open(tmp_path / "bench" / "work.json"))
