@@ -57,6 +57,7 @@ def parse(argv=None):
     ap.add_argument("--out_dir", default="runs/bench_peer")
     ap.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # a child process: one side, one run
     ap.add_argument("--run", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--check_update", action="store_true", help=argparse.SUPPRESS)  # a child: check_update
     a = ap.parse_args(argv)
     a.sides = a.sides.split(",")
     bad = [s for s in a.sides if s not in SIDES]
@@ -191,6 +192,87 @@ def run_trl(a, variant: str) -> dict:
     return {"steps": steps, "same_prompt_ids": same_ids, "same_prompt_order": order}
 
 
+def check_update(a) -> dict:
+    """Both sides' update on the same samples: the first step's first 8 prompts, K responses each from the kit's
+    sampler, coin-flip 0/1 rewards (so every group has a signal), one plain SGD step at lr 1 without clipping, so
+    the weights move by minus the gradient. Returns the relative difference of the two moves and their cosine."""
+    import copy
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    import losses
+    import raft
+    from data import encode_prompt
+    from metrics import measure_policy
+    from models import example
+
+    class SGD(torch.optim.SGD):  # in place of the kit's AdamW: takes and drops make_optimizer's arguments
+        def __init__(self, params, lr, weight_decay=0.0, foreach=None):
+            super().__init__(params, lr=lr)
+
+    rows = json.load(open(os.path.join(a.out_dir, "work.json")))[:8]
+    prompts, b, K = [r["prompt"] for r in rows], len(rows), a.K
+    tok = AutoTokenizer.from_pretrained(a.model)
+    base = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    cfg = raft.parse(kit_args(argparse.Namespace(**{**vars(a), "prompts": b}), os.path.join(a.out_dir, "check")))
+    cfg.lr, cfg.max_grad_norm = 1.0, 1e9
+    samples = raft.sample(base, tok, tok, prompts, cfg, 1)
+    rewards = (torch.rand(b, K, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+    valid = torch.ones(b, K, dtype=torch.bool)
+    kept = losses.advantages(rewards, valid, raft.select(rewards, valid, "all", None), "grpo", 1.0)[0]
+    kit, real = copy.deepcopy(base), torch.optim.AdamW
+    torch.optim.AdamW = SGD
+    try:
+        old, finish = measure_policy(kit, tok, prompts, samples, kept, cfg, None, {})
+        examples = [example(tok, prompts[i], samples[i][j]) for i, j, _ in kept]
+        raft.finetune(kit, examples, cfg, 0, kept=kept, old=old, measured=finish)
+    finally:
+        torch.optim.AdamW = real
+    ends = {r["prompt"]: [s["ids"] + ([s["end_id"]] if s["end_id"] is not None else []) for s in row]
+            for r, row in zip(rows, samples)}  # fmt: skip
+    given = {r["prompt"]: rewards[i].tolist() for i, r in enumerate(rows)}
+
+    which = {tuple(encode_prompt(tok, p)): p for p in prompts}
+
+    def generate(self, prompt_ids, *args, **kw):  # TRL's sampler hands back the kit's responses
+        seen, out = {}, []
+        for ids in prompt_ids:
+            p = which[tuple(ids)]
+            out.append(ends[p][seen.setdefault(p, 0)])
+            seen[p] += 1
+        return out, None
+
+    def reward(prompts, **kw):
+        seen, out = {}, []
+        for p in prompts:
+            out.append(given[p][seen.setdefault(p, 0)])
+            seen[p] += 1
+        return out
+
+    GRPOTrainer._generate_single_turn = generate
+    theirs = copy.deepcopy(base)
+    n, mb = b * K, a.micro_batch_size
+    targs = GRPOConfig(output_dir=os.path.join(a.out_dir, "check"), num_generations=K, generation_batch_size=n,
+                       per_device_train_batch_size=mb, gradient_accumulation_steps=n // mb,
+                       num_iterations=1, beta=0.0, epsilon=0.2, loss_type="dapo", scale_rewards="group",
+                       temperature=a.temperature, max_completion_length=a.max_new_tokens, learning_rate=1.0,
+                       lr_scheduler_type="constant", max_grad_norm=1e9, max_steps=1, shuffle_dataset=False,
+                       use_cpu=not torch.cuda.is_available(), report_to="none", save_strategy="no", optim="sgd",
+                       bf16=False, gradient_checkpointing=False, disable_tqdm=True)  # fmt: skip
+    GRPOTrainer(model=theirs, reward_funcs=reward, args=targs, train_dataset=Dataset.from_list(rows),
+                processing_class=tok).train()  # fmt: skip
+    dk = torch.cat([(p - q).detach().flatten() for p, q in zip(kit.parameters(), base.parameters())]).double()
+    dt = torch.cat([(p.cpu() - q).detach().flatten() for p, q in zip(theirs.parameters(), base.parameters())]).double()
+    return {
+        "relative_difference": ((dk - dt).norm() / dt.norm()).item(),
+        "cosine": torch.nn.functional.cosine_similarity(dk, dt, 0).item(),
+        "step_norm": dt.norm().item(),
+    }
+
+
 def child(a):
     import torch
 
@@ -246,8 +328,12 @@ def table(sums: dict, n: int) -> str:
 
 def main(argv=None):
     a = parse(argv)
-    if a.side:
-        a.__dict__.update(json.load(open(os.path.join(a.out_dir, "args.json"))), side=a.side, run=a.run)
+    if a.side or a.check_update:
+        mine = dict(side=a.side, run=a.run, check_update=a.check_update)
+        a.__dict__.update(json.load(open(os.path.join(a.out_dir, "args.json"))), **mine)
+        if a.check_update:
+            with open(os.path.join(a.out_dir, "check_update.json"), "w") as f:
+                return json.dump(check_update(a), f)
         return child(a)
     os.makedirs(a.out_dir, exist_ok=True)
     if a.random:
@@ -263,8 +349,20 @@ def main(argv=None):
     with open(os.path.join(a.out_dir, "work.json"), "w") as f:
         json.dump(work(a), f)
     with open(os.path.join(a.out_dir, "args.json"), "w") as f:
-        json.dump({k: v for k, v in vars(a).items() if k not in ("side", "run")}, f)
+        json.dump({k: v for k, v in vars(a).items() if k not in ("side", "run", "check_update")}, f)
     env = {**os.environ, "OMP_NUM_THREADS": str(a.threads), "TQDM_DISABLE": "1"}
+    if any(s.startswith("trl") for s in a.sides):  # first: is TRL's update the kit's on the same samples?
+        cmd = [sys.executable, os.path.abspath(__file__), "--check_update", "--out_dir", a.out_dir]
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode:
+            print(f"same update: not checked (exit {done.returncode}): {done.stderr.strip()[-2000:]}", flush=True)
+        else:
+            c = json.load(open(os.path.join(a.out_dir, "check_update.json")))
+            print(
+                f"same update (8 prompts × K {a.K} from the kit's sampler, coin-flip rewards, one SGD step): |kit − "
+                f"trl| / |trl| = {c['relative_difference']:.1e}, cosine {c['cosine']:.6f}",
+                flush=True,
+            )
     results = {s: [] for s in a.sides}
     for r in range(a.runs):
         for side in a.sides:  # alternating, so a machine that slows down slows every side alike
