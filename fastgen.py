@@ -22,10 +22,21 @@ class Unsupported(Exception):
     """The model's attention needs an option the fast path does not implement; use model.generate instead."""
 
 
+class Shared:
+    """The state of one sample() call, handed to the attention as one opaque object: FSDP2 with a bf16 param_dtype
+    casts a forward's inputs by rebuilding every dict and list in them, so a plain dict would reach the attention
+    as a copy and the cache it writes would be lost."""
+
+    __slots__ = ("st",)
+
+    def __init__(self, st: dict):
+        self.st = st
+
+
 def _attention(module, q, k, v, mask, dropout=0.0, scaling=None, raft_kv=None, **kw):
     """Attention for one layer. Prefill: q [B, H, Lp, D], k/v [B, Hkv, Lp, D] are stored as the prompts' prefix.
     Decode: q [N, H, 1, D], k/v [N, Hkv, 1, D] of step t go to suffix slot t. Returns [rows, q_len, H, D]."""
-    st = raft_kv
+    st = raft_kv.st if isinstance(raft_kv, Shared) else None
     if st is None:
         raise Unsupported("the raft_kv attention was called outside fastgen.sample")
     window = kw.get("sliding_window")
@@ -161,6 +172,7 @@ def sample(
         "sv": [None] * n_layers,
         "kv_dtype": autocast_dtype,
     }
+    shared = Shared(st)
     graph, graph_key = None, None
     with _raft_attention(model), amp:
         for idx in progress(chunks) if progress else chunks:
@@ -180,7 +192,7 @@ def sample(
                 prefill_mask=(causal & valid[:, None, :] | torch.eye(Lp, dtype=torch.bool, device=device))[:, None],
             )
             _keep(st, "prefix_valid", valid)
-            logits = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1, raft_kv=st).logits
+            logits = model(input_ids=ids, position_ids=pos, use_cache=False, logits_to_keep=1, raft_kv=shared).logits
             first = pick(logits[:, -1].float().repeat_interleave(K, 0), temperature, top_k, top_p)  # [N]
             if st["sk"][0] is None or st["sk"][0].shape[0] != N:  # the suffix cache: [N, Hkv, S, D] per layer
                 st["sk"] = [torch.zeros(N, k.shape[1], S, k.shape[3], dtype=k.dtype, device=device) for k in st["pk"]]
@@ -203,7 +215,7 @@ def sample(
                         position_ids=st["base_pos"] + st["t"],
                         use_cache=False,
                         logits_to_keep=1,
-                        raft_kv=st,
+                        raft_kv=shared,
                     )
                     .logits[:, -1]
                     .float()

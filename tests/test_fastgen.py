@@ -17,6 +17,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 import data
 import fastgen
+import models
 import raft
 import sampling
 
@@ -279,3 +280,25 @@ def test_left_padded_prompts_in_one_batch_sample_as_each_prompt_alone():
             assert 0.5 * (emp - dist.double()).abs().sum() < 0.045, (p, pos)
     tv = lambda a, b: 0.5 * (a - b).abs().sum().item()
     assert min(tv(exact[i], exact[j]) for i, j in ((0, 1), (0, 2), (1, 2))) > 0.15
+
+
+def test_fastgen_samples_from_an_fsdp2_model_with_bf16_compute(tiny_lm):
+    """Found by plan.py: FSDP2 with a bf16 param_dtype casts a forward's inputs by rebuilding every dict and list in
+    them, so fastgen's cache, written into its state by the attention, was lost and the paper's run (torchrun,
+    --bf16, full fine-tuning) failed at its first sampling call. On real tensors, one process on gloo."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    store = torch.distributed.HashStore()
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        model = models.AutoModelForCausalLM.from_pretrained(tiny_lm)
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for layer in model.model.layers:
+            fully_shard(layer, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        with models.full_weights(model):
+            out = fastgen.sample(model, [[5, 6, 7], [8, 9]], 2, max_new_tokens=4, eos_ids=[], pad_id=0,
+                                 temperature=0, autocast_dtype=torch.bfloat16)  # fmt: skip
+        assert [[len(s) for s in row] for row in out] == [[4, 4], [4, 4]]
+    finally:
+        torch.distributed.destroy_process_group()
