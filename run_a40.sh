@@ -3,6 +3,12 @@
 #
 #   MODEL=/path/to/llama-7b-sft bash run_a40.sh            # K = 8; K=32 for the main table's RAFT-K32 row
 #   DRY_RUN=1 MODEL=x bash run_a40.sh                      # check and print the resolved configuration, run nothing
+#   PLAN=0 MODEL=... bash run_a40.sh                       # launch without planning first (see below)
+#
+# Before torchrun starts, plan.py rehearses one stage of this very command on fake tensors (configs only, no GPU):
+# memory per phase and rank against the A40's 48 GB, and an estimated time. When a phase cannot fit, the script
+# stops there with the plan's verdict and the first change that fits, before any GPU is touched (exit 3). PLAN=0
+# skips it; PLAN_ARGS adds plan.py options (e.g. "--gpu_memory_gb 40").
 #
 # MODEL is the paper's starting point: LLaMA-7B after 1 epoch of SFT on HH-RLHF's chosen responses, made with
 #   torchrun --nproc_per_node 8 sft.py --sft_field chosen --model huggyllama/llama-7b \
@@ -10,7 +16,7 @@
 # Every choice below is an environment variable (defaults are the paper's): MODEL REWARD DATASET K B LAMBDA LR EPOCHS
 # MAX_NEW STAGES MODE NPROC OUT GEN_BATCH MICRO TRAIN_BATCH EVAL_PROMPTS; EXTRA is appended to raft.py's arguments.
 #
-# Memory per GPU (computed from bytes per parameter, not yet measured):
+# Memory per GPU (bytes per parameter; plan.py adds activations and the allowance, docs/planning.md; not measured):
 #   MODE=full (the paper: full fine-tuning, bf16 compute): FSDP2 shards the fp32 master weights, gradients and AdamW
 #     states, 7B × 16 B / 8 ≈ 14 GB per GPU while training, ≈23.5 GB at the step with its transient (computed);
 #     generation holds the 3.4 GB weight shard, gathers the bf16 weights once per phase (≈13.5 GB) and adds the
@@ -60,5 +66,13 @@ ARGS=(--model "$MODEL" --reward "$REWARD" --dataset "$DATASET" --eval_split test
 if [ "${DRY_RUN:-0}" = 1 ]; then
   # one process that believes it is rank 0 of NPROC: the per-rank checks run, nothing is loaded
   WORLD_SIZE=$NPROC RANK=0 exec "${PYTHON:-python}" raft.py "${ARGS[@]}" --dry_run
+fi
+if [ "${PLAN:-1}" != 0 ]; then
+  # shellcheck disable=SC2086  # PLAN_ARGS is a list of words
+  "${PYTHON:-python}" plan.py "${ARGS[@]}" --nproc_per_node "$NPROC" --gpu A40 ${PLAN_ARGS:-} || {
+    rc=$?
+    [ "$rc" = 3 ] && echo "run_a40.sh: the plan above says a phase does not fit; nothing was launched (PLAN=0 skips the plan)"
+    exit "$rc"
+  }
 fi
 exec torchrun --standalone --nproc_per_node "$NPROC" raft.py "${ARGS[@]}" --resume
