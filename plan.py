@@ -55,6 +55,7 @@ CUBLAS_GB = (0.1, "cuBLAS + cuBLASLt workspaces: torch gives each handle and str
 NCCL_GB = (1.0, "NCCL under torchrun: 4 MiB buffers (NCCL_BUFFSIZE) per channel, peer and protocol; an allowance")
 FRAG = (0.10, "caching-allocator fragmentation (reserved - allocated): 10% of the peak, an allowance; "
         "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True lowers it")  # fmt: skip
+MARGIN = 0.05  # less to spare than this share of the GPU is reported as no margin (still a fit)
 LAUNCH_S = 5e-6  # seconds per kernel launch of an eager decoding step (no CUDA graph), an assumption
 aten = torch.ops.aten
 
@@ -154,6 +155,9 @@ class _Factories(torch.utils._python_dispatch.TorchDispatchMode):
         out = func(*args, **kwargs)
         if func.overloadpacket in flop_registry:
             self.flops += flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
+        elif func.namespace == "bitsandbytes" and "_mm" in func._opname:  # int8 matmuls: A [.., k] · B [n, k]
+            a, b = args[1 if "mixed" in func._opname else 0], args[2 if "mixed" in func._opname else 1]
+            self.flops += 2 * a.numel() * b.shape[0]
         return out
 
 
@@ -728,7 +732,8 @@ def find_fix(cfg, pa: PlanArgs, plan: dict, v: dict):
         c = cfg
         while (change := how(c)) is not None:
             c = dataclasses.replace(c, **change)
-            p = make_plan(c, pa)
+            p = make_plan(c, pa, only=lowers)  # the phases it cannot change keep their numbers
+            p["phases"] = {n: p["phases"].get(n) or plan["phases"][n] for n in plan["phases"]}
             v2 = verdict(p, c, pa)
             if v2["fits"]:
                 flags = f"{label} {getattr(c, label[2:])}" if label.endswith("size") else label
@@ -837,8 +842,10 @@ def report(cfg, pa: PlanArgs, plan: dict, v: dict) -> list[str]:
     lines += [f"note: {n}" for n in notes]
     mem = v["memory"] / GB
     if v["fits"]:
-        lines.append(f"verdict: fits: the largest phase ({worst}) needs {v['rows'][worst]['total'] / GB:.1f} of "
-                     f"{mem:g} GB, {mem - v['rows'][worst]['total'] / GB:.1f} GB to spare")  # fmt: skip
+        spare = mem - v["rows"][worst]["total"] / GB
+        how = "fits with a margin" if spare >= MARGIN * mem else f"fits, without a margin (under {MARGIN:.0%})"
+        lines.append(f"verdict: {how}: the largest phase ({worst}) needs {v['rows'][worst]['total'] / GB:.1f} of "
+                     f"{mem:g} GB, {spare:.1f} GB to spare")  # fmt: skip
     else:
         bad = [n for n in plan["phases"] if not v["rows"][n]["fits"]]
         lines.append(f"verdict: does not fit in {mem:g} GB: " + ", ".join(
