@@ -49,12 +49,12 @@ GPUS = {
     "H200": (141, 989, 4800, 450),
 }
 # What no tracker sees, per rank (GB, and where the number comes from)
-CONTEXT_GB = (0.5, "CUDA context: 0.3-0.5 GB on recent GPUs with lazy module loading (CUDA >= 12.2 default)")
-CUBLAS_GB = (0.1, "cuBLAS + cuBLASLt workspaces: torch gives each handle and stream 4096 KiB x 8 (cuBLAS) and "
-             "4 MiB (Ampere) / 32 MiB (Hopper) for cuBLASLt; a few streams")  # fmt: skip
-NCCL_GB = (1.0, "NCCL under torchrun: 4 MiB buffers (NCCL_BUFFSIZE) per channel, peer and protocol; an allowance")
-FRAG = (0.10, "caching-allocator fragmentation (reserved - allocated): 10% of the peak, an allowance; "
-        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True lowers it")  # fmt: skip
+CONTEXT_GB = (0.5, "0.3-0.5 GB on recent GPUs with lazy module loading (the default since CUDA 12.2)")
+CUBLAS_GB = (0.1, "torch gives each cuBLAS handle and stream 4096 KiB x 8, and cuBLASLt 4 MiB (Ampere) or 32 MiB "
+             "(Hopper); a few streams")  # fmt: skip
+NCCL_GB = (1.0, "under torchrun: NCCL's 4 MiB buffers (NCCL_BUFFSIZE) per channel, peer and protocol; an allowance")
+FRAG = (0.10, "the caching allocator's reserved - allocated: 10% of the peak, an allowance "
+        "(PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True lowers it)")  # fmt: skip
 MARGIN = 0.05  # less to spare than this share of the GPU is reported as no margin (still a fit)
 LAUNCH_S = 5e-6  # seconds per kernel launch of an eager decoding step (no CUDA graph), an assumption
 aten = torch.ops.aten
@@ -641,7 +641,7 @@ def settle(p: dict) -> dict:
 
 
 def allowance(peak: int, world: int, dist: bool) -> list[tuple[str, float, str]]:
-    items = [("CUDA context",) + CONTEXT_GB, ("cuBLAS",) + CUBLAS_GB]
+    items = [("CUDA context",) + CONTEXT_GB, ("cuBLAS and cuBLASLt workspaces",) + CUBLAS_GB]
     if dist:
         items.append(("NCCL",) + NCCL_GB)
     items.append(("fragmentation", FRAG[0] * peak / GB, FRAG[1]))
@@ -684,6 +684,18 @@ def make_plan(cfg, pa: PlanArgs, only=None) -> dict:
     return {"phases": out, "shapes": s, "world": world, "rm": rm_path, "confs": (pconf, gconf, rconf)}
 
 
+def counted(plan: dict, cfg, pa: PlanArgs, name: str) -> int:
+    """What the plan counts rather than runs, added to a phase's total: DDP's gradient buckets (LoRA under torchrun:
+    a copy of the trainable gradients) while training, --gen_dequantized's bf16 copy of the policy while it samples."""
+    dist = plan["world"] > 1 or pa.torchrun
+    train = plan["phases"].get("train: fine-tune", {})
+    if name == "train: fine-tune" and dist and cfg.lora_r:
+        return train["trainable_bytes"]
+    if cfg.gen_dequantized and name in ("eval: sample",) + (() if cfg.generator_model else ("sample",)):
+        return 2 * train.get("params", 0)
+    return 0
+
+
 def verdict(plan: dict, cfg, pa: PlanArgs) -> dict:
     world = plan["world"]
     dist = world > 1 or pa.torchrun
@@ -691,6 +703,7 @@ def verdict(plan: dict, cfg, pa: PlanArgs) -> dict:
     rows = {}
     for name, p in plan["phases"].items():
         extra = sum(x[1] for x in allowance(p["peak"], world, dist)) * GB
+        extra += counted(plan, cfg, pa, name)
         rows[name] = {"total": p["peak"] + extra, "allowance": extra, "fits": p["peak"] + extra <= mem}
     return {"rows": rows, "memory": mem, "fits": all(r["fits"] for r in rows.values())}
 
@@ -814,7 +827,7 @@ def table(plan: dict, v: dict) -> list[str]:
            + f"{'+ allowance':>13}{'= total':>9}  verdict"]  # fmt: skip
     for name, p in plan["phases"].items():
         r = v["rows"][name]
-        ok = "fits" if r["fits"] else "DOES NOT FIT"
+        ok = "fits" if r["fits"] else "DOES NOT FIT"  # "+ allowance" also holds what is counted, not run
         out.append(f"{name:<22}{p['peak'] / GB:>7.1f} =" + "".join(f"{p[c] / GB:>12.2f}" for c in cols)
                    + f"{r['allowance'] / GB:>13.1f}{r['total'] / GB:>9.1f}  {ok}")  # fmt: skip
     return out
@@ -825,20 +838,21 @@ def report(cfg, pa: PlanArgs, plan: dict, v: dict) -> list[str]:
     dist = world > 1 or pa.torchrun
     lines = describe(cfg, pa, plan) + [""] + table(plan, v) + [""]
     worst = max(plan["phases"], key=lambda n: v["rows"][n]["total"])
-    lines.append("allowance per rank (not seen by any tracker): " + "; ".join(
-        f"{n} {g:.1f} GB ({src})" for n, g, src in allowance(plan["phases"][worst]["peak"], world, dist)))  # fmt: skip
+    lines.append(f"allowance per rank, not seen by any tracker (at {worst}):")
+    lines += [f"  {n} {g:.1f} GB: {src}" for n, g, src in allowance(plan["phases"][worst]["peak"], world, dist)]
     notes = []
     if cfg.gen_backend != "fast":
         notes.append(f"--gen_backend {cfg.gen_backend}: sampling planned as --gen_backend fast")
     if cfg.gen_dequantized:
-        notes.append(f"--gen_dequantized: + {2 * _params(plan) / GB:.1f} GB while sampling (its bf16 copy, 2 B a "
-                     f"parameter, counted not run)")  # fmt: skip
+        notes.append(f"--gen_dequantized: + {2 * _params(plan) / GB:.1f} GB while the policy samples (its bf16 copy, "
+                     f"2 B a parameter, counted not run; in the totals)")  # fmt: skip
     if cfg.load_in_8bit or cfg.reward_load_in_8bit:
         notes.append("8-bit: bitsandbytes' loader needs a GPU; its int8 layers are stand-ins of the same bytes (int8 "
-                     "weight, fp32 row scales) running bitsandbytes' own MatMul8bitLt on fake tensors")  # fmt: skip
+                     "weight, fp32 row scales) running bitsandbytes' own MatMul8bitLt on fake tensors; the time "
+                     "takes int8 decoding at the bytes it reads (reported ≈5× slower than bf16)")  # fmt: skip
     if dist and cfg.lora_r:
         notes.append(f"DDP: + {_ddp_buckets(plan) / GB:.2f} GB of gradient buckets while training (a copy of the "
-                     f"trainable gradients, counted from the parameters, not run)")  # fmt: skip
+                     f"trainable gradients, counted from the parameters, not run; in the totals)")  # fmt: skip
     lines += [f"note: {n}" for n in notes]
     mem = v["memory"] / GB
     if v["fits"]:
