@@ -5,9 +5,10 @@ fraction of the compute roofline (model FLOPs over the measured matmul rate), th
 peak memory. --model PATH runs them on a local causal LM (its reward model: the same weights with a fresh score head),
 with vLLM beside them where it is installed. --phase stage / diffusion times one raft.py / diffusion.py stage per
 phase (--raft_args: raft.py options, such as a memory mode); --phase memory computes, not measures, GPU memory per
-memory mode. Left out: real weights without --model (random weights of Llama or SD-1.5 shapes, no hub access; speed
-and memory do not depend on them), activations in the computed memory, runs of more than one process, and any
-pass/fail on speed. Each row's workload, baselines and FLOP count: docs/speed.md; measured numbers: BENCHMARKS.md.
+memory mode from bytes per parameter (plan.py plans the peaks, activations included, on fake tensors). Left out:
+real weights without --model (random weights of Llama or SD-1.5 shapes, no hub access; speed and memory do not
+depend on them), activations in the computed memory, runs of more than one process, and any pass/fail on speed.
+Each row's workload, baselines and FLOP count: docs/speed.md; measured numbers: BENCHMARKS.md.
 
     python bench.py --shape tiny --phase all          # CPU, seconds: the smoke test (tests/test_bench.py)
     python bench.py --shape 1b --phase all            # one GPU: Llama-3.2-1B shape (1.5B parameters)
@@ -22,6 +23,7 @@ import importlib.util
 import json
 import math
 import os
+import shlex
 import tempfile
 import time
 
@@ -99,6 +101,8 @@ def parse(argv=None):
     ap.add_argument("--vllm", action="store_true", help="generate: also time vllm_gen on the same work (needs vLLM; "
                     "--model: on whenever vLLM is installed)")  # fmt: skip
     ap.add_argument("--raft_args", default="", help='stage: extra raft.py options, e.g. "--lora_r 16 --bf16"')
+    ap.add_argument("--plan_dir", default=None, help="stage: write the models' configs here, print the stage's "
+                    "raft.py options for plan.py and exit (bench_gpu.sh plans each stage first)")  # fmt: skip
     ap.add_argument("--json", default=None, help="also append every row as JSON to this file")
     a = ap.parse_args(argv)
     a.stage_reward = a.reward_shape
@@ -480,11 +484,61 @@ def save_random(d: str, shape: str, cls=LlamaForCausalLM, **kw) -> str:
     return d
 
 
+def stage_args(a, policy: str, reward: str, data: str, out_dir: str) -> list[str]:
+    """raft.py's options for --phase stage (one stage on b prompts, K samples each, 2 epochs)."""
+    return (
+        [
+            "--model",
+            policy,
+            "--dataset",
+            data,
+            "--reward",
+            reward,
+            "--prompts_per_stage",
+            str(a.prompts),
+            "--K",
+            str(a.K),
+            "--max_new_tokens",
+            str(a.new_tokens),
+            "--eval_prompts",
+            "16",
+            "--stages",
+            "1",
+            "--epochs",
+            "2",
+            "--micro_batch_size",
+            str(a.micro_batch_size),
+            "--train_batch_size",
+            "32",
+            "--out_dir",
+            out_dir,
+            "--gen_batch_size",
+            str(a.gen_batch_size),
+            "--reward_batch_size",
+            str(a.reward_batch_size),
+            "--max_prompt_tokens",
+            str(a.prompt_len),
+        ]
+        + (["--bf16"] if DEV.type == "cuda" else [])
+        + shlex.split(a.raft_args)
+    )
+
+
+def plan_args(a) -> list[str]:
+    """--plan_dir: the stage's models as configs in that directory (no weights, no device touched) and raft.py's
+    options for plan.py, which bench_gpu.sh runs before a stage to skip one that cannot fit the GPU."""
+    d = a.plan_dir
+    LlamaConfig(**SHAPES[a.shape], pad_token_id=0).save_pretrained(os.path.join(d, "m"))
+    reward = "bench:word_count"
+    if a.stage_reward:
+        LlamaConfig(**SHAPES[a.stage_reward], pad_token_id=0, num_labels=1).save_pretrained(os.path.join(d, "rm"))
+        reward = os.path.join(d, "rm")
+    return stage_args(a, os.path.join(d, "m"), reward, os.path.join(d, "p.jsonl"), os.path.join(d, "run"))
+
+
 def stage_rows(a) -> list[dict]:
     """One RAFT stage through raft.main on a random-weight model saved to a temporary directory: time and (GPU)
     peak memory per phase."""
-    import shlex
-
     V = SHAPES[a.shape]["vocab_size"]
     with tempfile.TemporaryDirectory() as d:
         policy = save_random(os.path.join(d, "m"), a.shape)
@@ -506,42 +560,7 @@ def stage_rows(a) -> list[dict]:
                     )
                     + "\n"
                 )
-        args = (
-            [
-                "--model",
-                policy,
-                "--dataset",
-                os.path.join(d, "p.jsonl"),
-                "--reward",
-                reward,
-                "--prompts_per_stage",
-                str(a.prompts),
-                "--K",
-                str(a.K),
-                "--max_new_tokens",
-                str(a.new_tokens),
-                "--eval_prompts",
-                "16",
-                "--stages",
-                "1",
-                "--epochs",
-                "2",
-                "--micro_batch_size",
-                str(a.micro_batch_size),
-                "--train_batch_size",
-                "32",
-                "--out_dir",
-                os.path.join(d, "run"),
-                "--gen_batch_size",
-                str(a.gen_batch_size),
-                "--reward_batch_size",
-                str(a.reward_batch_size),
-                "--max_prompt_tokens",
-                str(a.prompt_len),
-            ]
-            + (["--bf16"] if DEV.type == "cuda" else [])
-            + shlex.split(a.raft_args)
-        )
+        args = stage_args(a, policy, reward, os.path.join(d, "p.jsonl"), os.path.join(d, "run"))
         raft.main(args)
         with open(os.path.join(d, "run", "metrics.jsonl")) as f:
             m = [json.loads(line) for line in f][-1]
@@ -673,9 +692,9 @@ def kv_bytes(p: dict, prompts: int, K: int, prompt_len: int, new_tokens: int) ->
 
 def memory_rows(a) -> list[dict]:
     """Computed, not measured: GPU memory of one RAFT stage per memory mode (weights, optimizer, KV cache, reward
-    model; activations excluded), from bytes per parameter and per cached token of --shape / --reward_shape. These
-    are docs/memory-and-torchrun.md's "which mode for which GPU" figures; `--phase stage --raft_args ...` measures
-    them."""
+    model; activations excluded), from bytes per parameter and per cached token of --shape / --reward_shape: the
+    arithmetic of each mode. plan.py plans the peaks with activations (docs/planning.md compares the two);
+    `--phase stage --raft_args ...` measures them on a GPU."""
     G = 1e9
     p, r = param_counts(a.shape), param_counts(a.reward_shape, LlamaForSequenceClassification, num_labels=1)
     int8 = p["linear"] + 4 * p["int8_scales"] + 4 * p["rest"]  # int8 projections + fp32 row scales; the rest fp32
@@ -722,7 +741,7 @@ def memory_rows(a) -> list[dict]:
 def memory_table(rows: list[dict], a) -> str:
     out = [
         f"computed, not measured: {a.shape} policy, {a.reward_shape} reward, --gen_batch_size {a.gen_batch_size} "
-        f"× K {a.K}, {a.prompt_len} + {a.new_tokens} tokens; GB = 1e9 bytes; activations excluded",
+        f"× K {a.K}, {a.prompt_len} + {a.new_tokens} tokens; GB = 1e9 bytes; activations excluded (plan.py plans them)",
         "| mode | weights | + training (grads, AdamW) | + training transient (AdamW step / bf16 copies) "
         "| + sampling copy | KV cache | reward | sampling peak | training peak |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -776,6 +795,10 @@ def table(rows: list[dict]) -> str:
 
 def main(argv=None):
     a = parse(argv)
+    if a.plan_dir:
+        args = plan_args(a)
+        print(shlex.join(args), flush=True)
+        return args
     rate = matmul_rate()
     dev = torch.cuda.get_device_name() if DEV.type == "cuda" else "CPU"
     print(

@@ -17,6 +17,9 @@
 # subset of the step names below; default all), BENCH_BUDGET (seconds for all steps; default 500: a step that
 # would not fit is skipped and reported, so the run ends in time), PYTHON (default python).
 # Each bench.py call runs under `timeout`; a step that fails or times out is reported and the next one runs.
+# Before a stage step (--phase stage), plan.py rehearses that stage on fake tensors against the GPU's memory
+# (nvidia-smi's total, or PLAN_GPU_GB); a stage the plan says cannot fit is skipped and reported with the plan's
+# verdict instead of running out of memory. PLAN=0 skips the planning.
 set -uo pipefail
 cd "$(dirname "$0")"
 OUT_MD=${BENCH_OUT:-BENCHMARKS.md}
@@ -58,6 +61,10 @@ else
   DEVICE="CPU ($(nproc) cores, no GPU)"
 fi
 HAS_VLLM=0; [ "$CUDA" = 1 ] && has vllm && HAS_VLLM=1
+GPU_GB=${PLAN_GPU_GB:-}  # the memory plan.py checks a stage against: the GPU's, in GB (1e9 bytes)
+if [ -z "$GPU_GB" ] && [ "$CUDA" = 1 ]; then
+  GPU_GB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1 | awk '{ printf "%.1f", $1 * 1048576 / 1e9 }')
+fi
 
 # Shapes: the kit's targets on the GPU; the tiny shape (seconds each) on a CPU. Stage steps: b prompts, K=8.
 if [ "$SHAPE" = gpu ]; then
@@ -118,6 +125,20 @@ for step in "${STEPS[@]}"; do
     continue
   fi
   [ "$limit" -gt "$left" ] && limit=$left
+  if [[ $cmd == *"--phase stage"* ]] && [ "${PLAN:-1}" != 0 ] && [ -n "$GPU_GB" ]; then
+    # the stage's raft.py options and its models' configs from bench.py (nothing runs), then plan.py on them
+    pdir=$(mktemp -d)
+    launch=""; [[ $cmd == *torch.distributed.run* ]] && launch="--torchrun"
+    pargs=$(eval "$PY bench.py ${cmd#*bench.py } --plan_dir $pdir" 2>/dev/null)
+    eval "$PY plan.py $pargs --gpu_memory_gb $GPU_GB $launch --find_fix false" >"$LOG" 2>&1
+    prc=$?
+    rm -rf "$pdir"
+    if [ "$prc" = 3 ]; then
+      echo "- $name ($title): not run: $(grep '^verdict' "$LOG" | head -1)" >>"$NOTRUN"
+      cat "$LOG" >&2
+      continue
+    fi
+  fi
   echo "== $name: $cmd (at most ${limit} s)" >&2
   t0=$SECONDS
   # PYTHONUNBUFFERED: a step killed by its timeout still leaves what it printed in the log

@@ -22,10 +22,12 @@ class Unsupported(Exception):
     """The model's attention needs an option the fast path does not implement; use model.generate instead."""
 
 
-class _Shared:
-    """The call's state, handed to every layer as one opaque object: wrappers that map over forward kwargs rebuild
-    every dict and list they meet (FSDP2 with a bf16 param_dtype casts the kwargs of each sharded module), and the
-    caches the attention writes into such a copy would be lost."""
+class Shared:
+    """The state of one sample() call, handed to the attention as one opaque object: FSDP2 with a bf16 param_dtype
+    casts a forward's inputs by rebuilding every dict and list in them, so a plain dict would reach the attention
+    as a copy and the cache it writes would be lost."""
+
+    __slots__ = ("st",)
 
     def __init__(self, st: dict):
         self.st = st
@@ -34,9 +36,9 @@ class _Shared:
 def _attention(module, q, k, v, mask, dropout=0.0, scaling=None, raft_kv=None, **kw):
     """Attention for one layer. Prefill: q [B, H, Lp, D], k/v [B, Hkv, Lp, D] are stored as the prompts' prefix.
     Decode: q [N, H, 1, D], k/v [N, Hkv, 1, D] of step t go to suffix slot t. Returns [rows, q_len, H, D]."""
-    if raft_kv is None:
+    st = raft_kv.st if isinstance(raft_kv, Shared) else None
+    if st is None:
         raise Unsupported("the raft_kv attention was called outside fastgen.sample")
-    st = raft_kv.st
     window = kw.get("sliding_window")
     if kw.get("softcap") is not None or kw.get("s_aux") is not None or (window and window < st["total_len"]):
         raise Unsupported(f"{type(module).__name__} uses soft-capping, attention sinks or a sliding window")
@@ -170,7 +172,7 @@ def sample(
         "sv": [None] * n_layers,
         "kv_dtype": autocast_dtype,
     }
-    graph, graph_key, shared = None, None, _Shared(st)
+    graph, graph_key, shared = None, None, Shared(st)
     with _raft_attention(model), amp:
         for idx in progress(chunks) if progress else chunks:
             # graphs: pad a short last batch to the others' size, so that one capture serves them all

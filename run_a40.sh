@@ -3,6 +3,12 @@
 #
 #   MODEL=/path/to/llama-7b-sft bash run_a40.sh            # K = 8; K=32 for the main table's RAFT-K32 row
 #   DRY_RUN=1 MODEL=x bash run_a40.sh                      # check and print the resolved configuration, run nothing
+#   PLAN=0 MODEL=... bash run_a40.sh                       # launch without planning first (see below)
+#
+# Before torchrun starts, plan.py rehearses one stage of this very command on fake tensors (configs only, no GPU):
+# memory per phase and rank against the A40's 48 GB, and an estimated time. When a phase cannot fit, the script
+# stops there with the plan's verdict and the first change that fits, before any GPU is touched (exit 3). PLAN=0
+# skips it; PLAN_ARGS adds plan.py options (e.g. "--gpu_memory_gb 40").
 #
 # MODEL is the paper's starting point: LLaMA-7B after 1 epoch of SFT on HH-RLHF's chosen responses, made with
 #   torchrun --nproc_per_node 8 sft.py --sft_field chosen --model huggyllama/llama-7b \
@@ -10,19 +16,20 @@
 # Every choice below is an environment variable (defaults are the paper's): MODEL REWARD DATASET K B LAMBDA LR EPOCHS
 # MAX_NEW STAGES MODE NPROC OUT GEN_BATCH MICRO TRAIN_BATCH EVAL_PROMPTS; EXTRA is appended to raft.py's arguments.
 #
-# Memory per GPU (computed from bytes per parameter, not yet measured):
+# Memory per GPU, planned by plan.py (activations and an allowance included; docs/planning.md; not measured):
 #   MODE=full (the paper: full fine-tuning, bf16 compute): FSDP2 shards the fp32 master weights, gradients and AdamW
-#     states, 7B × 16 B / 8 ≈ 14 GB per GPU while training, ≈23.5 GB at the step with its transient (computed);
-#     generation holds the 3.4 GB weight shard, gathers the bf16 weights once per phase (≈13.5 GB) and adds the
-#     KV cache of GEN_BATCH × K sequences; the reward model (Open-LLaMA-3B, bf16 ≈ 6.9 GB) sits on every GPU
-#     unless --offload_reward is in EXTRA: ≈28 GB in all while sampling.
-#   MODE=lora: a frozen bf16 base (≈13.5 GB) per GPU + LoRA adapters (DDP) — for 40–48 GB cards without sharding.
-#   MODE=8bit: a frozen int8 base (≈7.5 GB) + LoRA adapters + gradient checkpointing, the reward model in int8
-#     (≈3.6 GB), bf16 compute and KV cache — for 24 GB cards; 8-bit generation is slow (reported ≈5× slower than
-#     bf16; EXTRA=--gen_dequantized samples from a bf16 copy when ≈13.5 GB more fits).
-#   The KV cache while sampling is ≈0.5 MiB per token in bf16: GEN_BATCH × K × 128 new tokens (GEN_BATCH=8, K=8:
-#     ≈4.5 GB; K=32: ≈17 GB, which still fits 48 GB in MODE=full).
-# Time: the paper reports ≈5 h for a K = 8 run on 8×A40 (≈10–18 stages, so ≈20–30 min a stage); not measured here.
+#     states (3.4 + 6.7 GB at the step); sampling gathers the bf16 weights once per phase (13.5 GB) and adds the KV
+#     cache of GEN_BATCH × K sequences; the reward model (Open-LLaMA-3B, bf16, 6.6 GB) sits on every GPU unless
+#     --offload_reward is in EXTRA. K=8: 33.4 GB at the largest phase (sampling), allowance included; training
+#     32.9. K=32: the cache is 18.3 GB and sampling needs 47.7 of 48 GB: use EXTRA=--offload_reward (40.4 GB).
+#   MODE=lora: a frozen bf16 base (13.5 GB) per GPU + LoRA adapters (DDP) — for 40–48 GB cards without sharding;
+#     training at MICRO rows of 384 tokens needs checkpointing on one 48 GB card (EXTRA=--gradient_checkpointing).
+#   MODE=8bit: a frozen int8 base + LoRA adapters + gradient checkpointing, the reward model in int8, bf16 compute
+#     and KV cache — for 24 GB cards (the README's one-GPU command: 19.2 GB planned with --micro_batch_size 2);
+#     8-bit generation is slow (reported ≈5× slower than bf16; EXTRA=--gen_dequantized samples from a bf16 copy
+#     when ≈13.5 GB more fits).
+# Time: the paper reports ≈5 h for a K = 8 run on 8×A40; plan.py estimates 19 min a stage (K=8) and 25 (K=32) from
+# counted FLOPs and bytes, not measured here.
 set -euo pipefail
 cd "$(dirname "$0")"
 MODEL=${MODEL:?set MODEL to the SFT model (path or hub id), see the header}
@@ -60,5 +67,13 @@ ARGS=(--model "$MODEL" --reward "$REWARD" --dataset "$DATASET" --eval_split test
 if [ "${DRY_RUN:-0}" = 1 ]; then
   # one process that believes it is rank 0 of NPROC: the per-rank checks run, nothing is loaded
   WORLD_SIZE=$NPROC RANK=0 exec "${PYTHON:-python}" raft.py "${ARGS[@]}" --dry_run
+fi
+if [ "${PLAN:-1}" != 0 ]; then
+  # shellcheck disable=SC2086  # PLAN_ARGS is a list of words
+  "${PYTHON:-python}" plan.py "${ARGS[@]}" --nproc_per_node "$NPROC" --gpu A40 ${PLAN_ARGS:-} || {
+    rc=$?
+    [ "$rc" = 3 ] && echo "run_a40.sh: the plan above says a phase does not fit; nothing was launched (PLAN=0 skips the plan)"
+    exit "$rc"
+  }
 fi
 exec torchrun --standalone --nproc_per_node "$NPROC" raft.py "${ARGS[@]}" --resume

@@ -169,3 +169,21 @@ def test_eval_table3_on_the_real_model(smollm_dir, tmp_path):
     # a real model on English answers: far below a uniform guess over 49K tokens, and above 1
     assert 1 < row["perplexity"] < 100, row["perplexity"]
     assert "| perplexity |" in (out / "table.md").read_text()
+
+
+def test_plan_extrapolates_sampling_over_30_layers(smollm_dir):
+    """plan.py's sampling phase (FSDP2 over 2 ranks, bf16, tied embeddings, grouped-query attention) planned at 3 and
+    4 decoder layers and extrapolated to SmolLM2's 30 equals the full 30-layer plan: every part of the peak, the KV
+    cache included, the FLOPs and the ops."""
+    import plan
+
+    args = ["--model", smollm_dir, "--reward", os.path.join(HERE, "rewards.py") + ":letters", "--prompts_per_stage",
+            "4", "--K", "4", "--max_new_tokens", "16", "--max_prompt_tokens", "64", "--gen_batch_size", "2",
+            "--eval_prompts", "0", "--bf16", "--nproc_per_node", "2"]  # fmt: skip
+    out = {}
+    for depths in ("3,4", "full"):
+        cfg, pa = plan.parse([*args, "--depths", depths])
+        out[depths] = plan.make_plan(cfg, pa, only=["sample"])["phases"]["sample"]
+    for k in [*plan.PARTS, "peak", "flops", "ops", "region"]:
+        assert out["3,4"][k] == out["full"][k], k
+    assert out["full"]["KV cache"] > 0 and out["full"]["region"] == "decode between"
