@@ -367,6 +367,7 @@ def kit_loaders(fake: _Fake, layers_of):
         model, tok = real_load(cfg, torch.device("meta"), checkpoint=checkpoint, shard=shard, frozen=frozen)
         model = fake.materialize(model)
         model._raft_packing_exact = True  # shapes are the same packed or not at the worst case; Llama packs exactly
+        model._raft_sharing_exact = False  # the worst case: no two samples share a prompt (--ranking local keeps one)
         return model, tok
 
     tokenizer = lambda path, cfg: (StubTokenizer(load_config(path, cfg.trust_remote_code)), 1 << 30)
@@ -374,7 +375,8 @@ def kit_loaders(fake: _Fake, layers_of):
         stack.enter_context(mock.patch.object(models.AutoModelForCausalLM, "from_pretrained", from_pretrained))
         stack.enter_context(mock.patch.object(models, "load_tokenizer", tokenizer))
         stack.enter_context(mock.patch.object(models, "load_policy", load_policy))
-        stack.enter_context(mock.patch.object(fsdp, "fully_shard", lambda m, **kw: real_shard(m, mesh=fake.mesh, **kw)))
+        shard = lambda m, **kw: real_shard(m, **{**kw, "mesh": fake.mesh})  # noqa: E731 (the fake group's mesh)
+        stack.enter_context(mock.patch.object(fsdp, "fully_shard", shard))
         yield
 
 

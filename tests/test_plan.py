@@ -87,6 +87,7 @@ def test_fake_and_real_runs_count_the_same_bytes_as_the_allocator(tiny_lm, tmp_p
         runner, _, kw = plan.PHASES[name]
         model, tok = models.load_policy(cfg, torch.device("cpu"))
         model._raft_packing_exact = True  # as planned: the packing check's two extra passes are not a phase
+        model._raft_sharing_exact = False  # and as planned, no two samples share a prompt (the worst case)
         rm = reward.load_reward(rm_dir, batch_size=4, device="cpu").model
         for p in rm.parameters():  # bf16 weights as on a GPU (reward.py loads fp32 on a CPU); RoPE's buffer stays fp32
             p.data = p.data.to(torch.bfloat16)
