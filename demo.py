@@ -578,31 +578,32 @@ def labelled_pairs(cfg, model_dir: str, n: int, seed: int) -> list[dict]:
 
 def prepare_rm(cfg, demo_dir: str, out_dir: str):
     """The seed's preference pairs (train.jsonl with RM_PAIRS["flip"] of the labels swapped, test.jsonl with gold
-    labels) and, for each size of RM_SWEEP, the reward model rm.py trains on the first that many of them from the
-    demo model (rm<n>_s<seed>/), unless it is there already."""
+    labels), in pairs<n>_s<seed>/ for each size n of RM_SWEEP with the first n of them, and the reward model rm.py
+    trains on each from the demo model (rm<n>_s<seed>/), unless they are there already."""
     import rm
 
-    model_dir, pairs_dir = os.path.join(demo_dir, "model"), os.path.join(out_dir, f"pairs_s{cfg.seed}")
-    if not os.path.exists(os.path.join(pairs_dir, "test.jsonl")):
+    model_dir, sizes = os.path.join(demo_dir, "model"), sorted({n for n, _ in RM_SWEEP.values()})
+    pairs_dir = lambda n: os.path.join(out_dir, f"pairs{n}_s{cfg.seed}")
+    if not all(os.path.exists(os.path.join(pairs_dir(n), "test.jsonl")) for n in sizes):
         pairs = labelled_pairs(cfg, model_dir, RM_PAIRS["train"] + RM_PAIRS["test"], cfg.seed)
         train, test = pairs[: RM_PAIRS["train"]], pairs[RM_PAIRS["train"] :]
         rng = random.Random(cfg.seed)
         train = [{**p, "chosen": p["rejected"], "rejected": p["chosen"], "flipped": True}
                  if rng.random() < RM_PAIRS["flip"] else p for p in train]  # fmt: skip
-        os.makedirs(pairs_dir, exist_ok=True)
-        for n in sorted({n for n, _ in RM_SWEEP.values()}):
-            write_jsonl(os.path.join(pairs_dir, f"train{n}.jsonl"), train[:n])
-        write_jsonl(os.path.join(pairs_dir, "test.jsonl"), test)
+        for n in sizes:
+            os.makedirs(pairs_dir(n), exist_ok=True)
+            write_jsonl(os.path.join(pairs_dir(n), "train.jsonl"), train[:n])
+            write_jsonl(os.path.join(pairs_dir(n), "test.jsonl"), test)
         flipped = sum("flipped" in p for p in train)
         dist.print0(f"demo: {len(train)} pairs of the model's own samples labelled by VADER, {flipped} of them "
                     f"flipped; {len(test)} held-out pairs with gold labels")  # fmt: skip
-    for n in sorted({n for n, _ in RM_SWEEP.values()}):
+    for n in sizes:
         rm_dir = os.path.join(out_dir, f"rm{n}_s{cfg.seed}")
         if not os.path.exists(os.path.join(rm_dir, "rm.json")):
             shutil.rmtree(rm_dir, ignore_errors=True)  # a run cut off before saving starts again
-            rm.main(["--model", model_dir, "--dataset", pairs_dir, "--dataset_split", f"train{n}", "--eval_split",
-                     "test", "--eval_pairs", "0", "--prompt_format", "raw", "--seed", str(cfg.seed), "--device",
-                     cfg.device, "--out_dir", rm_dir, *RM_TRAIN])  # fmt: skip
+            rm.main(["--model", model_dir, "--dataset", pairs_dir(n), "--eval_split", "test", "--eval_pairs", "0",
+                     "--prompt_format", "raw", "--seed", str(cfg.seed), "--device", cfg.device, "--out_dir", rm_dir,
+                     *RM_TRAIN])  # fmt: skip
 
 
 def rm_demo(demo_dir: str, argv: list[str]):
