@@ -113,7 +113,7 @@ RM_SWEEP = {
     "K64_rm200": (200, ["--K", "64"]),
 }
 RM_PAIRS = dict(train=800, test=400, flip=0.2)  # pairs of the model's own samples; the share of train labels flipped
-RM_TRAIN = "--lr 3e-3 --epochs 2 --train_batch_size 32 --micro_batch_size 32 --eval_every 0".split()  # rm.py's
+RM_TRAIN = "--lr 1e-3 --epochs 4 --train_batch_size 32 --micro_batch_size 32 --eval_every 0".split()  # rm.py's
 DATASET = {"reviews": "prompts.jsonl", "arithmetic": "data"}  # a directory of train.jsonl and test.jsonl
 DEMO_DIR = {"reviews": "runs/demo_model", "arithmetic": "runs/demo_arithmetic_model"}  # built once, then reused
 DATASET["smollm"], DEMO_DIR["smollm"] = "data", "runs/demo_smollm_model"  # the model is converted once, not built
