@@ -683,12 +683,14 @@ def rm_plot(out_dir: str, path: str):
         for name, runs in rm_runs(out_dir).items():
             x = torch.tensor([[r[KL] for r in rows] for rows in runs]).mean(0)
             y = torch.tensor([[r[key] - (rows[0][key] if key == PROXY else 0) for r in rows] for rows in runs])
-            line = ax.plot(x, y.mean(0), marker=".", label=f"{name} ({len(runs)} seeds)")[0]
+            seeds = f"{len(runs)} seed" + "s" * (len(runs) > 1)
+            line = ax.plot(x, y.mean(0), marker=".", label=f"{name} ({seeds})")[0]
             if len(runs) > 1:
                 ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=line.get_color(), alpha=0.15)
         for n in (4, 16, 64):
             ax.axvline(best_of_n_kl(n), color="grey", linestyle=":", linewidth=1)
-            ax.text(best_of_n_kl(n), 1.0, f" best-of-{n}", transform=ax.get_xaxis_transform(), fontsize=7, va="top")
+            ax.text(best_of_n_kl(n), 0.02, f"best-of-{n} ", transform=ax.get_xaxis_transform(), fontsize=7,
+                    rotation=90, ha="right", va="bottom", color="grey")  # fmt: skip
         ax.set(xlabel="KL to stage 0, held-out (nats per response)", title=title)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)

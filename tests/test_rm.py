@@ -232,3 +232,25 @@ def test_two_processes_give_one_processs_losses(tiny_lm, tmp_path):
         [json.loads(line)["score_chosen"] for line in open(tmp_path / d / "eval_scores.jsonl")] for d in ("one", "two")
     ]
     assert scores[0] == pytest.approx(scores[1], abs=2e-4)
+
+
+def test_the_rm_demos_table_plot_and_refusals(tmp_path):
+    """demo.py --demo rm: best-of-n's KL by hand, the table and the plot over seeds (synthetic runs in the
+    SETTING__s<seed> layout: a gold reward that peaks at stage 1), and the options it sets itself refused."""
+    import demo
+
+    assert demo.best_of_n_kl(1) == 0 and demo.best_of_n_kl(4) == pytest.approx(math.log(4) - 0.75)
+    for seed, bump in ((1, 0.0), (2, 0.2)):
+        rows = [{"stage": t, "eval_reward_0_mean": t + bump, "eval_reward_1_mean": [0.1, 0.5, 0.3][t] + bump,
+                 "eval_kl_to_start": 2.0 * t} for t in range(3)]  # fmt: skip
+        (tmp_path / f"K16__s{seed}").mkdir()
+        write(tmp_path / f"K16__s{seed}" / "metrics.jsonl", rows)
+    (tmp_path / "rm800_s1").mkdir()  # a reward model's directory is not a setting
+    table = demo.rm_table(str(tmp_path)).splitlines()
+    assert len(table) == 3 and table[2].startswith("| K16 | 2 |")
+    # gold at stage 0 0.1/0.3, its peak 0.5/0.7 at stage 1 (KL 2), at the end 0.3/0.5, proxy 2/2.2, KL 4
+    assert "| +0.200 ± 0.141 | +0.600 ± 0.141 | 1.0 ± 0.0 | 2.00 ± 0.00 | +0.400 ± 0.141 | +2.100 ± 0.141 |" in table[2]
+    demo.rm_plot(str(tmp_path), str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 10_000
+    with pytest.raises(SystemExit, match="sweeps --K"):
+        demo.main(["--demo", "rm", "--K", "8"])
