@@ -221,7 +221,7 @@ def evaluate_pairs(model, held: list[dict], cfg, pad: int) -> tuple[dict, list[l
         return {}, []
     model.eval()
     enc = [p[f"{side}_ids"] for p in held for side in ("chosen", "rejected")]
-    with full_weights(model):  # no collectives inside: ranks may score different numbers of batches
+    with full_weights(model), amp(model, cfg.bf16):  # no collectives inside: ranks may score different batches
         mine = score_ids(model, shard(enc), cfg.reward_batch_size, pad)
     scores = torch.tensor(gather(mine)).view(-1, 2)
     c, r = scores[:, 0], scores[:, 1]
@@ -313,6 +313,9 @@ def train_reward_model(cfg: RMConfig) -> list[dict]:
         check_run_dir(cfg)  # writable and new; config.json
     barrier()
     model, tok = load_policy(cfg, device, shard=DIST, score_head=True)
+    for p in model.parameters():  # LoRA's score head is stored like its bf16 base: a 5e-6 step would round away
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
     pad = pad_id(tok)
     print0(f"reward model: {len(pairs)} training pairs, {len(held)} held-out, {cfg.epochs} epoch(s), lr {cfg.lr}, "
            f"batch {cfg.train_batch_size}, on {device}; out_dir {cfg.out_dir}")  # fmt: skip
