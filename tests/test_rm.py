@@ -157,8 +157,8 @@ def test_a_toy_preference_is_learned_and_reloads_exactly(toy_rm):
 
 @pytest.mark.xdist_group("toy_rm")
 def test_raft_optimises_a_trained_reward_and_logs_each_reward(toy_rm, tiny_lm, prompts_file, tmp_path):
-    """raft.py --reward DIR scores with the directory's template; a second reward with weight 0 (the demo's gold) is
-    logged per stage beside the one ranked by, and changes nothing."""
+    """raft.py --reward DIR and eval.py --reward DIR score with the directory's template; a second reward with
+    weight 0 (the demo's gold) is logged per stage beside the one ranked by, and changes nothing."""
     from conftest import tiny_args
 
     out, _ = toy_rm
@@ -174,6 +174,30 @@ def test_raft_optimises_a_trained_reward_and_logs_each_reward(toy_rm, tiny_lm, p
     assert "eval_reward_1_mean" in rows[0] and "eval_reward_1_mean" in last
     with pytest.raises(SystemExit, match="differs from"):  # the directory's template wins; another one is refused
         load_rewards([str(out)], template="{response}")
+    import eval as ev  # eval.py's table scores with it the same way
+
+    ev.main(
+        [
+            "--model",
+            tiny_lm,
+            "--dataset",
+            prompts_file,
+            "--dataset_split",
+            "train",
+            "--eval_prompts",
+            "4",
+            "--reward",
+            str(out),
+            "--max_new_tokens",
+            "8",
+            "--device",
+            "cpu",
+            "--out_dir",
+            str(tmp_path / "e"),
+        ]
+    )
+    rows = [json.loads(line) for line in open(tmp_path / "e" / "samples.jsonl")]
+    assert [r["reward"] for r in rows] == pytest.approx(fn([r["prompt"] for r in rows], [r["response"] for r in rows]))
 
 
 def test_lora_with_a_chat_template_and_8bit_lora_reload_exactly(tmp_path):
