@@ -177,24 +177,8 @@ def test_raft_optimises_a_trained_reward_and_logs_each_reward(toy_rm, tiny_lm, p
     import eval as ev  # eval.py's table scores with it the same way
 
     ev.main(
-        [
-            "--model",
-            tiny_lm,
-            "--dataset",
-            prompts_file,
-            "--dataset_split",
-            "train",
-            "--eval_prompts",
-            "4",
-            "--reward",
-            str(out),
-            "--max_new_tokens",
-            "8",
-            "--device",
-            "cpu",
-            "--out_dir",
-            str(tmp_path / "e"),
-        ]
+        f"--model {tiny_lm} --dataset {prompts_file} --dataset_split train --eval_prompts 4 --reward {out} "
+        f"--max_new_tokens 8 --device cpu --out_dir {tmp_path / 'e'}".split()
     )
     rows = [json.loads(line) for line in open(tmp_path / "e" / "samples.jsonl")]
     assert [r["reward"] for r in rows] == pytest.approx(fn([r["prompt"] for r in rows], [r["response"] for r in rows]))
