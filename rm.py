@@ -28,7 +28,7 @@ import torch
 from transformers import HfArgumentParser
 
 import dist
-from data import check_run_dir, hh_text, hh_turns, held_out, load_rows, resolve_format, save_model_dir, write_jsonl
+from data import hh_text, hh_turns, held_out, load_rows, resolve_format, save_model_dir, write_jsonl
 from dist import DIST, MASTER, RANK, WORLD, bar, barrier, gather, pick_device, print0, shard
 from losses import sft_batches
 from models import amp, fsdp_modules, full_state_dict, full_weights, load_policy, load_tokenizer, make_optimizer
@@ -309,8 +309,12 @@ def train_reward_model(cfg: RMConfig) -> list[dict]:
             raise SystemExit(f"--dataset has {len(pairs)} usable pairs, too few to hold out --eval_pairs "
                              f"{cfg.eval_pairs} and train on the rest; lower it or give --eval_split")  # fmt: skip
         held, pairs = held_out(pairs, cfg.eval_pairs, cfg.seed)
-    if MASTER:
-        check_run_dir(cfg)  # writable and new; config.json
+    if MASTER:  # the directory holds metrics.jsonl while training; the model and rm.json arrive whole at the end
+        try:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            write_jsonl(os.path.join(cfg.out_dir, "metrics.jsonl"), [])
+        except OSError as e:
+            raise SystemExit(f"--out_dir {cfg.out_dir}: not writable ({e.strerror}); choose another directory")
     barrier()
     model, tok = load_policy(cfg, device, shard=DIST, score_head=True)
     for p in model.parameters():  # LoRA's score head is stored like its bf16 base: a 5e-6 step would round away
