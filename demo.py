@@ -669,34 +669,38 @@ def rm_table(out_dir: str) -> str:
 
 
 def rm_plot(out_dir: str, path: str):
-    """Gold reward and the proxy's gain over stage 0 (the reward models differ in scale) against the KL to stage 0,
-    all on held-out prompts, one line per setting: at each stage the mean over seeds, with a band of ± one std of
-    the reward; dotted lines at best-of-n's KL for n = 4, 16, 64."""
+    """Per setting (a column), the gold reward (top) and the proxy's gain over stage 0 (bottom; the reward models
+    differ in scale) against the KL to stage 0, all on held-out prompts, one line per seed (a peak and a fall show
+    in a seed's own line, and seeds drift apart in KL); dotted lines at best-of-n's KL for n = 4, 16, 64."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    panels = ((axes[0], GOLD, "gold reward (VADER)"), (axes[1], PROXY, "proxy reward (its RM), gain over stage 0"))
-    for ax, key, title in panels:
-        for name, runs in rm_runs(out_dir).items():
-            x = torch.tensor([[r[KL] for r in rows] for rows in runs]).mean(0)
-            y = torch.tensor([[r[key] - (rows[0][key] if key == PROXY else 0) for r in rows] for rows in runs])
-            seeds = f"{len(runs)} seed" + "s" * (len(runs) > 1)
-            line = ax.plot(x, y.mean(0), marker=".", label=f"{name} ({seeds})")[0]
-            if len(runs) > 1:
-                ax.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=line.get_color(), alpha=0.15)
-        for n in (4, 16, 64):
-            ax.axvline(best_of_n_kl(n), color="grey", linestyle=":", linewidth=1)
-            ax.text(best_of_n_kl(n), 0.02, f"best-of-{n} ", transform=ax.get_xaxis_transform(), fontsize=7,
-                    rotation=90, ha="right", va="bottom", color="grey")  # fmt: skip
-        ax.set(xlabel="KL to stage 0, held-out (nats per response)", title=title)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    groups = rm_runs(out_dir)
+    fig, axes = plt.subplots(2, len(groups), figsize=(3.2 * len(groups), 5.6), sharey="row", squeeze=False)
+    for col, (name, runs) in enumerate(groups.items()):
+        for row, key in enumerate((GOLD, PROXY)):
+            ax = axes[row][col]
+            for seed, rows in zip(sorted_seeds(out_dir, name), runs):
+                y = [r[key] - (rows[0][key] if key == PROXY else 0) for r in rows]
+                ax.plot([r[KL] for r in rows], y, marker=".", markersize=3, linewidth=1, label=f"seed {seed}")
+            for n in (4, 16, 64):
+                ax.axvline(best_of_n_kl(n), color="grey", linestyle=":", linewidth=0.8)
+            ax.grid(alpha=0.3)
+            ax.set(title=name if row == 0 else None, xlabel="KL to stage 0 (nats)" if row == 1 else None)
+    axes[0][0].set_ylabel("gold reward (VADER)")
+    axes[1][0].set_ylabel("proxy's gain over stage 0")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("held-out rewards against the KL to stage 0; dotted: best-of-n's KL for n = 4, 16, 64", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def sorted_seeds(out_dir: str, name: str) -> list[int]:
+    """The seeds of a setting's runs, in the order eval.sweep_runs reads them (sorted directory names)."""
+    return [int(d.rsplit("__s", 1)[1]) for d in sorted(os.listdir(out_dir)) if d.startswith(f"{name}__s")]
 
 
 # ---- the command line ---------------------------------------------------------------------------------------------
