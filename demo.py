@@ -21,8 +21,10 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import math
 import os
 import random
+import shutil
 import time
 
 import torch
@@ -86,9 +88,36 @@ SETTINGS["smollm"] = dict(
     out_dir="runs/demo_smollm",
     reward=["math_reward:exact_number"],
 )
+# the reward-model demo: RAFT optimises a small reward model learned from VADER-labelled pairs (with a share of the
+# labels flipped) while VADER itself, the gold reward, is only watched (weight 0); the settings of RM_SWEEP differ in
+# how hard they push (K) and in the KL penalty
+SETTINGS["rm"] = dict(
+    prompts_per_stage=16,
+    max_new_tokens=32,
+    eval_prompts=128,
+    lr=3e-4,
+    epochs=4,
+    train_batch_size=16,
+    micro_batch_size=16,
+    stages=10,
+    eval_kl=True,
+    out_dir="runs/demo_rm",
+)
+# setting -> (the pairs its reward model learned from, RAFT's options): how hard RAFT pushes (K), the KL penalty, and
+# a weaker proxy (the first 200 of the 800 pairs)
+RM_SWEEP = {
+    "K4": (800, ["--K", "4"]),
+    "K16": (800, ["--K", "16"]),
+    "K64": (800, ["--K", "64"]),
+    "K64_kl0.1": (800, ["--K", "64", "--kl_beta", "0.1"]),
+    "K64_rm200": (200, ["--K", "64"]),
+}
+RM_PAIRS = dict(train=800, test=400, flip=0.2)  # pairs of the model's own samples; the share of train labels flipped
+RM_TRAIN = "--lr 1e-3 --epochs 4 --train_batch_size 32 --micro_batch_size 32 --eval_every 0".split()  # rm.py's
 DATASET = {"reviews": "prompts.jsonl", "arithmetic": "data"}  # a directory of train.jsonl and test.jsonl
 DEMO_DIR = {"reviews": "runs/demo_model", "arithmetic": "runs/demo_arithmetic_model"}  # built once, then reused
 DATASET["smollm"], DEMO_DIR["smollm"] = "data", "runs/demo_smollm_model"  # the model is converted once, not built
+DATASET["rm"], DEMO_DIR["rm"] = DATASET["reviews"], DEMO_DIR["reviews"]  # the reviews demo's model and prompts
 # pretraining of the arithmetic model: ≈1,560 AdamW steps of 128 pairs in two styles, 70% bare answers ("82", wrong
 # 70% of the time) and 30% worked ones ("12 7 82", wrong 10%); RAFT then keeps the correct samples, more of them worked
 ARITH_PRETRAIN = dict(n=50_000, p_wrong=0.7, p_worked=0.3, p_wrong_worked=0.1, lr=3e-3, epochs=4, batch=128)
@@ -520,6 +549,160 @@ def prepare_smollm(demo_dir: str) -> tuple[str, str]:
     return model_dir, data_dir
 
 
+# ---- the reward-model demo: a learned proxy optimised, the gold reward watched --------------------------------------
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-n || base) = log n − (n − 1)/n nats (Gao, Schulman, Hilton 2023): one round of best-of-n sampling."""
+    return math.log(n) - (n - 1) / n
+
+
+def labelled_pairs(cfg, model_dir: str, n: int, seed: int) -> list[dict]:
+    """n pairs of the model's own responses (two per fresh prompt, sampled as RAFT samples) ordered by VADER, the
+    gold reward: chosen the higher; pairs whose two responses VADER scores alike are left out."""
+    from models import load_policy
+    from reward import vader_sentiment
+    from sampling import generate
+
+    model, tok = load_policy(dataclasses.replace(cfg, model=model_dir), dist.pick_device(cfg.device))
+    prompts = demo_prompts(n + n // 4, seed=seed + 2)  # openers as RAFT's prompts: the same distribution
+    torch.manual_seed(seed)
+    out = []
+    for p, (a, b) in zip(prompts, (tuple(s["text"] for s in row) for row in generate(model, tok, prompts, 2, cfg))):
+        ga, gb = vader_sentiment(None, [a, b])
+        if ga != gb:
+            out.append({"prompt": p, "chosen": a if ga > gb else b, "rejected": b if ga > gb else a,
+                        "gold_chosen": max(ga, gb), "gold_rejected": min(ga, gb)})  # fmt: skip
+    if len(out) < n:
+        raise SystemExit(f"demo: only {len(out)} of {len(prompts)} sampled pairs differ in VADER score, fewer than {n}")
+    return out[:n]
+
+
+def prepare_rm(cfg, demo_dir: str, out_dir: str):
+    """The seed's preference pairs (train.jsonl with RM_PAIRS["flip"] of the labels swapped, test.jsonl with gold
+    labels), in pairs<n>_s<seed>/ for each size n of RM_SWEEP with the first n of them, and the reward model rm.py
+    trains on each from the demo model (rm<n>_s<seed>/), unless they are there already."""
+    import rm
+
+    model_dir, sizes = os.path.join(demo_dir, "model"), sorted({n for n, _ in RM_SWEEP.values()})
+    pairs_dir = lambda n: os.path.join(out_dir, f"pairs{n}_s{cfg.seed}")
+    if not all(os.path.exists(os.path.join(pairs_dir(n), "test.jsonl")) for n in sizes):
+        pairs = labelled_pairs(cfg, model_dir, RM_PAIRS["train"] + RM_PAIRS["test"], cfg.seed)
+        train, test = pairs[: RM_PAIRS["train"]], pairs[RM_PAIRS["train"] :]
+        rng = random.Random(cfg.seed)
+        train = [{**p, "chosen": p["rejected"], "rejected": p["chosen"], "flipped": True}
+                 if rng.random() < RM_PAIRS["flip"] else p for p in train]  # fmt: skip
+        for n in sizes:
+            os.makedirs(pairs_dir(n), exist_ok=True)
+            write_jsonl(os.path.join(pairs_dir(n), "train.jsonl"), train[:n])
+            write_jsonl(os.path.join(pairs_dir(n), "test.jsonl"), test)
+        flipped = sum("flipped" in p for p in train)
+        dist.print0(f"demo: {len(train)} pairs of the model's own samples labelled by VADER, {flipped} of them "
+                    f"flipped; {len(test)} held-out pairs with gold labels")  # fmt: skip
+    for n in sizes:
+        rm_dir = os.path.join(out_dir, f"rm{n}_s{cfg.seed}")
+        if not os.path.exists(os.path.join(rm_dir, "rm.json")):
+            shutil.rmtree(rm_dir, ignore_errors=True)  # a run cut off before saving starts again
+            rm.main(["--model", model_dir, "--dataset", pairs_dir(n), "--eval_split", "test", "--eval_pairs", "0",
+                     "--prompt_format", "raw", "--seed", str(cfg.seed), "--device", cfg.device, "--out_dir", rm_dir,
+                     *RM_TRAIN])  # fmt: skip
+
+
+def rm_demo(demo_dir: str, argv: list[str]):
+    """Pairs, the reward models, then RAFT on them in each setting of RM_SWEEP (a finished run is kept, a cut-off one
+    resumed), each logging the proxy and the gold reward and the KL to stage 0 on held-out prompts; then the table
+    and the plot over every seed in the output directory."""
+    given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+    if given & {"K", "kl_beta", "reward", "reward_weights"}:
+        raise SystemExit("demo.py --demo rm sweeps --K and --kl_beta (RM_SWEEP) and sets the rewards itself")
+    args = raft_args("rm", demo_dir, argv)
+    cfg = raft.parse(args + ["--reward", "reward:vader_sentiment"])  # every option checked before any work
+    dist.quiet_libraries()
+    own = dist.start(dist.pick_device(cfg.device))
+    if dist.MASTER:
+        prepare("reviews", demo_dir, cfg)
+        prepare_rm(cfg, demo_dir, cfg.out_dir)
+    dist.barrier()
+    for name, (n, extra) in RM_SWEEP.items():
+        run = os.path.join(cfg.out_dir, f"{name}__s{cfg.seed}")
+        done = os.path.exists(os.path.join(run, f"stage_{cfg.stages:04d}"))
+        dist.print0(f"\ndemo: {name}, seed {cfg.seed}: " + ("done, kept" if done else "RAFT on the learned reward"))
+        if not done:
+            proxy = os.path.join(cfg.out_dir, f"rm{n}_s{cfg.seed}")  # ranked by; VADER, weight 0, only watched
+            rewards = ["--reward", proxy, "reward:vader_sentiment", "--reward_weights", "1,0"]
+            raft.main(args + extra + rewards + ["--out_dir", run] + (["--resume"] if os.path.isdir(run) else []))
+    if dist.MASTER:
+        print("\n" + rm_table(cfg.out_dir), flush=True)
+        rm_plot(cfg.out_dir, os.path.join(cfg.out_dir, "proxy_gold.png"))
+        print(f"plot: {os.path.join(cfg.out_dir, 'proxy_gold.png')}")
+    dist.stop(own)
+
+
+def rm_runs(out_dir: str) -> dict:
+    """setting -> [metrics rows of each seed's run], complete runs only, in RM_SWEEP's order."""
+    import eval as ev
+
+    groups = ev.sweep_runs(out_dir)
+    return {k: [r for r in groups[k] if len(r) == len(max(groups[k], key=len))] for k in RM_SWEEP if k in groups}
+
+
+PROXY, GOLD, KL = "eval_reward_0_mean", "eval_reward_1_mean", "eval_kl_to_start"
+
+
+def rm_table(out_dir: str) -> str:
+    """Per setting, mean ± std over seeds: gold at stage 0, its peak (value, stage, KL there), gold, proxy and KL at
+    the last stage."""
+    import statistics
+
+    def cell(values, fmt="+.3f"):
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):{fmt}} ± {spread:{fmt.lstrip('+')}}"
+
+    head = ["gold, stage 0", "gold peak", "peak stage", "KL at peak", "gold, last", "proxy, last", "KL, last"]
+    lines = ["| setting | seeds | " + " | ".join(head) + " |", "|---" * (len(head) + 2) + "|"]
+    for name, runs in rm_runs(out_dir).items():
+        peaks = [max(rows, key=lambda r: r[GOLD]) for rows in runs]
+        cells = [cell([r[0][GOLD] for r in runs]), cell([p[GOLD] for p in peaks]),
+                 cell([p["stage"] for p in peaks], ".1f"), cell([p[KL] for p in peaks], ".2f"),
+                 cell([r[-1][GOLD] for r in runs]), cell([r[-1][PROXY] for r in runs]),
+                 cell([r[-1][KL] for r in runs], ".2f")]  # fmt: skip
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def rm_plot(out_dir: str, path: str):
+    """Per setting (a column), the gold reward (top) and the proxy's gain over stage 0 (bottom; the reward models
+    differ in scale) against the KL to stage 0, all on held-out prompts, one line per seed (a peak and a fall show
+    in a seed's own line, and seeds drift apart in KL); dotted lines at best-of-n's KL for n = 4, 16, 64."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = rm_runs(out_dir)
+    fig, axes = plt.subplots(2, len(groups), figsize=(3.2 * len(groups), 5.6), sharey="row", squeeze=False)
+    for col, (name, runs) in enumerate(groups.items()):
+        for row, key in enumerate((GOLD, PROXY)):
+            ax = axes[row][col]
+            for seed, rows in zip(sorted_seeds(out_dir, name), runs):
+                y = [r[key] - (rows[0][key] if key == PROXY else 0) for r in rows]
+                ax.plot([r[KL] for r in rows], y, marker=".", markersize=3, linewidth=1, label=f"seed {seed}")
+            for n in (4, 16, 64):
+                ax.axvline(best_of_n_kl(n), color="grey", linestyle=":", linewidth=0.8)
+            ax.grid(alpha=0.3)
+            ax.set(title=name if row == 0 else None, xlabel="KL to stage 0 (nats)" if row == 1 else None)
+    axes[0][0].set_ylabel("gold reward (VADER)")
+    axes[1][0].set_ylabel("proxy's gain over stage 0")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("held-out rewards against the KL to stage 0; dotted: best-of-n's KL for n = 4, 16, 64", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def sorted_seeds(out_dir: str, name: str) -> list[int]:
+    """The seeds of a setting's runs, in the order eval.sweep_runs reads them (sorted directory names)."""
+    return [int(d.rsplit("__s", 1)[1]) for d in sorted(os.listdir(out_dir)) if d.startswith(f"{name}__s")]
+
+
 # ---- the command line ---------------------------------------------------------------------------------------------
 def main(argv=None):
     ap = argparse.ArgumentParser(
@@ -532,6 +715,8 @@ def main(argv=None):
         f"{v} for {k}" for k, v in DEMO_DIR.items()) + ")")  # fmt: skip
     ours, rest = ap.parse_known_args(argv)
     demo_dir = ours.demo_dir or DEMO_DIR[ours.demo]
+    if ours.demo == "rm":
+        return rm_demo(demo_dir, rest)
     args = raft_args(ours.demo, demo_dir, rest)
     cfg = raft.parse(args)  # every option is checked before the model is built
     if cfg.dry_run:

@@ -110,6 +110,12 @@ def stage_line(m: dict) -> str:
     s = f"stage {m['stage']:>3}"
     if "eval_reward_mean" in m:
         s += f" | eval reward {m['eval_reward_mean']:+.3f} distinct-2 {m['eval_distinct_2']:.3f}"
+    # several --reward: each one's own held-out mean (a reward of weight 0 is watched, not optimised)
+    parts = sorted((int(k.split("_")[2]), v) for k, v in m.items() if re.fullmatch(r"eval_reward_\d+_mean", k))
+    if parts:
+        s += " (per reward " + " ".join(f"{v:+.3f}" for _, v in parts) + ")"
+    if "eval_kl_to_start" in m:
+        s += f" KL {m['eval_kl_to_start']:.2f}"
     if "entropy" in m:  # --regime rl: the policy's entropy on its samples, where collapse shows
         s += f" | entropy {m['entropy']:.3f}"
     if m["stage"] > 0:

@@ -18,7 +18,7 @@ import dataclasses
 from typing import Optional
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from data import encode_prompt, save_model_dir
 from dist import RANK, WORLD, gather, print0
@@ -39,10 +39,12 @@ def load_tokenizer(path: str, cfg):
     return tok, getattr(mcfg, "max_position_embeddings", None) or getattr(mcfg, "n_positions", None) or 1 << 30
 
 
-def load_policy(cfg, device, checkpoint: Optional[str] = None, shard=False, frozen=False):
+def load_policy(cfg, device, checkpoint: Optional[str] = None, shard=False, frozen=False, score_head=False):
     """The policy and its tokenizer: cfg.model, or a stage checkpoint (a full model, or LoRA adapters on cfg.model),
     in the memory mode of cfg (fp32 / bf16 base + LoRA / 8-bit base + LoRA). shard (raft.py passes True under
-    torchrun): full fine-tuning is sharded with FSDP2. One-line errors for the usual mistakes."""
+    torchrun): full fine-tuning is sharded with FSDP2. score_head (rm.py): the causal LM with a one-output
+    sequence-classification head instead of its LM head, trained under LoRA too. One-line errors for the usual
+    mistakes."""
     base = checkpoint if checkpoint and not cfg.lora_r else cfg.model
     # bf16 storage for weights that do not train (a LoRA base, a frozen reference or generator); trained full weights
     # stay fp32 (master weights) and --bf16 computes in bf16 through autocast
@@ -55,10 +57,15 @@ def load_policy(cfg, device, checkpoint: Optional[str] = None, shard=False, froz
 
         kw.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": device})
     tok = load_tokenizer(base, cfg)[0]
+    if score_head:  # the new head's random init: same seed, same run
+        torch.manual_seed(cfg.seed)
+        kw["num_labels"] = 1
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, **kw)
+        model = (AutoModelForSequenceClassification if score_head else AutoModelForCausalLM).from_pretrained(base, **kw)
     except (OSError, ValueError) as e:
         raise SystemExit(f"--model {base!r}: cannot load a causal LM (is it one?): {str(e).splitlines()[0]}")
+    if score_head:  # a batch is right-padded and the head reads the last token that is not padding
+        model.config.pad_token_id = pad_id(tok)
     if not cfg.load_in_8bit:
         model.to(device)
     if cfg.lora_r:
@@ -77,7 +84,7 @@ def load_policy(cfg, device, checkpoint: Optional[str] = None, shard=False, froz
                     r=cfg.lora_r,
                     lora_alpha=cfg.lora_alpha,
                     lora_dropout=cfg.lora_dropout,
-                    task_type="CAUSAL_LM",
+                    task_type="SEQ_CLS" if score_head else "CAUSAL_LM",  # SEQ_CLS: the head trains in full
                     target_modules=targets if targets == "all-linear" else targets.split(","),
                 ),
             )

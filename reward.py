@@ -2,7 +2,9 @@
 
 `load_rewards` builds the weighted sum r = Σ w_i r_i of the --reward specs, each a Python callable (`file.py:function`,
 whose file is executed, or `module:function`) or a sequence-classification reward model (`load_reward`), and passes
-each callable the dataset columns its signature names; `score` checks what a reward returns. The demo's reward,
+each callable the dataset columns its signature names; `score` checks what a reward returns. `reward_ids` is the
+text a reward model scores, shared with rm.py, whose directories (with rm.json) load here and score as rm.py scored
+them: their template or chat template, LoRA adapters on their base. The demo's reward,
 `vader_sentiment`, is here; the answer-checking rewards for reasoning are math_reward.py's. Ranking and keeping
 samples are raft.py's, not this file's. Imports no kit module.
 """
@@ -10,6 +12,7 @@ samples are raft.py's, not this file's. Imports no kit module.
 import importlib
 import importlib.util
 import inspect
+import json
 import math
 import os
 import re
@@ -61,11 +64,57 @@ def _load_callable(spec: str):
     return fn
 
 
+RM_FILE = "rm.json"  # beside a reward model trained by rm.py: how it scores texts, and the base of its adapters
+_CUES = re.compile(r"###(Human|Assistant):")
+
+
+def chat_messages(prompt: str, response: str) -> list[dict]:
+    """The conversation a chat-template reward model scores: the prompt's `###Human: …###Assistant:` turns (the
+    text rewards see for HH-RLHF; any other prompt is one user turn), then the response as the assistant's turn."""
+    parts = _CUES.split(prompt)
+    turns = [("Human", parts[0])] if parts[0].strip() else []
+    turns += list(zip(parts[1::2], parts[2::2]))
+    if turns and turns[-1][0] == "Assistant" and not turns[-1][1].strip():
+        turns.pop()  # the empty cue where the response goes
+    roles = {"Human": "user", "Assistant": "assistant"}
+    return [{"role": roles[r], "content": t.strip()} for r, t in turns] + [{"role": "assistant", "content": response}]
+
+
+def reward_ids(tok, prompts: list[str], responses: list[str], template: str = TEMPLATE, chat: bool = False):
+    """The token ids a reward model scores for each (prompt, response): `template` filled in (the response stripped,
+    so the template alone decides the spacing) and encoded with the tokenizer's special tokens, or with chat=True the
+    conversation through the tokenizer's chat template (which writes its own special tokens). rm.py trains on these
+    ids and reward models score them, so a trained model is scored as it was evaluated."""
+    if chat:
+        texts = [
+            tok.apply_chat_template(chat_messages(p, r.strip()), tokenize=False) for p, r in zip(prompts, responses)
+        ]
+        return tok(texts, add_special_tokens=False)["input_ids"] if texts else []
+    texts = [template.format(prompt=p, response=r.strip()) for p, r in zip(prompts, responses)]
+    return tok(texts)["input_ids"] if texts else []
+
+
+def rm_info(path: str) -> dict:
+    """rm.json of a directory trained by rm.py ({} for any other reward model): template, chat_template, base, ..."""
+    f = os.path.join(path, RM_FILE)
+    if not os.path.isfile(f):
+        return {}
+    with open(f, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
 def _load_model_reward(
     path, template=TEMPLATE, batch_size=32, device="cpu", trust_remote_code=False, offload=False, load_in_8bit=False
 ):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    # a directory from rm.py scores as it was trained: its template or chat template, its adapters on their base
+    info = rm_info(path) if os.path.isdir(path) else {}
+    if info and template not in (TEMPLATE, info["template"]):
+        raise SystemExit(f"--reward {path}: --reward_template {template!r} differs from {info['template']!r}, the "
+                         f"template it was trained with ({RM_FILE}); drop --reward_template")  # fmt: skip
+    template, chat = info.get("template", template), info.get("chat_template", False)
+    load_in_8bit = load_in_8bit or info.get("load_in_8bit", False)  # adapters trained on an 8-bit base score on one
     device = torch.device(device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # bf16 halves memory and time
     kw = {}
@@ -76,7 +125,7 @@ def _load_model_reward(
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, **kw
+            info.get("base") or path, num_labels=1, dtype=dtype, trust_remote_code=trust_remote_code, **kw
         )
     except (OSError, ValueError) as e:
         raise SystemExit(
@@ -86,23 +135,25 @@ def _load_model_reward(
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id  # Llama RMs have no pad; masked
     model.config.pad_token_id = pad
     model.config.use_cache = False  # a score needs no KV cache (the 3B one: 4 GB at 32 texts of 385 tokens)
+    if info.get("base"):  # LoRA adapters (and the trained score head) on the base they were trained on
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, path)
     if not load_in_8bit:
         model.to("cpu" if offload else device)
     model.eval()
     max_len = min(tok.model_max_length, getattr(model.config, "max_position_embeddings", 1 << 30))
-    lead = 1 if tok.bos_token_id is not None and tok("")["input_ids"][:1] == [tok.bos_token_id] else 0
 
     @torch.no_grad()
     def reward_model(prompts, responses):
-        # the response is stripped so that the template alone decides the spacing
-        texts = [template.format(prompt=p, response=r.strip()) for p, r in zip(prompts, responses)]
-        enc = tok(texts)["input_ids"]
+        enc = reward_ids(tok, prompts, responses, template, chat)
         cut = [len(ids) > max_len for ids in enc]
-        enc = [ids[:lead] + ids[len(ids) - max_len + lead :] if c else ids for ids, c in zip(enc, cut)]
+        lead = [1 if tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id] else 0 for ids in enc]
+        enc = [ids[:k] + ids[len(ids) - max_len + k :] if c else ids for ids, c, k in zip(enc, cut, lead)]
         reward_model.truncated = sum(cut)
         if reward_model.truncated:
             print(
-                f"reward model {path}: {sum(cut)} of {len(texts)} texts were longer than {max_len} tokens and were "
+                f"reward model {path}: {sum(cut)} of {len(enc)} texts were longer than {max_len} tokens and were "
                 f"cut from the left (the response is kept whole)",
                 flush=True,
             )

@@ -233,7 +233,7 @@ def test_every_entry_point_prints_its_help():
     import sys
 
     # started together: they mostly import
-    scripts = ["raft.py", "demo.py", "sft.py", "eval.py", "diffusion.py", "bench.py"]
+    scripts = ["raft.py", "demo.py", "sft.py", "rm.py", "eval.py", "diffusion.py", "bench.py"]
     procs = {s: subprocess.Popen([sys.executable, os.path.join(os.path.dirname(HERE), s), "--help"], text=True,
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE) for s in scripts}  # fmt: skip
     for script, p in procs.items():
