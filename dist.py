@@ -49,13 +49,12 @@ def quiet_libraries():
     # bitsandbytes warns on every int8 matmul whose input is not fp16 (the kit's are bf16 or fp32, cast to fp16
     # inside): seven lines per decoder layer per forward pass
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    try:
-        import datasets
-
-        datasets.utils.logging.set_verbosity_error()
-        datasets.disable_progress_bars()
-    except ImportError:
-        pass
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].utils.logging.set_verbosity_error()
+        sys.modules["datasets"].disable_progress_bars()
+    else:  # read when it is imported (a hub dataset): importing it here would cost every process a second
+        os.environ.setdefault("DATASETS_VERBOSITY", "error")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 
 def shard(items: list) -> list:

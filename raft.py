@@ -311,11 +311,13 @@ def run(cfg: Config):
     def save(t, m, rows, eval_rows, model=None):
         state = full_state_dict(model) if model is not None else None  # FSDP2: gathered to rank 0 (a collective)
         extra = {"optimizer.pt": optimizer_state(model, opt)} if opt and model is not None else {}  # likewise
+        shown = None
         if MASTER:
             save_stage(cfg.out_dir, t, m, rows, eval_rows, model, tok, lambda: crash_point("save", t), state, extra)
             prune_models(cfg.out_dir, cfg.keep_last)
-            summary()
+            shown = summary()
         barrier()
+        return shown
 
     def summary():  # metrics.jsonl and the plot, rebuilt from the stage directories (rank 0)
         rows = write_metrics(cfg.out_dir, completed_stages(cfg.out_dir))
@@ -326,9 +328,11 @@ def run(cfg: Config):
         m = {}
         with phase("eval", m, device):
             em, eval_rows = evaluate(model, tok, eval_p, reward_fn, cfg, seed=cfg.seed * 1000, kl=kl, engine=engine)
-        save(0, {"stage": 0, **em, **m}, None, eval_rows)
+        shown = save(0, {"stage": 0, **em, **m}, None, eval_rows)
         start = 0
-    for row in summary() if MASTER else []:  # also mends a metrics.jsonl that a crash left behind
+    else:
+        shown = summary() if MASTER else None  # also mends a metrics.jsonl that a crash left behind
+    for row in shown or []:
         print0(stage_line(row))
     for t in range(start + 1, cfg.stages + 1):
         times = {}

@@ -35,9 +35,10 @@ def one_step(mode: str, model_dir: str, shard: bool) -> dict:
 
 if __name__ == "__main__":
     torch.distributed.init_process_group("gloo")
-    mode, model_dir, out = sys.argv[1:4]
-    weights = one_step(mode, model_dir, shard=True)
-    if int(os.environ["RANK"]) == 0:
-        torch.save(weights, out)
+    model_dir, out_dir, *modes = sys.argv[1:]  # one launch for every mode: a launch mostly imports
+    for mode in modes:
+        weights = one_step(mode, model_dir, shard=True)
+        if int(os.environ["RANK"]) == 0:
+            torch.save(weights, os.path.join(out_dir, f"{mode}.pt"))
     dist.stop(True)  # the kit's own ending: barrier, destroy, then no interpreter shutdown
     dist.exit_worker()

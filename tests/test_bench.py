@@ -1,4 +1,4 @@
-"""bench.py --shape tiny runs on the CPU in seconds (as a user runs it, a subprocess) and reports every phase: the
+"""bench.py --shape tiny runs on the CPU in seconds (under torchrun too) and reports every phase: the
 kit's generation does the same work as the baselines, its greedy tokens equal model.generate's, a stage runs. The
 stage tests are smoke tests (they run and report); benchmarks are not timed tests: bench.py measures and prints."""
 
@@ -7,19 +7,26 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_bench(tmp_path, *args, launcher=()):
+    """bench.py's rows and printed table: in this process, or as a user launches it (a launcher: torchrun)."""
     out = tmp_path / "rows.jsonl"
-    p = subprocess.run(
-        [sys.executable, *launcher, "bench.py", "--shape", "tiny", "--json", str(out), *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    argv = ["--shape", "tiny", "--json", str(out), *args]
+    if not launcher:  # in process: a subprocess would spend most of its time importing torch and transformers again
+        import contextlib
+        import io
+
+        import bench
+
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            bench.main(argv)
+        return printed.getvalue(), [json.loads(line) for line in open(out)]
+    p = subprocess.run([sys.executable, *launcher, "bench.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout, [json.loads(line) for line in open(out)]
 
@@ -195,7 +202,7 @@ def test_bench_gpu_script_tiny_mode_writes_a_section_and_reports_what_it_skipped
     assert {n for n, why in skipped if why == "not in BENCH_STEPS"} == names
 
 
-def test_bench_on_a_local_model_directory(tmp_path, tiny_lm):
+def test_bench_on_a_local_model_directory(tmp_path, tiny_lm, capsys):
     """--model PATH times a saved model's own weights (here a tiny one) in every phase, labelled by its folder; the
     kit's sampler does the same work as model.generate and gives its greedy tokens."""
     stdout, rows = run_bench(tmp_path, "--model", tiny_lm, "--prompts", "4", "--new_tokens", "8", "--prompt_len", "8")
@@ -204,9 +211,11 @@ def test_bench_on_a_local_model_directory(tmp_path, tiny_lm):
     gen = {r["variant"]: r for r in rows if r["phase"] == "generate"}
     assert gen["kit fastgen"]["tokens"] == gen["hf-64"]["tokens"] == 4 * 4 * 8  # b·K·new, K 4 by default
     assert gen["kit fastgen"]["greedy_same_as_generate"] == 1.0
-    out = subprocess.run([sys.executable, "bench.py", "--model", str(tmp_path), "--phase", "memory"], cwd=ROOT,
-                         capture_output=True, text=True)  # fmt: skip
-    assert out.returncode != 0 and "--model" in out.stderr
+    import bench
+
+    with pytest.raises(SystemExit) as bad:
+        bench.parse(["--model", str(tmp_path), "--phase", "memory"])
+    assert bad.value.code == 2 and "--model runs --phase generate" in capsys.readouterr().err
 
 
 def test_bench_peer_runs_the_kits_side_and_tabulates_each_run(tmp_path, tiny_lm):

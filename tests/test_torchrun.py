@@ -109,45 +109,6 @@ def test_torchrun_with_one_process_uses_the_engines_and_matches_a_plain_run(tiny
         assert start is None or any(not torch.equal(a[k], start[k]) for k in a)  # and the stage did train
 
 
-def test_global_ranking_sees_the_whole_batch(tiny_lm, prompts_file, tmp_path):
-    # greedy samples and a reward of the prompt alone: the top b of b·K is the same set on 1 and on 2 processes
-    args = [
-        "--stages",
-        "1",
-        "--ranking",
-        "global",
-        "--temperature",
-        "0",
-        "--reward",
-        f"{HERE}/rewards.py:prompt_length",
-    ]
-    torchrun(tiny_args(tiny_lm, prompts_file, tmp_path / "two", *args))
-    raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "one", *args))
-    sel = [[json.loads(line) for line in open(tmp_path / d / "stage_0001" / "selected.jsonl")] for d in ("one", "two")]
-    assert sel[0] == sel[1] and len({s["prompt"] for s in sel[0]}) < 8  # global: several from the best prompts
-
-
-@pytest.mark.xdist_group("uninterrupted")  # one worker computes the reference run
-def test_a_rank_dying_ends_the_job_and_resume_continues(tiny_lm, prompts_file, tmp_path, uninterrupted):
-    """Rank 1 is SIGKILLed while training stage 2: torchrun ends the whole job (no hang, the timeout would fail the
-    test) and reports the failure; --resume under torchrun continues from stage 1, the last completed one, and ends
-    where an uninterrupted run ends (greedy, so one plain process is that run)."""
-    args = tiny_args(tiny_lm, prompts_file, tmp_path / "r", *GREEDY_RAFTPP, "--stages", "2")
-    out = torchrun(
-        args, {"RAFT_CRASH_AT": "train@2:1"}, script=os.path.join(os.path.dirname(HERE), "raft.py"), ok=False
-    )
-    assert "Signal 9" in out.stderr or "SIGKILL" in out.stderr
-    assert data.completed_stages(tmp_path / "r") == [0, 1]
-    out = torchrun(args + ["--resume"], script=os.path.join(os.path.dirname(HERE), "raft.py"))
-    assert "resuming after stage 1" in out.stdout
-    rows = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
-    assert [r["stage"] for r in rows] == [0, 1, 2]
-    for stage in (1, 2):
-        same_stage(tmp_path / "r", uninterrupted, stage)
-    ref = [json.loads(line) for line in open(uninterrupted / "metrics.jsonl")]
-    assert [r["eval_reward_mean"] for r in rows] == pytest.approx([r["eval_reward_mean"] for r in ref], abs=1e-6)
-
-
 def run_a40(**env):
     return subprocess.run(
         ["bash", "run_a40.sh"],
@@ -270,24 +231,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_nodes_equal_one_node_with_as_many_processes(tiny_lm, prompts_file, tmp_path):
+def test_two_nodes_rank_globally_as_one_process(tiny_lm, prompts_file, tmp_path):
     """Two "nodes" of one process each (two torchrun launches, --nnodes 2, a c10d rendezvous on localhost; the second
-    node's process has rank 1 and local rank 0) sharing one run directory give the run of 2 processes on one node:
-    the same kept set and the same weights."""
-    args = tiny_args(tiny_lm, prompts_file, tmp_path / "two_nodes", "--stages", "1")
+    node's process has rank 1 and local rank 0) sharing one run directory, with --ranking global: the top b of b·K
+    over both nodes' samples is the set one plain process keeps (greedy samples and a reward of the prompt alone),
+    several from the best prompts, and the weights are that process's."""
+    args = ["--stages", "1", "--ranking", "global", "--temperature", "0", "--reward",
+            f"{HERE}/rewards.py:prompt_length"]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     rdzv = ["--nnodes", "2", "--nproc_per_node", "1", "--rdzv_backend", "c10d", "--rdzv_id", "raft-test",
             "--rdzv_endpoint", f"127.0.0.1:{free_port()}"]  # fmt: skip
     script = os.path.join(os.path.dirname(HERE), "raft.py")
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *rdzv, "--node_rank", str(n), script,
-                               *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               *tiny_args(tiny_lm, prompts_file, tmp_path / "two", *args)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for n in (0, 1)]  # fmt: skip
     for p in nodes:
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
-    torchrun(tiny_args(tiny_lm, prompts_file, tmp_path / "one_node", "--stages", "1"), script=script, nproc=2)
-    same_stage(tmp_path / "two_nodes", tmp_path / "one_node", 1, atol=1e-6)
-    assert open(tmp_path / "two_nodes" / "stage_0001" / "selected.jsonl").read().count("\n") == 8
+    raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "one", *args))
+    same_stage(tmp_path / "two", tmp_path / "one", 1)
+    sel = [json.loads(line) for line in open(tmp_path / "two" / "stage_0001" / "selected.jsonl")]
+    assert len(sel) == 8 and len({s["prompt"] for s in sel}) < 8  # global: several from the best prompts
 
 
 def test_two_ranks_train_exactly_as_one_process_on_the_same_global_batch(tiny_lm, tmp_path):
@@ -296,8 +261,8 @@ def test_two_ranks_train_exactly_as_one_process_on_the_same_global_batch(tiny_lm
     or a gradient scaled by the world size) would fail this."""
     from finetune_probe import one_step
 
+    torchrun([tiny_lm, str(tmp_path), "full", "lora"], script=os.path.join(HERE, "finetune_probe.py"))
     for mode in ("full", "lora"):
-        torchrun([mode, tiny_lm, str(tmp_path / f"{mode}.pt")], script=os.path.join(HERE, "finetune_probe.py"))
         two, one = torch.load(tmp_path / f"{mode}.pt"), one_step(mode, tiny_lm, shard=False)
         assert two.keys() == one.keys() and len(one) > 0
         assert all(torch.allclose(two[k], one[k], atol=1e-6) for k in one), mode
@@ -307,17 +272,24 @@ def test_two_ranks_train_exactly_as_one_process_on_the_same_global_batch(tiny_lm
         assert moved and any(moved)
 
 
-def test_rl_regime_under_fsdp2_saves_its_adamw_and_resumes_where_one_process_ends(tiny_lm, prompts_file, tmp_path):
-    """--regime rl with full fine-tuning on 2 ranks (FSDP2): the sharded AdamW is gathered into each stage's
-    optimizer.pt, a resumed 2-rank run loads it back into its shards, and stage 2 ends where one plain process ends
-    (greedy, so both sample the same responses): the same kept set and weights."""
+def test_a_rank_dying_ends_the_job_and_the_rl_regime_resumes_its_adamw(tiny_lm, prompts_file, tmp_path):
+    """--regime rl, full fine-tuning on 2 ranks (FSDP2). Rank 1 is SIGKILLed while training stage 2: torchrun ends
+    the whole job (no hang: the timeout would fail the test) and reports the failure, and stage 1's sharded AdamW
+    was gathered into its optimizer.pt. --resume under torchrun continues from stage 1, the last completed one,
+    loads that state back into its shards and ends where one plain process ends (greedy, so both sample the same
+    responses): the same kept sets, weights and held-out rewards."""
     rl = ["--temperature", "0", "--regime", "rl", "--mini_batches", "2", "--ranking", "all", "--loss", "clip"]
-    out = tmp_path / "two"
-    torchrun(tiny_args(tiny_lm, prompts_file, out, "--stages", "1", *rl), script=os.path.join(os.path.dirname(HERE),
-             "raft.py"))  # fmt: skip
-    assert set(torch.load(out / "stage_0001" / "optimizer.pt", weights_only=True)["state"])  # a full AdamW state
-    torchrun(tiny_args(tiny_lm, prompts_file, out, "--stages", "2", "--resume", *rl),
-             script=os.path.join(os.path.dirname(HERE), "raft.py"))  # fmt: skip
-    raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "one", "--stages", "2", *rl))
+    args, script = tiny_args(tiny_lm, prompts_file, tmp_path / "r", "--stages", "2", *rl), os.path.join(
+        os.path.dirname(HERE), "raft.py")  # fmt: skip
+    out = torchrun(args, {"RAFT_CRASH_AT": "train@2:1"}, script=script, ok=False)
+    assert "Signal 9" in out.stderr or "SIGKILL" in out.stderr
+    assert data.completed_stages(tmp_path / "r") == [0, 1]
+    assert set(torch.load(tmp_path / "r" / "stage_0001" / "optimizer.pt", weights_only=True)["state"])  # all of it
+    out = torchrun(args + ["--resume"], script=script)
+    assert "resuming after stage 1" in out.stdout
+    ref = raft.main(tiny_args(tiny_lm, prompts_file, tmp_path / "one", "--stages", "2", *rl))
+    rows = [json.loads(line) for line in open(tmp_path / "r" / "metrics.jsonl")]
+    assert [r["stage"] for r in rows] == [0, 1, 2]
     for stage in (1, 2):
-        same_stage(out, tmp_path / "one", stage)
+        same_stage(tmp_path / "r", tmp_path / "one", stage)
+    assert [r["eval_reward_mean"] for r in rows] == pytest.approx([r["eval_reward_mean"] for r in ref], abs=1e-6)
