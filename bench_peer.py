@@ -10,10 +10,11 @@ parts of a step (sampling, scoring, update), tokens per second, peak memory (RSS
 the ratio to the kit's. The kit's stage also saves its model and metrics; that is left out of its step time.
 
     pip install --no-deps -r requirements-peer.lock   # an environment of its own: TRL is never the kit's requirement
-    python bench_peer.py                    # kit and trl, 3 runs × 3 steps each (about 25 min on 2 CPU cores)
+    python bench_peer.py                    # kit and trl, 3 runs × 3 steps each (about 50 min on 2 CPU cores)
     python bench_peer.py --random --bf16 --sides kit,trl,kit-vllm,trl-vllm   # a GPU without the model package
 
-Sides: kit (fastgen), kit-vllm (--gen_backend vllm), trl (model.generate), trl-vllm (TRL's vLLM colocate mode),
+Sides: kit (fastgen), kit-hf (--gen_backend hf: model.generate, TRL's sampler), kit-vllm (--gen_backend vllm), trl
+(model.generate), trl-vllm (TRL's vLLM colocate mode),
 trl-defaults (GRPOConfig's own defaults for precision and memory: bf16 autocast and gradient checkpointing, as a new
 user gets them; not the same work). --random: random weights of SmolLM2-135M's shape, a word tokenizer and
 random-word prompts (no chat template; the reward is then mostly 0), where the model package is missing. What differs
@@ -30,7 +31,7 @@ import subprocess
 import sys
 import time
 
-SIDES = ("kit", "kit-vllm", "trl", "trl-vllm", "trl-defaults")
+SIDES = ("kit", "kit-hf", "kit-vllm", "trl", "trl-vllm", "trl-defaults")
 PROMPT = "{question}\nAnswer with a number."
 # SmolLM2-135M-Instruct's shape (--random)
 SMOLLM = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -152,8 +153,9 @@ def run_trl(a, variant: str) -> dict:
     profiling.ProfilingContext._log_metrics = lambda self, d: (timers.append((self.name, d)), log_metrics(self, d))
 
     def reward(prompts, completions, completion_ids, answer, **kw):
-        seen.append((prompts, completion_ids))
-        return exact_number(prompts, completions, answer)
+        got = exact_number(prompts, completions, answer)
+        seen.append((prompts, completion_ids, got))
+        return got
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -161,12 +163,13 @@ def run_trl(a, variant: str) -> dict:
 
         def on_step_end(self, args, state, control, **kw):
             took = lambda part: sum(d for name, d in timers if name.endswith(part))  # noqa: E731
-            prompts, ids = seen[-1]
+            prompts, ids, got = seen[-1]
             step = time.time() - self.t0
             score = took("_prepare_inputs") - took("generate")  # the rest of preparing: rewards, advantages, padding
             steps.append({"step_s": step, "sample_s": took("generate"), "score_s": score,
                           "update_s": step - took("_prepare_inputs"), "tokens": sum(map(len, ids)),
                           "truncated": sum(not c or c[-1] not in trainer.eos_token_ids for c in ids),
+                          "reward_mean": statistics.mean(got),
                           "prompts": prompts[:: a.K]})  # fmt: skip
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -279,7 +282,7 @@ def child(a):
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     if a.side.startswith("kit"):
-        out = run_kit(a, "vllm" if a.side == "kit-vllm" else "fast")
+        out = run_kit(a, {"kit-vllm": "vllm", "kit-hf": "hf"}.get(a.side, "fast"))
     else:
         out = run_trl(a, a.side.partition("-")[2])
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -305,7 +308,8 @@ def summary(results: list[dict]) -> dict:
     m.update(range=(min(per_run("step_s")), max(per_run("step_s"))), tok_s=m["tokens"] / m["step_s"],
              peak_gb=statistics.median(r["peak_gb"] for r in results),
              lengths=[[s["tokens"] for s in r["steps"]] for r in results],
-             truncated=[[s["truncated"] for s in r["steps"]] for r in results])  # fmt: skip
+             truncated=[[s["truncated"] for s in r["steps"]] for r in results],
+             rewards=[[round(s.get("reward_mean", float("nan")), 3) for s in r["steps"]] for r in results])  # fmt: skip
     return m
 
 
@@ -322,7 +326,10 @@ def table(sums: dict, n: int) -> str:
         )
     lines.append("")
     for side, m in sums.items():
-        lines.append(f"{side}: tokens per step, each run: {m['lengths']}; truncated of {n}: {m['truncated']}")
+        lines.append(
+            f"{side}: tokens per step, each run: {m['lengths']}; truncated of {n}: {m['truncated']}; "
+            f"mean reward: {m['rewards']}"
+        )
     return "\n".join(lines)
 
 
